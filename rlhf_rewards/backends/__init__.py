@@ -1,0 +1,23 @@
+"""Model backends: how each family of reward model is loaded and run. Which backend a model uses is preset data
+(``Preset.backend``); this table maps that name to the backend's loader."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+
+def _lazy(module: str, name: str) -> Callable:
+    def load(*args, **kwargs):
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{module}"), name)(*args, **kwargs)
+
+    return load
+
+
+LOADERS: dict[str, Callable] = {
+    "sequence-classification": _lazy("scalar", "load_sequence_classifier"),
+    "value-head": _lazy("scalar", "load_value_head"),
+    "causal-lm-pair": _lazy("pair_pm", "load_pair_pm"),
+    "pairrm": _lazy("pairrm", "load_pairrm_reward_model"),
+}

@@ -1,0 +1,521 @@
+"""PairRM (card 004: ``llm-blender/PairRM`` and ``llm-blender/PairRM-hf``), natively, without llm-blender.
+
+PairRM reads one prompt ("source") and two responses ("candidates") side by side in a DeBERTa-v3-large encoder:
+
+    [CLS] <|source|> source [SEP] [CLS] <|candidate1|> cand1 [SEP] [CLS] <|candidate2|> cand2 [SEP]
+
+and scores them from the encoder's last hidden state at the three marker tokens:
+``left = head(cat(h_source, h_cand1))``, ``right = head(cat(h_source, h_cand2))``,
+``logit = mean over tasks of (left - right)``; ``logit > 0`` means candidate 1 is better.
+
+Input building follows llm-blender's collator (the path its default ``Blender.compare`` takes):
+
+* each text has any literal ``[SEP]`` replaced by a space (the collator does this so the separator stays unique);
+* the source is ``<|source|>`` + source, tokenized with ``[CLS] .. [SEP]`` and cut from the right to
+  ``source_max_length`` tokens (1224), special tokens included;
+* each candidate is ``<|candidate1|>`` or ``<|candidate2|>`` + candidate, cut from the right to
+  ``(max_length - len(source ids)) // 2`` tokens (``max_length`` 2048: at least 412 each);
+* the three parts are concatenated, padding only at the end.
+
+The candidate budget is per comparison, as llm-blender computes it with ``batch_size=1`` and as the PairRM-hf card's
+``tokenize_pair`` does. (llm-blender's collator with larger batches uses the longest source of the batch, so its
+budgets depend on the batch; here a comparison's result never does.)
+
+Probabilities: llm-blender's default compare runs both orders and returns ``logit_AB - logit_BA`` (``> 0``: A is
+better; exactly 0 is "not better", i.e. a tie). Here ``P(A better) = sigmoid((logit_AB - logit_BA) / 2)``, the sigmoid
+of the mean of the two orders' log-odds for A (``logit_AB`` and ``-logit_BA``), so ``P > 0.5`` exactly when
+llm-blender says A is better (up to float64 rounding of differences below ~1e-16) and ``P == 0.5`` is its tie. Per
+order: ``p_ab = sigmoid(logit_AB)``, ``p_ba = sigmoid(-logit_BA)``.
+
+Conversations (llm-blender's ``compare_conversations`` rule): leading system messages are folded into the first user
+message as ``"{system}\\n\\n{user}"`` (PairRM has no system role). One user turn: the source is that text as is and the
+candidate is the completion as is (llm-blender's ``compare``). Several user turns: the source is
+``CONVERSATION_INSTRUCTION`` followed, without a separator, by the lines ``"USER: {u_k}\\nAssistant: <Response {k}>"``
+joined by ``"\\n"``; each candidate is ``"<Response {k}>: {a_k}"`` lines joined by ``"\\n"`` for every assistant turn,
+the prompt's earlier assistant turns first and the completion last.
+
+Checkpoints: the -hf layout (a DeBERTa-v2 ``config.json`` with PairRM's fields, ``model.safetensors``, the tokenizer
+files) and llm-blender's own layout (``config.json`` is llm-blender's ranker config naming the base model, usually
+``microsoft/deberta-v3-large``, whose config and tokenizer llm-blender loads and extends with the four marker tokens).
+Both store the weights under the same names (``pretrained_model.*``, ``head_layer.*``) and load as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from transformers import DebertaV2Config, DebertaV2Model, DebertaV2PreTrainedModel
+
+from ..batching import pad_right, run_batched
+from ..conversation import (CompletionInput, Message, PromptInput, check_same_length, normalize_completion,
+                            normalize_pairs, normalize_prompt)
+from ..rendering import check_alternation, fold_system
+from .base import PairwiseRewardModel
+
+logger = logging.getLogger(__name__)
+
+SOURCE_PREFIX = "<|source|>"
+CANDIDATE1_PREFIX = "<|candidate1|>"
+CANDIDATE2_PREFIX = "<|candidate2|>"
+CANDIDATE_PREFIX = "<|candidate|>"
+MARKERS = (SOURCE_PREFIX, CANDIDATE1_PREFIX, CANDIDATE2_PREFIX, CANDIDATE_PREFIX)
+"""The marker tokens in the order llm-blender adds them to DeBERTa-v3's tokenizer (ids 128001-128004 in PairRM)."""
+
+SOURCE_MAX_LENGTH = 1224
+"""The card's source budget in tokens, ``[CLS]``, marker and ``[SEP]`` included."""
+CANDIDATE_MAX_LENGTH = 412
+"""The card's least candidate budget in tokens; a shorter source leaves each candidate half of what it does not use."""
+
+CONVERSATION_INSTRUCTION = ("Finish the following coversation in each i-th turn by filling in <Response i> with "
+                            "your response.")
+"""llm-blender's fixed instruction for multi-turn sources, its spelling kept: PairRM was used with this exact text."""
+
+BASE_MODEL = "microsoft/deberta-v3-large"
+"""The base model llm-blender's own PairRM layout names for its encoder config and tokenizer."""
+
+DEBERTA_SPECIAL_TOKENS = {"bos_token": "[CLS]", "eos_token": "[SEP]", "unk_token": "[UNK]", "sep_token": "[SEP]",
+                          "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"}
+"""DeBERTa-v3's special tokens: [PAD]=0, [CLS]=1, [SEP]=2, [UNK]=3 in its sentencepiece model; [MASK] added after."""
+
+_HF_FIELDS = ("n_tasks", "drop_out", "source_prefix_id", "cand1_prefix_id", "cand2_prefix_id")
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_TOKENIZER_FILES = ("tokenizer.json", "spm.model")
+_MIN_PART = 3  # [CLS], the marker and [SEP]: a part shorter than this would lose its marker
+
+
+class DebertaV2PairRM(DebertaV2PreTrainedModel):
+    """PairRM's network: a DeBERTa-v2/v3 encoder (``pretrained_model``) and the pairwise head (``head_layer``).
+
+    Parameter names match both published layouts, so their weights load as they are. The config carries DeBERTa's
+    fields plus ``n_tasks`` (head outputs, 1 for PairRM), ``drop_out`` (the head's dropout, inactive in eval),
+    ``source_prefix_id``, ``cand1_prefix_id`` and ``cand2_prefix_id`` (the marker token ids).
+    """
+
+    base_model_prefix = "pretrained_model"
+
+    def __init__(self, config: DebertaV2Config):
+        super().__init__(config)
+        missing = [name for name in ("n_tasks", "drop_out") if getattr(config, name, None) is None]
+        if missing:
+            raise ValueError(f"a PairRM config needs {', '.join(missing)}")
+        hidden = config.hidden_size
+        self.pretrained_model = DebertaV2Model(config)
+        self.head_layer = nn.Sequential(
+            nn.Dropout(config.drop_out),
+            nn.Linear(2 * hidden, hidden),
+            nn.Tanh(),
+            nn.Dropout(config.drop_out),
+            nn.Linear(hidden, config.n_tasks),
+        )
+        self.post_init()
+
+    def marker_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Positions ``(batch, 3)`` of the first source, candidate1 and candidate2 marker of each row."""
+        columns = []
+        for name in ("source_prefix_id", "cand1_prefix_id", "cand2_prefix_id"):
+            hits = input_ids == getattr(self.config, name)
+            if not bool(hits.any(dim=1).all()):
+                raise ValueError(f"a row lacks the marker token {name}={getattr(self.config, name)}")
+            columns.append(hits.int().argmax(dim=1))
+        return torch.stack(columns, dim=1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                marker_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Return one logit per row, shape ``(batch,)``: ``> 0`` means candidate 1 is better.
+
+        ``marker_positions`` ``(batch, 3)``: where the source, candidate1 and candidate2 markers sit (found from the
+        config's marker ids when omitted, as the original looks them up).
+        """
+        if marker_positions is None:
+            marker_positions = self.marker_positions(input_ids)
+        encoder = self.pretrained_model
+        # DebertaV2Model.forward keeps every layer's hidden states; only the last one is read here
+        embedded = encoder.embeddings(input_ids=input_ids, mask=attention_mask)
+        hidden = encoder.encoder(embedded, attention_mask, output_hidden_states=False).last_hidden_state
+        rows = torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(1)
+        source, cand1, cand2 = hidden[rows, marker_positions.to(hidden.device)].unbind(dim=1)
+        left = self.head_layer(torch.cat([source, cand1], dim=-1))
+        right = self.head_layer(torch.cat([source, cand2], dim=-1))
+        return (left - right).mean(dim=-1)
+
+
+# -- conversations ---------------------------------------------------------------------------------------------------
+
+def source_and_candidate(messages: list[Message], completion: str) -> tuple[str, str]:
+    """The source text and candidate text llm-blender builds for ``completion`` answering ``messages`` (see the
+    module docstring for the rule); raises ``ValueError`` for roles that do not alternate user/assistant."""
+    turns = fold_system(messages)
+    if len(turns) == 1:
+        return turns[0]["content"], completion
+    turns = turns + [{"role": "assistant", "content": completion}]
+    check_alternation(turns)
+    source = CONVERSATION_INSTRUCTION + "\n".join(
+        f"USER: {turns[j]['content']}\nAssistant: <Response {j // 2 + 1}>" for j in range(0, len(turns), 2))
+    candidate = "\n".join(f"<Response {j // 2 + 1}>: {turns[j]['content']}" for j in range(1, len(turns), 2))
+    return source, candidate
+
+
+# -- reward model ----------------------------------------------------------------------------------------------------
+
+def _sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)
+
+
+@dataclass
+class _Comparison:
+    """One comparison's model input: its rows (order (A, B), then (B, A) unless both are the same tokens), each
+    row's source/candidate1/candidate2 marker positions, and the tokens truncation removed from each row."""
+
+    rows: list[list[int]]
+    markers: list[tuple[int, int, int]]
+    cut: int
+
+
+class PairRMRewardModel(PairwiseRewardModel):
+    """PairRM as a pairwise reward model: ``compare`` gives ``P(A better) = sigmoid((logit_AB - logit_BA) / 2)``.
+
+    Both orders of every comparison go through the same length-sorted, token-budgeted batched pass, each batch padded
+    only to its longest row; each distinct source and candidate is tokenized once.
+
+    Args:
+        model: a loaded :class:`DebertaV2PairRM` (see :func:`load_pairrm`).
+        tokenizer: PairRM's tokenizer as llm-blender had it (see :func:`load_pairrm_tokenizer`).
+        max_length: total tokens per model input (default ``source_max_length + 2 * candidate_max_length``, 2048).
+            A smaller total shrinks the source budget in the card's proportion (1224 of 2048).
+        source_max_length, candidate_max_length: the budgets (default: the model config's ``source_maxlength`` /
+            ``candidate_maxlength`` when it has them, as llm-blender's ranker config does, else the card's 1224/412).
+    """
+
+    def __init__(self, model: nn.Module, *, preset, tokenizer: Any, device: torch.device,
+                 max_length: Optional[int] = None, max_batch_tokens: Optional[int] = None,
+                 source_max_length: Optional[int] = None, candidate_max_length: Optional[int] = None):
+        config = model.config
+        source_budget = source_max_length or getattr(config, "source_maxlength", None) or SOURCE_MAX_LENGTH
+        candidate_budget = (candidate_max_length or getattr(config, "candidate_maxlength", None)
+                            or CANDIDATE_MAX_LENGTH)
+        full = source_budget + 2 * candidate_budget
+        total = max_length or full
+        if total < full:
+            source_budget = total * source_budget // full
+        if source_budget < _MIN_PART or (total - source_budget) // 2 < _MIN_PART:
+            raise ValueError(f"max_length={total} leaves no room for the source and both candidates")
+        super().__init__(preset=preset, tokenizer=tokenizer, device=device, max_length=total,
+                         max_batch_tokens=max_batch_tokens)
+        self.model = model
+        self.source_max_length = source_budget
+        self.cand2_id = config.cand2_prefix_id
+        check_pairrm_tokenizer(tokenizer, config)
+        self.pad_id = tokenizer.pad_token_id
+        self.sep_token = tokenizer.sep_token
+
+    # -- text ------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _texts(messages: list[Message], a: str, b: str, where: str) -> tuple[str, str, str]:
+        """The source text and the two candidate texts of one comparison."""
+        try:
+            source, a_text = source_and_candidate(messages, a)
+            return source, a_text, source_and_candidate(messages, b)[1]
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+
+    def _one(self, prompt: PromptInput, completion_a: CompletionInput, completion_b: CompletionInput
+             ) -> tuple[str, str, str]:
+        return self._texts(normalize_prompt(prompt, "prompt"), normalize_completion(completion_a, "completion_a"),
+                           normalize_completion(completion_b, "completion_b"), "prompt")
+
+    def format(self, prompt: PromptInput, completion_a: CompletionInput, completion_b: CompletionInput
+               ) -> list[str]:
+        """The model's input for orders (A, B) and (B, A) as text, before tokenization and truncation: the three
+        parts, each ``[CLS] marker text [SEP]``, concatenated (for debugging)."""
+        source, a, b = self._one(prompt, completion_a, completion_b)
+
+        def part(marker: str, text: str) -> str:
+            return f"[CLS]{marker}{text.replace(self.sep_token, ' ')}[SEP]"
+
+        src = part(SOURCE_PREFIX, source)
+        return [src + part(CANDIDATE1_PREFIX, a) + part(CANDIDATE2_PREFIX, b),
+                src + part(CANDIDATE1_PREFIX, b) + part(CANDIDATE2_PREFIX, a)]
+
+    def encode(self, prompt: PromptInput, completion_a: CompletionInput, completion_b: CompletionInput
+               ) -> list[list[int]]:
+        """The token ids the model reads for orders (A, B) and (B, A), truncated as llm-blender truncates (for
+        debugging; identical candidates give one row, which serves both orders)."""
+        source, a, b = self._one(prompt, completion_a, completion_b)
+        candidates = self._tokenize(CANDIDATE1_PREFIX, [a, b])
+        return self._encode(self._tokenize(SOURCE_PREFIX, [source])[source], candidates[a], candidates[b]).rows
+
+    def _tokenize(self, marker: str, texts: Sequence[str]) -> dict[str, list[int]]:
+        """``[CLS] marker text [SEP]`` ids of each distinct text, untruncated (cut later so the cut is counted)."""
+        unique = list(dict.fromkeys(texts))
+        if not unique:
+            return {}
+        # the collator replaces the separator's text so each part holds exactly one [SEP]
+        encoded = self.tokenizer([marker + t.replace(self.sep_token, " ") for t in unique],
+                                 add_special_tokens=True)["input_ids"]
+        return dict(zip(unique, encoded))
+
+    @staticmethod
+    def _cut(ids: list[int], limit: int) -> list[int]:
+        """transformers' right truncation of one sequence: the first ``limit - 1`` tokens and the final ``[SEP]``."""
+        return ids if len(ids) <= limit else ids[: limit - 1] + ids[-1:]
+
+    def _encode(self, source_ids: list[int], a_ids: list[int], b_ids: list[int]) -> _Comparison:
+        src = self._cut(source_ids, self.source_max_length)
+        budget = (self.max_length - len(src)) // 2
+        a, b = self._cut(a_ids, budget), self._cut(b_ids, budget)
+        cut = len(source_ids) + len(a_ids) + len(b_ids) - len(src) - len(a) - len(b)
+        # candidates were tokenized with <|candidate1|> at index 1; the second slot gets <|candidate2|>
+        a2, b2 = a[:1] + [self.cand2_id] + a[2:], b[:1] + [self.cand2_id] + b[2:]
+        n = len(src)
+        if a == b:
+            # one row serves both orders: logit_BA == logit_AB, so P is exactly 0.5
+            return _Comparison([src + a + b2], [(1, n + 1, n + len(a) + 1)], cut)
+        return _Comparison([src + a + b2, src + b + a2],
+                           [(1, n + 1, n + len(a) + 1), (1, n + 1, n + len(b) + 1)], cut)
+
+    # -- model -----------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _forward(self, batch: list[_Comparison]) -> list[list[float]]:
+        rows = [row for c in batch for row in c.rows]
+        input_ids, mask = pad_right(rows, self.pad_id, self.device)
+        markers = torch.tensor([m for c in batch for m in c.markers], device=self.device)
+        logits = self.model(input_ids, mask, markers).float().cpu().tolist()
+        out, start = [], 0
+        for c in batch:
+            out.append(logits[start:start + len(c.rows)])
+            start += len(c.rows)
+        return out
+
+    def _logits(self, items: list[tuple[list[Message], str, str]]) -> list[tuple[float, float]]:
+        texts = [self._texts(messages, a, b, f"prompts[{i}]") for i, (messages, a, b) in enumerate(items)]
+        sources = self._tokenize(SOURCE_PREFIX, [s for s, _, _ in texts])
+        candidates = self._tokenize(CANDIDATE1_PREFIX, [c for _, a, b in texts for c in (a, b)])
+        comparisons = [self._encode(sources[s], candidates[a], candidates[b]) for s, a, b in texts]
+        # a comparison's rows share one batch; its cost is their total length, so the budget counts rows x width
+        lengths = [sum(len(r) for r in c.rows) for c in comparisons]
+        results = run_batched(comparisons, lengths, self._forward, max_batch_tokens=self.max_batch_tokens,
+                              stats=self.stats)
+        for c in comparisons:
+            self.stats.samples += len(c.rows)
+            if c.cut:
+                # every row holds the whole (truncated) source and both (truncated) candidates
+                self.stats.truncated += len(c.rows)
+                self.stats.truncated_tokens += c.cut * len(c.rows)
+        return [(r[0], r[-1]) for r in results]  # a lone row serves both orders (identical candidates)
+
+    def compare_logits(self, prompts: Sequence[PromptInput], completions_a: Sequence[CompletionInput],
+                       completions_b: Sequence[CompletionInput]) -> list[tuple[float, float]]:
+        """``(logit_AB, logit_BA)`` per comparison: the model's logit with ``completions_a[i]`` as candidate 1, and
+        with ``completions_b[i]`` as candidate 1 (``> 0``: candidate 1 better). llm-blender's
+        ``compare(..., return_logits=True)`` is ``logit_AB - logit_BA``."""
+        with self._timed():
+            check_same_length(prompts=prompts, completions_a=completions_a, completions_b=completions_b)
+            a = normalize_pairs(prompts, completions_a, "completions_a")
+            b = normalize_pairs(prompts, completions_b, "completions_b")
+            return self._logits([(m, ca, cb) for (m, ca), (_, cb) in zip(a, b)])
+
+    def _compare_both_orders(self, items: list[tuple[list[Message], str, str]]
+                             ) -> list[tuple[float, float, float]]:
+        """``(p_ab, p_ba, p)``: ``sigmoid(logit_AB)``, ``sigmoid(-logit_BA)`` and
+        ``sigmoid((logit_AB - logit_BA) / 2)``, each the probability that A is better."""
+        return [(_sigmoid(ab), _sigmoid(-ba), _sigmoid((ab - ba) / 2)) for ab, ba in self._logits(items)]
+
+
+# -- tokenizer -------------------------------------------------------------------------------------------------------
+
+def _local_dir(name_or_path: str, patterns: Sequence[str]) -> str:
+    """``name_or_path`` itself when it is a directory, else the hub snapshot of the files matching ``patterns``
+    (from the local cache when offline)."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name_or_path, allow_patterns=list(patterns))
+    except Exception as err:  # offline without a cached copy, unknown repository, ...
+        raise OSError(f"cannot find {name_or_path!r} locally or on the hub ({err}); pass a local directory") from err
+
+
+def _read_json(path: str) -> Optional[dict]:
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _ranker_config(directory: str) -> Optional[dict]:
+    """llm-blender's ranker config when ``directory`` has llm-blender's own layout, else ``None``."""
+    raw = _read_json(os.path.join(directory, "config.json")) or {}
+    if "ranker_type" not in raw:
+        return None
+    if raw["ranker_type"] != "pairranker" or not str(raw.get("model_type", "")).startswith("deberta"):
+        raise ValueError(f"{directory}: llm-blender ranker type {raw['ranker_type']!r} / model type "
+                         f"{raw.get('model_type')!r} is not PairRM's ('pairranker', 'deberta')")
+    return raw
+
+
+def _base_dir(ranker: dict, patterns: Sequence[str]) -> str:
+    """The base model directory of llm-blender's layout (``model_name``, ``microsoft/deberta-v3-large``)."""
+    return _local_dir(ranker.get("model_name") or BASE_MODEL, patterns)
+
+
+def _tokenizer_from_spm(vocab_file: str, do_lower_case: bool, split_by_punct: bool):
+    """The fast tokenizer transformers 4 built from DeBERTa-v3's ``spm.model`` (``DebertaV2Converter``): it keeps
+    sentencepiece's NFKC normalisation, which transformers 5's ``DebertaV2Tokenizer`` drops."""
+    import sentencepiece
+    from transformers.convert_slow_tokenizer import DebertaV2Converter
+
+    processor = sentencepiece.SentencePieceProcessor(model_file=vocab_file)
+
+    class _SlowTokenizer:  # what the converter reads from the slow tokenizer
+        def __init__(self):
+            self.vocab_file = vocab_file
+            self.do_lower_case = do_lower_case
+            self.split_by_punct = split_by_punct
+
+        @staticmethod
+        def convert_tokens_to_ids(token: str) -> int:
+            return processor.piece_to_id(token)
+
+    return DebertaV2Converter(_SlowTokenizer()).converted()
+
+
+def load_pairrm_tokenizer(name_or_path: str):
+    """PairRM's tokenizer as llm-blender had it under transformers 4: the fast DeBERTa-v3 tokenizer from the
+    repository's ``tokenizer.json`` (kept as saved) or converted from its ``spm.model``, plus the four marker tokens
+    added as llm-blender's collator adds them (ordinary, normalized added tokens) when the files lack them.
+
+    llm-blender's own layout ships no tokenizer: its ranker config's ``model_name`` (DeBERTa-v3-large) supplies it.
+    Never ``AutoTokenizer``: transformers 5 rebuilds DeBERTa's pipeline without sentencepiece's NFKC normalisation.
+    """
+    from tokenizers import Tokenizer
+    from transformers import AddedToken, PreTrainedTokenizerFast
+
+    patterns = ("*.json", "spm.model")
+    directory = _local_dir(name_or_path, patterns)
+    source = directory
+    if not any(os.path.isfile(os.path.join(directory, f)) for f in _TOKENIZER_FILES):
+        ranker = _ranker_config(directory)
+        if ranker is None:
+            raise OSError(f"{directory}: no tokenizer.json or spm.model")
+        source = _base_dir(ranker, patterns)
+    settings = _read_json(os.path.join(source, "tokenizer_config.json")) or {}
+    if os.path.isfile(os.path.join(source, "tokenizer.json")):
+        backend = Tokenizer.from_file(os.path.join(source, "tokenizer.json"))
+    elif os.path.isfile(os.path.join(source, "spm.model")):
+        backend = _tokenizer_from_spm(os.path.join(source, "spm.model"), bool(settings.get("do_lower_case", False)),
+                                      bool(settings.get("split_by_punct", False)))
+    else:
+        raise OSError(f"{source}: no tokenizer.json or spm.model")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, name_or_path=directory, **DEBERTA_SPECIAL_TOKENS)
+    vocab = tokenizer.get_vocab()
+    tokenizer.add_tokens([AddedToken(m, normalized=True, special=False) for m in MARKERS if m not in vocab])
+    return tokenizer
+
+
+def check_pairrm_tokenizer(tokenizer: Any, config: DebertaV2Config) -> None:
+    """Raise unless ``tokenizer`` maps the markers to the config's ids and normalises text with NFKC as
+    PairRM's tokenizer does (transformers 5's ``DebertaV2Tokenizer`` does not: use :func:`load_pairrm_tokenizer`)."""
+    for marker, name in ((SOURCE_PREFIX, "source_prefix_id"), (CANDIDATE1_PREFIX, "cand1_prefix_id"),
+                         (CANDIDATE2_PREFIX, "cand2_prefix_id")):
+        ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
+        if ids != [getattr(config, name)]:
+            raise ValueError(f"the tokenizer encodes {marker!r} as {ids}, the model expects "
+                             f"[{getattr(config, name)}] ({name}); load it with load_pairrm_tokenizer")
+    if tokenizer.pad_token_id is None or tokenizer.sep_token is None:
+        raise ValueError("PairRM's tokenizer needs DeBERTa's [PAD] and [SEP] tokens")
+    if not _normalizes_nfkc(tokenizer):
+        raise ValueError("the tokenizer lacks sentencepiece's NFKC normalisation that PairRM's tokenizer applies "
+                         "(transformers 5's DebertaV2Tokenizer drops it); load it with load_pairrm_tokenizer")
+
+
+def _normalizes_nfkc(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` reads full-width "Ａ１" as "A1", as NFKC normalisation does."""
+    return tokenizer("Ａ１", add_special_tokens=False)["input_ids"] == tokenizer("A1", add_special_tokens=False)[
+        "input_ids"]
+
+
+# -- loading ---------------------------------------------------------------------------------------------------------
+
+def pairrm_config(directory: str, tokenizer: Any) -> DebertaV2Config:
+    """The model config of a PairRM directory in either layout.
+
+    -hf layout: ``config.json`` as it is; PairRM's fields must be there. llm-blender's layout: the base model's
+    DeBERTa config with the vocabulary resized to the tokenizer (as llm-blender resizes the embeddings), the ranker
+    config's ``n_tasks``, ``drop_out``, ``source_maxlength`` and ``candidate_maxlength``, and the markers' ids.
+    """
+    ranker = _ranker_config(directory)
+    if ranker is None:
+        config = DebertaV2Config.from_pretrained(directory)
+        missing = [name for name in _HF_FIELDS if getattr(config, name, None) is None]
+        if missing:
+            raise ValueError(f"{directory}/config.json lacks PairRM's fields {', '.join(missing)}")
+        return config
+    config = DebertaV2Config.from_pretrained(_base_dir(ranker, ("config.json",)))
+    config.vocab_size = len(tokenizer)
+    config.architectures = ["DebertaV2PairRM"]
+    config.n_tasks = ranker.get("n_tasks", 1)
+    config.drop_out = ranker.get("drop_out", 0.05)
+    config.sep_token_id = tokenizer.sep_token_id
+    config.source_prefix_id, config.cand1_prefix_id, config.cand2_prefix_id, config.cand_prefix_id = (
+        tokenizer.convert_tokens_to_ids(list(MARKERS)))
+    config.source_maxlength = ranker.get("source_maxlength") or SOURCE_MAX_LENGTH
+    config.candidate_maxlength = ranker.get("candidate_maxlength") or CANDIDATE_MAX_LENGTH
+    return config
+
+
+def load_pairrm(name_or_path: str, tokenizer: Any, *, device: torch.device, dtype: torch.dtype,
+                quantization: Optional[str] = None) -> DebertaV2PairRM:
+    """Load PairRM's weights (either layout, ``model.safetensors`` or ``pytorch_model.bin``) in ``dtype`` on
+    ``device``, quantized (``"8bit"`` / ``"4bit"``) if asked, the head left in full precision. A weight missing from
+    the checkpoint is an error, never a random initialisation."""
+    from ..loading import from_pretrained_checked
+
+    directory = _local_dir(name_or_path, ("*.json", "spm.model", _WEIGHT_FILES[0]))
+    if not any(os.path.isfile(os.path.join(directory, f)) for f in _WEIGHT_FILES):
+        # a hub repository with only llm-blender's pytorch_model.bin (safetensors is preferred, not fetched twice)
+        directory = _local_dir(name_or_path, ("*.json", "spm.model", _WEIGHT_FILES[1]))
+    config = pairrm_config(directory, tokenizer)
+    return from_pretrained_checked(DebertaV2PairRM, directory, dtype=dtype, device=device,
+                                   quantization=quantization, skip_modules=("head_layer",), config=config)
+
+
+def _faithful_tokenizer(tokenizer: Any, name_or_path: str) -> Any:
+    """``tokenizer`` if it tokenizes as PairRM's does, else PairRM's tokenizer rebuilt from the same files (with a
+    logged warning): transformers 5's ``AutoTokenizer`` gives a ``DebertaV2Tokenizer`` without sentencepiece's NFKC
+    normalisation, the one known way it gets this tokenizer wrong. ``None`` or a path: :func:`load_pairrm_tokenizer`."""
+    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+        return load_pairrm_tokenizer(str(tokenizer or name_or_path))
+    markers_ok = all(len(tokenizer(m, add_special_tokens=False)["input_ids"]) == 1 for m in MARKERS[:3])
+    if markers_ok and _normalizes_nfkc(tokenizer):
+        return tokenizer
+    source = getattr(tokenizer, "name_or_path", None) or name_or_path
+    logger.warning("The tokenizer of %s lacks PairRM's marker tokens or sentencepiece's NFKC normalisation "
+                   "(transformers 5's DebertaV2Tokenizer drops it); using PairRM's tokenizer rebuilt from %s.",
+                   name_or_path, source)
+    return load_pairrm_tokenizer(source)
+
+
+def load_pairrm_reward_model(name_or_path: str, *, preset, tokenizer: Any, device: torch.device,
+                             dtype: torch.dtype, max_length: Optional[int], max_batch_tokens: Optional[int],
+                             quantization: Optional[str], adapter: Optional[str]) -> PairRMRewardModel:
+    """The ``"pairrm"`` backend's loader: PairRM's tokenizer (see :func:`_faithful_tokenizer`), the model
+    (:func:`load_pairrm`), an optional PEFT adapter, and the :class:`PairRMRewardModel` around them."""
+    from ..loading import apply_adapter
+
+    tokenizer = _faithful_tokenizer(tokenizer, name_or_path)
+    model = load_pairrm(name_or_path, tokenizer, device=device, dtype=dtype, quantization=quantization)
+    model = apply_adapter(model, adapter, quantized=quantization is not None)
+    return PairRMRewardModel(model, preset=preset, tokenizer=tokenizer, device=device, max_length=max_length,
+                             max_batch_tokens=max_batch_tokens)

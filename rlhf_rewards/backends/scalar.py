@@ -1,0 +1,169 @@
+"""Scalar reward models: a transformer backbone and a linear head read at one position per sample.
+
+Covers transformers' decoder ``*ForSequenceClassification`` models (backbone + ``score``) and the Starling value-head
+models (``transformer`` + ``v_head``). The backbone runs once per batch and the head only at the positions the card
+reads, so no per-position head output is computed for nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..batching import pad_right, run_batched
+from .base import ScalarModelBase
+
+
+class ScalarRewardModel(ScalarModelBase):
+    """A scalar reward model (``kind == "scalar"``); build it with :func:`rlhf_rewards.load_reward_model`.
+
+    ``score`` returns the card's reward for each completion: the head's output at the position the preset's
+    ``reward_position`` rule names, as a Python float.
+    """
+
+    def __init__(self, *, backbone: nn.Module, head: nn.Module, model: nn.Module, config_pad_id: Optional[int],
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.model = model
+        self.backbone = backbone
+        self.head = head
+        self.config_pad_id = config_pad_id
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        card_pad = self.preset.card_pad_id
+        if card_pad == "first-id-of-pad-token":
+            # the card computes tokenizer(tokenizer.pad_token)["input_ids"][0]: BOS when the tokenizer adds one
+            card_pad = self.tokenizer(self.tokenizer.pad_token)["input_ids"][0]
+        self.card_pad_id = card_pad
+
+    def _read_position(self, ids: list[int]) -> tuple[int, Optional[int]]:
+        """``(index, position_id)``: where the reward is read in the unpadded ``ids``. ``index == len(ids)`` means
+        one pad token appended at position id ``position_id`` (the card reads a pad position of its padded input)."""
+        rule = self.preset.reward_position
+        if rule == "last":
+            return len(ids) - 1, None
+        if rule == "last-non-pad":
+            # transformers' pooling: the rightmost token whose id is not the config's pad id
+            if self.config_pad_id is not None:
+                for j in range(len(ids) - 1, -1, -1):
+                    if ids[j] != self.config_pad_id:
+                        return j, None
+            return len(ids) - 1, None
+        if rule == "before-first-pad-id":
+            first = next((j for j, t in enumerate(ids) if t == self.card_pad_id), len(ids))
+            if first > 0:
+                return first - 1, None
+            # the card's index -1 on an input padded to max_length: the last padded position
+            if len(ids) == self.max_length:
+                return len(ids) - 1, None
+            return len(ids), self.max_length - 1
+        raise ValueError(f"unknown reward_position {rule!r}")
+
+    @torch.inference_mode()
+    def _forward(self, batch: list[tuple[list[int], int, Optional[int]]]) -> list[float]:
+        seqs = [ids + [self.pad_id] if pos_id is not None else ids for ids, _, pos_id in batch]
+        input_ids, mask = pad_right(seqs, self.pad_id, self.device)
+        position_ids = None
+        if any(pos_id is not None for _, _, pos_id in batch):
+            position_ids = torch.arange(input_ids.shape[1], device=self.device).repeat(len(batch), 1)
+            for row, (ids, _, pos_id) in enumerate(batch):
+                if pos_id is not None:
+                    position_ids[row, len(ids)] = pos_id
+                    mask[row, len(ids)] = 0  # the card's pad is masked as a key, yet its own output is read
+        hidden = self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                               use_cache=False).last_hidden_state
+        rows = torch.arange(len(batch), device=self.device)
+        cols = torch.tensor([index for _, index, _ in batch], device=self.device)
+        picked = hidden[rows, cols]
+        rewards = self.head(picked.to(self._head_dtype())).float().reshape(len(batch), -1)[:, 0]
+        return rewards.cpu().tolist()
+
+    def _head_dtype(self) -> torch.dtype:
+        weight = getattr(self.head, "weight", None)
+        return weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else torch.float32
+
+    def score_texts(self, texts: Sequence[str]) -> list[float]:
+        """Rewards of already-rendered texts, in input order (each text tokenized as the card does)."""
+        items = []
+        for ids in self.tokenize(texts):
+            index, pos_id = self._read_position(ids)
+            items.append((ids, index, pos_id))
+        lengths = [len(ids) + (pos_id is not None) for ids, _, pos_id in items]
+        rewards = run_batched(items, lengths, self._forward, max_batch_tokens=self.max_batch_tokens,
+                              stats=self.stats)
+        self.stats.samples += len(items)
+        for i, r in enumerate(rewards):
+            if r != r:
+                raise ValueError(f"the reward model returned NaN for input {i} ({self.preset.name})")
+        return rewards
+
+
+class FullModelRewardModel(ScalarRewardModel):
+    """Fallback for sequence-classification models without a separable decoder backbone and ``score`` head
+    (e.g. encoders with a pooler): the whole model runs and its own pooling picks the position."""
+
+    @torch.inference_mode()
+    def _forward(self, batch: list[tuple[list[int], int, Optional[int]]]) -> list[float]:
+        input_ids, mask = pad_right([ids for ids, _, _ in batch], self.pad_id, self.device)
+        logits = self.model(input_ids=input_ids, attention_mask=mask).logits
+        return logits.float().reshape(len(batch), -1)[:, 0].cpu().tolist()
+
+
+def _max_length(requested: Optional[int], preset_limit: Optional[int], config) -> Optional[int]:
+    return requested or preset_limit or getattr(config, "max_position_embeddings", None)
+
+
+def load_sequence_classifier(name_or_path: str, *, preset, tokenizer, device, dtype, max_length, max_batch_tokens,
+                             quantization, adapter) -> ScalarRewardModel:
+    """A transformers ``AutoModelForSequenceClassification`` reward model with one label (card 001's loading)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from ..loading import apply_adapter, from_pretrained_checked
+    from ..tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer(preset, name_or_path, tokenizer)
+    model = from_pretrained_checked(AutoModelForSequenceClassification, name_or_path, dtype=dtype, device=device,
+                                    quantization=quantization, skip_modules=("score", "classifier"), num_labels=1)
+    model = apply_adapter(model, adapter, quantized=quantization is not None)
+    backbone = getattr(model, model.base_model_prefix, None)
+    head = getattr(model, "score", None)
+    # decoder classifiers (Llama, Mistral, Qwen, Gemma...) are backbone + `score`; anything else runs whole
+    cls = ScalarRewardModel if isinstance(head, nn.Linear) and backbone is not None else FullModelRewardModel
+    return cls(model=model, backbone=backbone, head=head, config_pad_id=model.config.pad_token_id, preset=preset,
+               tokenizer=tokenizer, device=device, max_length=_max_length(max_length, preset.max_length, model.config),
+               max_batch_tokens=max_batch_tokens)
+
+
+def load_value_head(name_or_path: str, *, preset, tokenizer, device, dtype, max_length, max_batch_tokens,
+                    quantization, adapter) -> ScalarRewardModel:
+    """A Starling value-head model: ``from_pretrained`` files (Starling-RM-34B), or a plain state dict over a
+    Llama config (Starling-RM-7B-alpha, whose config comes from its base model when its repository has none)."""
+    from transformers import AutoConfig
+
+    from ..loading import apply_adapter, from_pretrained_checked, quantization_config
+    from ..tokenization import load_tokenizer
+    from .value_head import ValueHeadRewardModel, find_state_dict_file, load_value_head_state_dict
+
+    tokenizer = load_tokenizer(preset, name_or_path, tokenizer)
+    state_file = find_state_dict_file(name_or_path)
+    if state_file is None:
+        model = from_pretrained_checked(ValueHeadRewardModel, name_or_path, dtype=dtype, device=device,
+                                        quantization=quantization, skip_modules=("v_head",))
+    else:
+        if quantization_config(quantization, dtype, ()) is not None:
+            raise ValueError(f"{name_or_path}: quantization needs safetensors/from_pretrained weights; this "
+                             "checkpoint is a plain state dict (convert it with save_pretrained first)")
+        config_source = name_or_path if os.path.isfile(os.path.join(name_or_path, "config.json")) \
+            else (tokenizer.name_or_path or preset.tokenizer_source)
+        config = AutoConfig.from_pretrained(config_source)
+        model = ValueHeadRewardModel(config)
+        load_value_head_state_dict(model, state_file)
+        model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model = apply_adapter(model, adapter, quantized=quantization is not None)
+    return ScalarRewardModel(model=model, backbone=model.transformer, head=model.v_head, config_pad_id=None,
+                             preset=preset, tokenizer=tokenizer, device=device,
+                             max_length=_max_length(max_length, preset.max_length, model.config),
+                             max_batch_tokens=max_batch_tokens)

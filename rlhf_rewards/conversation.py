@@ -1,0 +1,102 @@
+"""Validation and normalisation of what callers pass in: prompts and completions.
+
+Every public entry point funnels its inputs through :func:`normalize_pairs` so that bad input fails in one
+place, with one style of message that names the argument and the index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Union
+
+Message = dict[str, str]
+"""One chat message: ``{"role": "system" | "user" | "assistant", "content": str}``."""
+
+PromptInput = Union[str, Sequence[Mapping[str, str]]]
+"""A prompt: a plain string (one user turn) or a list of messages (system/user/assistant, multi-turn)."""
+
+CompletionInput = Union[str, Sequence[Mapping[str, str]]]
+"""A completion: a string, or TRL's conversational form ``[{"role": "assistant", "content": ...}]``."""
+
+ROLES = ("system", "user", "assistant")
+
+
+def _check_message(msg: object, where: str) -> Message:
+    if not isinstance(msg, Mapping):
+        raise ValueError(f"{where}: expected a dict with 'role' and 'content', got {type(msg).__name__}")
+    if "role" not in msg or "content" not in msg:
+        raise ValueError(f"{where}: a message needs both 'role' and 'content' keys, got keys {sorted(msg)}")
+    role, content = msg["role"], msg["content"]
+    if role not in ROLES:
+        raise ValueError(f"{where}: unknown role {role!r}; expected one of {', '.join(ROLES)}")
+    if content is None:
+        raise ValueError(f"{where}: content is None")
+    if not isinstance(content, str):
+        raise ValueError(f"{where}: content must be a string, got {type(content).__name__}")
+    return {"role": role, "content": content}
+
+
+def normalize_prompt(prompt: object, where: str) -> list[Message]:
+    """Return the prompt as a list of messages ending with a user turn.
+
+    ``where`` names the argument and index for error messages, e.g. ``"prompts[3]"``.
+    """
+    if prompt is None:
+        raise ValueError(f"{where}: prompt is None")
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, Mapping) or not isinstance(prompt, Sequence):
+        raise ValueError(f"{where}: expected a string or a list of messages, got {type(prompt).__name__}")
+    if len(prompt) == 0:
+        raise ValueError(f"{where}: empty message list")
+    messages = [_check_message(m, f"{where}[{j}]") for j, m in enumerate(prompt)]
+    if messages[-1]["role"] != "user":
+        raise ValueError(
+            f"{where}: the last message of a prompt must be a user turn (the completion answers it), "
+            f"got {messages[-1]['role']!r}"
+        )
+    if all(m["role"] == "system" for m in messages):
+        raise ValueError(f"{where}: a prompt needs at least one user message")
+    return messages
+
+
+def normalize_completion(completion: object, where: str) -> str:
+    """Return the completion's text. A conversational completion must be exactly one assistant message."""
+    if completion is None:
+        raise ValueError(f"{where}: completion is None")
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, Mapping) or not isinstance(completion, Sequence):
+        raise ValueError(f"{where}: expected a string or [{{'role': 'assistant', 'content': ...}}], "
+                         f"got {type(completion).__name__}")
+    if len(completion) != 1:
+        raise ValueError(f"{where}: a conversational completion must hold exactly one assistant message, "
+                         f"got {len(completion)} messages")
+    msg = _check_message(completion[0], f"{where}[0]")
+    if msg["role"] != "assistant":
+        raise ValueError(f"{where}[0]: a completion's role must be 'assistant', got {msg['role']!r}")
+    return msg["content"]
+
+
+def check_same_length(**named: Sequence) -> int:
+    """Raise unless every named sequence is a list/tuple of the same length; return that length."""
+    lengths = {}
+    for name, seq in named.items():
+        if seq is None:
+            raise ValueError(f"{name} is None")
+        if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence):
+            raise ValueError(f"{name} must be a list, got {type(seq).__name__}")
+        lengths[name] = len(seq)
+    if len(set(lengths.values())) > 1:
+        raise ValueError("length mismatch: " + ", ".join(f"len({k})={v}" for k, v in lengths.items()))
+    return next(iter(lengths.values()), 0)
+
+
+def normalize_pairs(prompts: Sequence[PromptInput], completions: Sequence[CompletionInput],
+                    completions_name: str = "completions") -> list[tuple[list[Message], str]]:
+    """Validate ``prompts``/``completions`` and return ``[(messages, completion_text), ...]`` in input order."""
+    check_same_length(prompts=prompts, **{completions_name: completions})
+    return [
+        (normalize_prompt(p, f"prompts[{i}]"), normalize_completion(c, f"{completions_name}[{i}]"))
+        for i, (p, c) in enumerate(zip(prompts, completions))
+    ]

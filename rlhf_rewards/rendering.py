@@ -1,0 +1,127 @@
+"""Rendering conversations into the exact text each reward model reads.
+
+Every model's input format lives here, one renderer per ``Preset.text_format``. A renderer takes the prompt's messages
+(validated by :mod:`rlhf_rewards.conversation`), the completion text and the model's tokenizer, and returns the string
+the model card's own code would build before tokenizing.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .conversation import Message
+
+Renderer = Callable[[list[Message], str, object], str]
+
+
+def split_system(messages: list[Message]) -> tuple[list[str], list[Message]]:
+    """Split leading system messages from the rest; a system message after the first user turn is an error
+    (formats without a system role have nowhere faithful to put it)."""
+    n_system = next((j for j, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    rest = [dict(m) for m in messages[n_system:]]
+    if any(m["role"] == "system" for m in rest):
+        raise ValueError("a system message after the first user turn has no place in this model's format")
+    return [m["content"] for m in messages[:n_system]], rest
+
+
+def fold_system(messages: list[Message]) -> list[Message]:
+    """Merge leading system messages into the first user message as ``"{system}\n\n{user}"``.
+
+    Used for models whose format has no system role, so the instruction still reaches the model and the
+    user/assistant alternation (which some formats infer from position) is kept.
+    """
+    system, rest = split_system(messages)
+    if system:
+        rest[0]["content"] = "\n\n".join(system + [rest[0]["content"]])
+    return rest
+
+
+def check_alternation(messages: list[Message]) -> None:
+    """Raise unless the roles alternate user, assistant, user, ... (formats that infer roles from position)."""
+    for j, m in enumerate(messages):
+        expected = "user" if j % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            raise ValueError(f"message {j} has role {m['role']!r} where this model's format needs {expected!r} "
+                             "(its turns must alternate user/assistant, starting with user)")
+
+
+def render_chat_template(messages: list[Message], completion: str, tokenizer) -> str:
+    """The reward model's own tokenizer chat template over the conversation plus the completion as the last
+    assistant turn, as text (``tokenize=False``), like card 001 does.
+
+    Templates that reject a system role (Mistral v0.2's raises) get the system prompt folded into the first user
+    turn instead (:func:`fold_system`).
+    """
+    from jinja2.exceptions import TemplateError
+
+    conversation = messages + [{"role": "assistant", "content": completion}]
+    try:
+        return tokenizer.apply_chat_template(conversation, tokenize=False)
+    except TemplateError:
+        if not any(m["role"] == "system" for m in messages):
+            raise
+    return tokenizer.apply_chat_template(fold_system(conversation), tokenize=False)
+
+
+def render_yi_chatml(messages: list[Message], completion: str, tokenizer=None) -> str:
+    """Starling-RM-34B (card 002): ``<|im_start|>{role}\\n{content}<|im_end|>`` turns joined by ``\\n``, the
+    completion as the last assistant turn, nothing after its ``<|im_end|>`` (as in the card's test sample)."""
+    turns = messages + [{"role": "assistant", "content": completion}]
+    return "\n".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>" for m in turns)
+
+
+def render_starling_llama2(messages: list[Message], completion: str, tokenizer=None) -> str:
+    """Starling-RM-7B-alpha: ``<s>[INST] {prompt} </s> [/INST] {response}</s>`` per exchange, concatenated for
+    multi-turn. A system prompt goes inside the first ``[INST]`` as Llama-2-chat's ``<<SYS>>`` block."""
+    system_parts, turns = split_system(messages)
+    system = "\n\n".join(system_parts)
+    turns.append({"role": "assistant", "content": completion})
+    check_alternation(turns)
+    parts = []
+    for j in range(0, len(turns), 2):
+        user = turns[j]["content"]
+        if j == 0 and system:
+            user = f"<<SYS>>\n{system}\n<</SYS>>\n\n{user}"
+        parts.append(f"<s>[INST] {user} </s> [/INST] {turns[j + 1]['content']}</s>")
+    return "".join(parts)
+
+
+# Card 003's context template. It picks the role by position (even = user), so prompts reach it with leading system
+# messages folded into the first user turn and strictly alternating turns. Rendered through transformers' own chat
+# template machinery (trim_blocks on), exactly like the card's ``tokenizer_plain.apply_chat_template`` call, which
+# does not give the same text as reading the template literally.
+RLHFLOW_CONTEXT_TEMPLATE = (
+    "\n{% for message in messages %}{% if loop.index0 % 2 == 0 %}\n\n<turn> user\n {{ message['content'] }}"
+    "{% else %}\n\n<turn> assistant\n {{ message['content'] }}{% endif %}{% endfor %}\n\n\n"
+)
+RLHFLOW_PAIR_PROMPT = "[CONTEXT] {context} [RESPONSE A] {response_A} [RESPONSE B] {response_B} \n"
+
+
+def render_rlhflow_context(messages: list[Message], tokenizer) -> str:
+    """Card 003's plain-text context for a prompt (system folded into the first user turn)."""
+    turns = fold_system(messages)
+    check_alternation(turns)
+    return tokenizer.apply_chat_template(turns, chat_template=RLHFLOW_CONTEXT_TEMPLATE, tokenize=False)
+
+
+def render_rlhflow_pair(context: str, response_a: str, response_b: str, tokenizer) -> str:
+    """Card 003's model input for one order: the pair prompt as a single user message in the model's own (Llama-3)
+    chat template, with every occurrence of the BOS string removed as the card's ``.replace`` does."""
+    prompt = RLHFLOW_PAIR_PROMPT.format(context=context, response_A=response_a, response_B=response_b)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False)
+    return text.replace(tokenizer.bos_token, "") if tokenizer.bos_token else text
+
+
+RENDERERS: dict[str, Renderer] = {
+    "chat-template": render_chat_template,
+    "yi-chatml": render_yi_chatml,
+    "starling-llama2": render_starling_llama2,
+}
+
+
+def get_renderer(text_format: str) -> Renderer:
+    """Return the renderer registered for ``text_format``."""
+    try:
+        return RENDERERS[text_format]
+    except KeyError:
+        raise ValueError(f"unknown text format {text_format!r}; known: {', '.join(RENDERERS)}") from None

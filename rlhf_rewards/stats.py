@@ -1,0 +1,61 @@
+"""Counters a reward model keeps about its work, exposed as ``rm.stats``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass
+class RewardStats:
+    """Running totals since the model was loaded (or since :meth:`reset`).
+
+    Attributes:
+        samples: model inputs scored (a pairwise comparison in both orders counts two).
+        truncated: inputs longer than the model's limit that lost tokens (see ``truncated_tokens``).
+        truncated_tokens: tokens removed by truncation, summed over inputs.
+        batches: forward passes run.
+        real_tokens: tokens of the inputs themselves.
+        computed_tokens: tokens the model computed, padding included; ``computed_tokens / real_tokens`` is the
+            padding overhead.
+        oom_splits: batches split in two after an out-of-memory error and retried.
+        comparisons: pairwise comparisons made (each in both orders).
+        order_disagreements: comparisons whose two orders preferred different responses (position inconsistency).
+        ties: comparisons whose probability was exactly 0.5.
+        seconds: wall time spent in scoring calls.
+    """
+
+    samples: int = 0
+    truncated: int = 0
+    truncated_tokens: int = 0
+    batches: int = 0
+    real_tokens: int = 0
+    computed_tokens: int = 0
+    oom_splits: int = 0
+    comparisons: int = 0
+    order_disagreements: int = 0
+    ties: int = 0
+    seconds: float = 0.0
+
+    def reset(self) -> None:
+        """Set every counter back to zero."""
+        for f in fields(self):
+            setattr(self, f.name, type(getattr(self, f.name))())
+
+    def as_dict(self) -> dict[str, float]:
+        """The counters as a plain dict."""
+        return asdict(self)
+
+    @property
+    def truncation_rate(self) -> float:
+        """Share of scored inputs that were truncated (0 when nothing was scored)."""
+        return self.truncated / self.samples if self.samples else 0.0
+
+    @property
+    def padding_share(self) -> float:
+        """Share of computed tokens that were padding (0 when nothing was computed)."""
+        return 1 - self.real_tokens / self.computed_tokens if self.computed_tokens else 0.0
+
+    @property
+    def order_disagreement_rate(self) -> float:
+        """Share of pairwise comparisons whose two orders disagreed."""
+        return self.order_disagreements / self.comparisons if self.comparisons else 0.0

@@ -1,0 +1,106 @@
+"""Pairwise-to-scalar transforms, group rewards, best-of-n and ranking, on a model whose preferences are known."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from rlhf_rewards import apply_transform, best_of_n, group_rewards, rank
+from rlhf_rewards.pairwise import LOGODDS_BOUND
+
+
+class LengthJudge:
+    """A pairwise model preferring longer completions: P(a > b) = sigmoid(len(a) - len(b)). Records calls."""
+
+    kind = "pairwise"
+
+    def __init__(self):
+        self.pairs = []
+
+    def compare(self, prompts, a, b):
+        self.pairs += list(zip(a, b))
+        return [1 / (1 + math.exp(-(len(x) - len(y)))) for x, y in zip(a, b)]
+
+
+class LengthScorer:
+    kind = "scalar"
+
+    def score(self, prompts, completions):
+        return [float(len(c)) for c in completions]
+
+
+def test_transforms():
+    assert apply_transform([0.5, 0.75], "probability") == [0.5, 0.75]
+    assert apply_transform([0.5, 0.75, 0.0], "centered") == [0.0, 0.5, -1.0]
+    lo = apply_transform([0.5, 0.75, 1.0, 0.0, 1e-12], "logodds")
+    assert lo[0] == 0.0  # a tie is the midpoint
+    assert lo[1] == pytest.approx(math.log(3))
+    assert lo[2:] == [LOGODDS_BOUND, -LOGODDS_BOUND, -LOGODDS_BOUND]
+    with pytest.raises(ValueError, match="unknown transform"):
+        apply_transform([0.5], "rank")
+
+
+def test_round_robin_group_rewards():
+    judge = LengthJudge()
+    prompts = ["p"] * 3 + ["q"] * 3
+    completions = ["a", "aaa", "aa", "b", "b", "bbbb"]
+    rewards = group_rewards(judge, prompts, completions, 3, transform="centered")
+    s = lambda d: 2 / (1 + math.exp(-d)) - 1  # noqa: E731
+    assert rewards[0] == pytest.approx((s(-2) + s(-1)) / 2)
+    assert rewards[1] == pytest.approx((s(2) + s(1)) / 2)
+    assert rewards[3] == pytest.approx((s(0) + s(-3)) / 2)
+    assert len(judge.pairs) == 6  # n(n-1)/2 per group
+
+
+def test_anchor_group_rewards_are_linear():
+    judge = LengthJudge()
+    rewards = group_rewards(judge, ["p"] * 4, ["aa", "a", "aaa", "aa"], 4, mode="anchor", transform="logodds")
+    assert rewards == pytest.approx([0.0, -1.0, 1.0, 0.0])
+    assert judge.pairs == [("a", "aa"), ("aaa", "aa"), ("aa", "aa")]
+
+
+def test_group_checks():
+    judge = LengthJudge()
+    with pytest.raises(ValueError, match="groups of 4"):
+        group_rewards(judge, ["p"] * 6, ["a"] * 6, 4)
+    with pytest.raises(ValueError, match=r"prompts\[1\] differs from prompts\[0\]"):
+        group_rewards(judge, ["p", "q"], ["a", "b"], 2)
+
+
+def test_best_of_n_knockout_is_linear_and_keeps_ties():
+    judge = LengthJudge()
+    best = best_of_n(judge, ["p", "q"], [["a", "aaa", "aa", "aaa"], ["bb", "bb"]])
+    assert best == [1, 0]  # equal lengths tie: the earlier candidate keeps its place
+    assert len(judge.pairs) == 3 + 1  # n - 1 per prompt
+
+
+def test_best_of_n_scalar_and_rank():
+    scorer = LengthScorer()
+    assert best_of_n(scorer, ["p"], [["aa", "a", "aa"]]) == [0]
+    assert rank(scorer, ["p"], [["aa", "a", "aaa"]]) == [[2, 0, 1]]
+    judge = LengthJudge()
+    assert rank(judge, ["p", "q"], [["aa", "a", "aaa"], ["x"]]) == [[2, 0, 1], [0]]
+    assert len(judge.pairs) == 3
+    with pytest.raises(ValueError, match=r"candidates\[0\]"):
+        best_of_n(judge, ["p"], [[]])
+
+
+def test_scalar_models_in_groups_use_bradley_terry():
+    rewards = group_rewards(LengthScorer(), ["p"] * 2, ["a", "aaa"], 2, transform="logodds")
+    assert rewards == pytest.approx([-2.0, 2.0])
+
+
+def test_best_of_n_with_real_pairwise_model_agrees_with_its_comparisons(tiny_dir):
+    from rlhf_rewards import load_reward_model
+
+    pm = load_reward_model(tiny_dir("rlhflow-pair-pm-llama3-8b"), device="cpu")
+    cands = ["one", "two words", "three little words", "four"]
+    winner = best_of_n(pm, ["Say something"], [cands])[0]
+    holder = 0
+    for j in range(1, 4):
+        if pm.compare(["Say something"], [cands[j]], [cands[holder]])[0] > 0.5:
+            holder = j
+    assert winner == holder
+    order = rank(pm, ["Say something"], [cands])[0]
+    assert sorted(order) == [0, 1, 2, 3]
