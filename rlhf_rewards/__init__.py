@@ -9,6 +9,7 @@ The main entry points:
 """
 
 from .backends.base import PairwiseRewardModel, RewardModel, ScalarModelBase
+from .trainers import PPORewardAdapter, RewardFunction
 from .loading import load_reward_model
 from .pairwise import apply_transform, best_of_n, group_rewards, rank
 from .presets import Preset, list_presets
@@ -17,8 +18,10 @@ from .stats import RewardStats
 __version__ = "0.1.0"
 
 __all__ = [
+    "PPORewardAdapter",
     "PairwiseRewardModel",
     "Preset",
+    "RewardFunction",
     "RewardModel",
     "RewardStats",
     "ScalarModelBase",
