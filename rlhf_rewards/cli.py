@@ -22,9 +22,12 @@ def demo(out_dir: str | None) -> int:
     """Build a tiny checkpoint of every preset and score the demo conversations with each, printing the exact
     text each model reads. The checkpoints are random, so the numbers show the mechanics, not quality."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
     from . import best_of_n, list_presets, load_reward_model
     from .testing import make_tiny_checkpoint
 
+    hf_logging.disable_progress_bar()  # the demo's output is the text and the numbers
     root = out_dir or tempfile.mkdtemp(prefix="rlhf-rewards-demo-")
     prompts = [p for p, _, _ in DEMO_CONVERSATIONS]
     good = [g for _, g, _ in DEMO_CONVERSATIONS]
