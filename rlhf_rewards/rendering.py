@@ -57,10 +57,13 @@ def render_chat_template(messages: list[Message], completion: str, tokenizer) ->
     conversation = messages + [{"role": "assistant", "content": completion}]
     try:
         return tokenizer.apply_chat_template(conversation, tokenize=False)
-    except TemplateError:
+    except TemplateError as err:
         if not any(m["role"] == "system" for m in messages):
-            raise
-    return tokenizer.apply_chat_template(fold_system(conversation), tokenize=False)
+            raise ValueError(f"the reward model's chat template rejects this conversation: {err}") from None
+    try:
+        return tokenizer.apply_chat_template(fold_system(conversation), tokenize=False)
+    except TemplateError as err:
+        raise ValueError(f"the reward model's chat template rejects this conversation: {err}") from None
 
 
 def render_yi_chatml(messages: list[Message], completion: str, tokenizer=None) -> str:

@@ -9,27 +9,40 @@ re-rendered in the reward model's own format.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import weakref
 from collections.abc import Sequence
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Callable, Literal, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
 
 from .backends.base import RewardModel
 from .chat_parsing import parse_chat, strip_completion
-from .conversation import normalize_completion, normalize_prompt
+from .conversation import Message, normalize_completion, normalize_prompt
 from .pairwise import GroupMode, Transform, apply_transform, group_rewards
 
 logger = logging.getLogger(__name__)
 
 Pairing = Literal["group", "halves"]
 
+_MODEL_LOCKS: weakref.WeakKeyDictionary[RewardModel, threading.Lock] = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
 
-def to_messages(prompt: Any, where: str) -> tuple[list[dict[str, str]], str]:
+
+def _model_lock(model: RewardModel) -> threading.Lock:
+    """One lock per loaded reward model. Trainers that score from threads (AsyncGRPOTrainer scores each group in
+    ``asyncio.to_thread``) then take turns on the model, which runs one batch at a time anyway, and each call's
+    share of ``model.stats`` is its own."""
+    with _MODEL_LOCKS_GUARD:
+        return _MODEL_LOCKS.setdefault(model, threading.Lock())
+
+
+def to_messages(prompt: Any, where: str) -> tuple[list[Message], str]:
     """A policy prompt as messages, plus the chat format it was written in (``"plain"`` for untemplated text or
-    message lists). Text rendered with a policy chat template is parsed back into its turns; an assistant turn
-    left complete at the end of a templated prompt is an error (the completion should answer a user turn)."""
+    message lists). Text rendered with a policy chat template is parsed back into its turns; a prompt that does not
+    end with a user turn (e.g. a prefilled assistant turn) is an error."""
     if isinstance(prompt, str):
         messages, fmt = parse_chat(prompt, where=where)
         return normalize_prompt(messages, where), fmt
@@ -38,32 +51,51 @@ def to_messages(prompt: Any, where: str) -> tuple[list[dict[str, str]], str]:
 
 def to_completion(completion: Any, fmt: str, where: str) -> str:
     """A policy completion as text; for a templated prompt, the end-of-turn marker the policy may have left at the
-    end is removed (TRL usually decodes with special tokens skipped, but not every pipeline does)."""
+    end is removed (TRL decodes with special tokens skipped, but not every pipeline does)."""
     text = normalize_completion(completion, where)
     return strip_completion(text, fmt) if fmt != "plain" else text
+
+
+class _Sample(NamedTuple):
+    """One completion ready for the reward model."""
+
+    messages: list[Message]
+    completion: str
+    baseline: Optional[str]
 
 
 class RewardFunction:
     """A TRL reward function backed by a reward model from :func:`rlhf_rewards.load_reward_model`.
 
     Pass it in ``reward_funcs`` of ``GRPOTrainer``, ``RLOOTrainer``, ``OnlineDPOTrainer`` and the other trainers
-    that take callables. Each call returns one float per completion (or ``None`` for a sample that could not be
-    scored; the reason is logged and the trainer skips it).
+    that take callables. Each call returns one float per completion, or ``None`` for a sample that could not be
+    scored (a prompt that does not parse or does not fit the reward model's format); the reason is logged as a
+    warning and the trainer skips that reward.
+
+    What the floats are: for a scalar model, its score on its own logit scale (minus the score of the
+    ``baseline_column`` completion when one is given). For a pairwise model, ``transform(P)`` of preferences ``P``
+    (default ``"logodds"``: ``log(P / (1 - P))``, 0 for a tie): against the baseline completion, averaged over the
+    other completions of the group, or against the other candidate of the online-DPO pair (see ``pairing``).
 
     Args:
-        model: a loaded reward model (scalar or pairwise).
-        baseline_column: a dataset column holding a reference completion per prompt. Scalar models then return
-            ``r(completion) - r(reference)``; pairwise models ``transform(P(completion better than reference))``.
-        pairing: for pairwise models without a baseline column: ``"group"`` compares the consecutive completions
-            of one prompt (GRPO/RLOO groups); ``"halves"`` compares the first half of the batch with the second
-            half, as ``OnlineDPOTrainer`` lays out its two candidates per prompt.
-        group_size: completions per prompt for ``pairing="group"``; default: runs of identical prompts.
-        group_mode: ``"round-robin"`` (each against all others in its group) or ``"anchor"`` (each against the
-            group's first completion, linear cost).
-        transform: how preferences become rewards: ``"logodds"`` (default), ``"centered"`` or ``"probability"``.
-        name: the function's ``__name__`` (TRL's logging key); default ``"reward_<preset>"``.
-        parse_templates: parse prompts that are text rendered with a policy chat template back into messages
-            (default ``True``); when off, a text prompt is one user turn as is.
+        model: a loaded reward model (scalar or pairwise). It stays where it was loaded; the trainer never sees it.
+        baseline_column: a dataset column holding a reference completion per prompt (text, or TRL's
+            ``[{"role": "assistant", ...}]``). Scalar models then return ``r(completion) - r(reference)``; pairwise
+            models ``transform(P(completion better than reference))``.
+        pairing: without a baseline column: ``"group"`` compares the completions of one prompt with each other
+            (GRPO/RLOO groups, consecutive in the batch); ``"halves"`` compares completion ``i`` of the first half of
+            the batch with completion ``i`` of the second half, as ``OnlineDPOTrainer`` lays out its two candidates
+            per prompt. A scalar model compared this way gives Bradley-Terry preferences ``sigmoid(r_a - r_b)``
+            within groups, and its plain scores for halves. Pairwise models need ``pairing`` or ``baseline_column``.
+        group_size: completions per prompt for ``pairing="group"`` (pass the trainer's ``num_generations``); default:
+            each run of identical consecutive prompts is a group.
+        group_mode: ``"round-robin"`` (each against all others in its group, ``G(G-1)/2`` comparisons) or
+            ``"anchor"`` (each against the group's first completion, ``G-1`` comparisons).
+        transform: how preferences become rewards: ``"logodds"`` (default), ``"centered"`` (``2P - 1``) or
+            ``"probability"`` (``P``).
+        name: the function's ``__name__``, TRL's logging key; default ``"reward_<preset>"``.
+        parse_templates: parse text prompts rendered with a policy chat template back into messages (default
+            ``True``); when off, a text prompt is one user turn as it is.
     """
 
     def __init__(self, model: RewardModel, *, baseline_column: Optional[str] = None,
@@ -79,6 +111,10 @@ class RewardFunction:
                 f"{model.preset.name} is a pairwise model: it needs something to compare each completion with. "
                 "Pass baseline_column='<dataset column with a reference completion>', pairing='group' "
                 "(GRPO/RLOO groups) or pairing='halves' (online DPO)")
+        if group_size is not None and (pairing != "group" or group_size < 1):
+            raise ValueError(f"group_size={group_size} needs pairing='group' and a positive size")
+        if group_mode not in ("round-robin", "anchor"):
+            raise ValueError(f"unknown group_mode {group_mode!r}; expected 'round-robin' or 'anchor'")
         apply_transform([0.5], transform)  # rejects an unknown transform now rather than mid-training
         self.model = model
         self.baseline_column = baseline_column
@@ -88,16 +124,48 @@ class RewardFunction:
         self.transform = transform
         self.parse_templates = parse_templates
         self.__name__ = name or "reward_" + model.preset.name.replace("-", "_")
+        self._source: Optional[tuple[str, dict[str, Any]]] = None
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, load_kwargs: Optional[dict[str, Any]] = None,
+                        **kwargs: Any) -> RewardFunction:
+        """Load the reward model with ``load_reward_model(name_or_path, **load_kwargs)`` and wrap it.
+
+        The function then pickles as that recipe, not as the weights: a process that unpickles it (AsyncGRPOTrainer's
+        spawned rollout worker) loads the model itself. ``kwargs`` are the constructor's.
+        """
+        from .loading import load_reward_model
+
+        load_kwargs = dict(load_kwargs or {})
+        function = cls(load_reward_model(name_or_path, **load_kwargs), **kwargs)
+        function._source = (name_or_path, load_kwargs)
+        return function
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if self._source is not None:
+            del state["model"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if "model" not in state:
+            from .loading import load_reward_model
+
+            name_or_path, load_kwargs = state["_source"]
+            self.model = load_reward_model(name_or_path, **load_kwargs)
 
     def __repr__(self) -> str:
-        return f"RewardFunction({self.__name__}, model={self.model!r}, pairing={self.pairing!r})"
+        how = f"pairing={self.pairing!r}" if self.baseline_column is None else f"baseline={self.baseline_column!r}"
+        return f"RewardFunction({self.__name__}, model={self.model!r}, {how})"
 
     # -- inputs ---------------------------------------------------------------------------------------------------
     def _prepare(self, prompts: Sequence[Any], completions: Sequence[Any], baselines: Optional[Sequence[Any]]
-                 ) -> tuple[list[Optional[tuple]], list[Optional[str]]]:
-        """Per sample ``(messages, completion, baseline)`` or ``None`` with the reason it cannot be scored."""
-        items: list[Optional[tuple]] = []
+                 ) -> tuple[list[Optional[_Sample]], list[Optional[str]]]:
+        """Per sample a :class:`_Sample`, or ``None`` and the reason it cannot be scored."""
+        samples: list[Optional[_Sample]] = []
         reasons: list[Optional[str]] = []
+        render_errors: dict[tuple, Optional[str]] = {}
         for i, (prompt, completion) in enumerate(zip(prompts, completions)):
             try:
                 if self.parse_templates:
@@ -108,17 +176,39 @@ class RewardFunction:
                 base = None
                 if baselines is not None:
                     base = to_completion(baselines[i], fmt, f"{self.baseline_column}[{i}]")
-                items.append((messages, text, base))
-                reasons.append(None)
             except ValueError as err:
-                items.append(None)
+                samples.append(None)
                 reasons.append(str(err))
-        return items, reasons
+                continue
+            # A conversation the model's format cannot hold (e.g. a system turn after a user turn) would make the
+            # whole batch's scoring call raise; rendering each distinct prompt once first finds it per sample.
+            key = tuple((m["role"], m["content"]) for m in messages)
+            if key not in render_errors:
+                render_errors[key] = self._render_error(messages)
+            if render_errors[key] is not None:
+                samples.append(None)
+                reasons.append(f"prompts[{i}]: {render_errors[key]}")
+                continue
+            samples.append(_Sample(messages, text, base))
+            reasons.append(None)
+        return samples, reasons
+
+    def _render_error(self, messages: list[Message]) -> Optional[str]:
+        """Why the reward model cannot render ``messages``, or ``None`` when it can."""
+        try:
+            if self.model.kind == "scalar":
+                self.model.format(messages, "")
+            else:
+                self.model.format(messages, "", "")
+        except ValueError as err:
+            return f"{self.model.preset.name} cannot render this conversation: {err}"
+        return None
 
     # -- the call -------------------------------------------------------------------------------------------------
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None,
                  **kwargs: Any) -> list[Optional[float]]:
-        """Rewards for TRL: one float (or ``None``) per completion, in order."""
+        """Rewards for TRL: one float (or ``None``) per completion, in order. ``kwargs`` are the dataset columns
+        and the trainer's extras; ``log_metric``, when given, receives this call's metrics."""
         if len(prompts) != len(completions):
             raise ValueError(f"length mismatch: len(prompts)={len(prompts)}, len(completions)={len(completions)}")
         baselines = None
@@ -127,122 +217,144 @@ class RewardFunction:
                 raise ValueError(f"baseline_column {self.baseline_column!r} is not among the dataset columns "
                                  f"passed by the trainer: {sorted(k for k in kwargs if not callable(kwargs[k]))}")
             baselines = kwargs[self.baseline_column]
-        before = self.model.stats.as_dict()
         start = time.perf_counter()
-        items, reasons = self._prepare(prompts, completions, baselines)
-        if self.pairing is None:
-            rewards = self._score_each(items)
-        elif self.pairing == "halves":
-            rewards = self._score_halves(items, reasons)
-        else:
-            rewards = self._score_groups(items, reasons)
-        for i, reason in enumerate(reasons):
-            if reason is not None:
-                rewards[i] = None
-                logger.warning("%s: sample %d not scored: %s", self.__name__, i, reason)
-        self._log(kwargs.get("log_metric"), before, time.perf_counter() - start, reasons)
+        samples, reasons = self._prepare(prompts, completions, baselines)
+        with _model_lock(self.model):
+            before = self.model.stats.as_dict()
+            if self.pairing is None:
+                rewards = self._score_each(samples)
+            elif self.pairing == "halves":
+                rewards = self._score_halves(prompts, samples, reasons)
+            else:
+                rewards = self._score_groups(prompts, samples)
+            after = self.model.stats.as_dict()
+        unscored = [(i, reason) for i, reason in enumerate(reasons) if reason is not None]
+        for i, _ in unscored:
+            rewards[i] = None
+        if unscored:
+            logger.warning("%s: %d of %d samples not scored:\n%s", self.__name__, len(unscored), len(rewards),
+                           "\n".join(f"  sample {i}: {reason}" for i, reason in unscored))
+        log_metric = kwargs.get("log_metric")
+        if log_metric is not None:
+            delta = {k: after[k] - before[k] for k in after}
+            self._log(log_metric, delta, time.perf_counter() - start, len(unscored) / max(len(rewards), 1))
         return rewards
 
-    def _score_each(self, items: list[Optional[tuple]]) -> list[Optional[float]]:
-        ok = [i for i, it in enumerate(items) if it is not None]
-        rewards: list[Optional[float]] = [None] * len(items)
+    def _score_each(self, samples: list[Optional[_Sample]]) -> list[Optional[float]]:
+        """Each completion on its own: its score, or its comparison with its baseline."""
+        ok = [i for i, s in enumerate(samples) if s is not None]
+        rewards: list[Optional[float]] = [None] * len(samples)
         if not ok:
             return rewards
-        prompts = [items[i][0] for i in ok]
-        completions = [items[i][1] for i in ok]
+        prompts = [samples[i].messages for i in ok]
+        completions = [samples[i].completion for i in ok]
         if self.baseline_column is None:
             values = self.model.score(prompts, completions)
-        elif self.model.kind == "pairwise":
-            values = self.model.score(prompts, completions, baselines=[items[i][2] for i in ok],
-                                      transform=self.transform)
         else:
-            values = self.model.score(prompts, completions, baselines=[items[i][2] for i in ok])
+            baselines = [samples[i].baseline for i in ok]
+            extra = {"transform": self.transform} if self.model.kind == "pairwise" else {}
+            values = self.model.score(prompts, completions, baselines=baselines, **extra)
         for i, v in zip(ok, values):
             rewards[i] = v
         return rewards
 
-    def _score_halves(self, items: list[Optional[tuple]], reasons: list[Optional[str]]) -> list[Optional[float]]:
-        n = len(items)
+    def _score_halves(self, prompts: Sequence[Any], samples: list[Optional[_Sample]],
+                      reasons: list[Optional[str]]) -> list[Optional[float]]:
+        """Online DPO's layout: sample ``i`` and sample ``i + n/2`` are two candidates for the same prompt."""
+        n = len(samples)
         if n % 2:
             raise ValueError(f"pairing='halves' needs an even number of completions (first candidates, then second "
                              f"candidates of the same prompts), got {n}")
         half = n // 2
+        for i in range(half):
+            if prompts[i] != prompts[i + half]:
+                raise ValueError(f"pairing='halves': prompts[{i}] and prompts[{i + half}] differ; online DPO passes "
+                                 "the same prompts twice (first candidates, then second candidates)")
         rewards: list[Optional[float]] = [None] * n
         ok = []
         for i in range(half):
-            first, second = items[i], items[i + half]
-            if first is None or second is None:
+            if samples[i] is None or samples[i + half] is None:
+                # a pair with one unscorable candidate has no preference for the other either
                 reasons[i] = reasons[i] or f"its pair (sample {i + half}) could not be scored"
                 reasons[i + half] = reasons[i + half] or f"its pair (sample {i}) could not be scored"
-            elif first[0] != second[0]:
-                raise ValueError(f"pairing='halves': prompts[{i}] and prompts[{i + half}] differ; online DPO "
-                                 "passes the same prompts twice (first candidates, then second candidates)")
             else:
                 ok.append(i)
+        if not ok:
+            return rewards
+        messages = [samples[i].messages for i in ok]
+        firsts = [samples[i].completion for i in ok]
+        seconds = [samples[i + half].completion for i in ok]
         if self.model.kind == "pairwise":
-            probs = self.model.compare([items[i][0] for i in ok], [items[i][1] for i in ok],
-                                       [items[i + half][1] for i in ok])
-            forward = apply_transform(probs, self.transform)
-            backward = apply_transform([1.0 - p for p in probs], self.transform)
-            for i, f, b in zip(ok, forward, backward):
-                rewards[i], rewards[i + half] = f, b
+            probs = self.model.compare(messages, firsts, seconds)
+            values = apply_transform(probs, self.transform) + apply_transform([1.0 - p for p in probs],
+                                                                               self.transform)
         else:
-            values = self.model.score([items[i][0] for i in ok] * 2,
-                                      [items[i][1] for i in ok] + [items[i + half][1] for i in ok])
-            for k, i in enumerate(ok):
-                rewards[i], rewards[i + half] = values[k], values[k + len(ok)]
+            values = self.model.score(messages * 2, firsts + seconds)
+        for k, i in enumerate(ok):
+            rewards[i], rewards[i + half] = values[k], values[k + len(ok)]
         return rewards
 
-    def _score_groups(self, items: list[Optional[tuple]], reasons: list[Optional[str]]) -> list[Optional[float]]:
-        groups = self._group_bounds(items)
-        rewards: list[Optional[float]] = [None] * len(items)
-        for start, end in groups:
-            members = [i for i in range(start, end) if items[i] is not None]
-            if len(members) < end - start:
-                for i in members:
-                    reasons[i] = "another completion of its group could not be scored"
-                continue
-            values = group_rewards(self.model, [items[i][0] for i in members], [items[i][1] for i in members],
-                                   len(members), mode=self.group_mode, transform=self.transform)
-            for i, v in zip(members, values):
+    def _score_groups(self, prompts: Sequence[Any], samples: list[Optional[_Sample]]) -> list[Optional[float]]:
+        """GRPO/RLOO's layout: the scorable completions of each group are compared with each other. Groups of
+        equal size go through one batched :func:`~rlhf_rewards.pairwise.group_rewards` call."""
+        by_size: dict[int, list[list[int]]] = {}
+        for start, end in self._group_bounds(prompts):
+            members = [i for i in range(start, end) if samples[i] is not None]
+            if members:
+                by_size.setdefault(len(members), []).append(members)
+        rewards: list[Optional[float]] = [None] * len(samples)
+        for size, groups in by_size.items():
+            flat = [i for members in groups for i in members]
+            values = group_rewards(self.model, [samples[i].messages for i in flat],
+                                   [samples[i].completion for i in flat], size, mode=self.group_mode,
+                                   transform=self.transform)
+            for i, v in zip(flat, values):
                 rewards[i] = v
         return rewards
 
-    def _group_bounds(self, items: list[Optional[tuple]]) -> list[tuple[int, int]]:
-        n = len(items)
-        if self.group_size is not None:
-            if n % self.group_size:
-                raise ValueError(f"{n} completions do not split into groups of group_size={self.group_size}")
-            return [(s, s + self.group_size) for s in range(0, n, self.group_size)]
-        bounds, start = [], 0
-        for i in range(1, n + 1):
-            if i == n or items[i] is None or items[start] is None or items[i][0] != items[start][0]:
-                bounds.append((start, i))
-                start = i
-        return bounds
+    def _group_bounds(self, prompts: Sequence[Any]) -> list[tuple[int, int]]:
+        """``(start, end)`` of each group: ``group_size`` consecutive samples answering one prompt, or each run of
+        identical consecutive prompts."""
+        n = len(prompts)
+        if self.group_size is None:
+            bounds, start = [], 0
+            for i in range(1, n + 1):
+                if i == n or prompts[i] != prompts[start]:
+                    bounds.append((start, i))
+                    start = i
+            return bounds
+        if n % self.group_size:
+            raise ValueError(f"{n} completions do not split into groups of group_size={self.group_size}")
+        for start in range(0, n, self.group_size):
+            for i in range(start + 1, start + self.group_size):
+                if prompts[i] != prompts[start]:
+                    raise ValueError(
+                        f"prompts[{i}] differs from prompts[{start}], the first of its group of {self.group_size}. "
+                        "Groups must be whole in every call: with several processes, make each process's batch a "
+                        "multiple of num_generations")
+        return [(s, s + self.group_size) for s in range(0, n, self.group_size)]
 
-    def _log(self, log_metric: Optional[Callable[[str, float], None]], before: dict, seconds: float,
-             reasons: list[Optional[str]]) -> None:
-        if log_metric is None:
-            return
-        after = self.model.stats.as_dict()
-        delta = {k: after[k] - before[k] for k in after}
+    def _log(self, log_metric: Callable[[str, float], None], delta: dict[str, float], seconds: float,
+             unscored_rate: float) -> None:
+        """Report one call's metrics under ``<name>/``: wall time, share of samples left unscored, and, from the
+        model's counters, the share of model inputs truncated, of computed tokens that were padding, and of
+        pairwise comparisons whose two orders disagreed."""
         prefix = self.__name__
         log_metric(f"{prefix}/seconds", seconds)
-        log_metric(f"{prefix}/unscored", float(sum(r is not None for r in reasons)))
+        log_metric(f"{prefix}/unscored_rate", unscored_rate)
         if delta["samples"]:
             log_metric(f"{prefix}/truncation_rate", delta["truncated"] / delta["samples"])
         if delta["computed_tokens"]:
             log_metric(f"{prefix}/padding_share", 1 - delta["real_tokens"] / delta["computed_tokens"])
         if delta["comparisons"]:
-            log_metric(f"{prefix}/order_disagreement", delta["order_disagreements"] / delta["comparisons"])
+            log_metric(f"{prefix}/order_disagreement_rate", delta["order_disagreements"] / delta["comparisons"])
 
 
 class _RewardBackbone(nn.Module):
     """What ``get_reward`` calls as ``getattr(model, model.base_model_prefix)``: takes the policy's tokens and
     returns, as ``last_hidden_state``, the reward of each row broadcast to every position (shape ``(B, L, 1)``)."""
 
-    def __init__(self, adapter: "PPORewardAdapter"):
+    def __init__(self, adapter: PPORewardAdapter):
         super().__init__()
         self._adapter = [adapter]  # a list keeps the parent out of this module's children (no cycle)
 
@@ -260,15 +372,21 @@ class PPORewardAdapter(nn.Module):
     model whose tokenizer differs from the policy's.
 
     ``get_reward`` runs ``model.<base_model_prefix>`` on the policy's token ids and reads ``model.score`` at the
-    last response token. This adapter decodes each row's real tokens with the policy tokenizer, splits prompt and
-    response (from the policy's chat template; for untemplated text set :attr:`context_length`), re-renders them
-    for the reward model, and returns that reward at every position, so the position ``get_reward`` reads holds it.
+    last response token. This adapter decodes each row's tokens with the policy tokenizer, splits prompt and
+    response, re-renders them for the reward model, and returns that reward (the reward model's score, as float32)
+    at every position, so the position ``get_reward`` reads holds it. The reward model is not a submodule: moving the
+    adapter with ``.to()`` leaves it on its own device.
+
+    Prompt and response are split at :attr:`context_length` when it is set (exact, whatever the response holds),
+    else at the policy's chat template: the text must parse as a conversation whose last assistant turn is the
+    response, so a response that writes template markup itself raises ``ValueError``.
 
     Args:
-        model: a scalar reward model from :func:`rlhf_rewards.load_reward_model` (stays on its own device).
-        policy_tokenizer: the tokenizer the policy's token ids come from.
-        context_length: for policies whose queries are plain text (no chat template): the number of query
-            positions (left-padded) at the start of each row; set it before each call when it changes.
+        model: a scalar reward model from :func:`rlhf_rewards.load_reward_model`.
+        policy_tokenizer: the tokenizer the policy's token ids come from; its ``pad_token_id`` must be the one
+            passed to ``get_reward``.
+        context_length: the number of query positions (left-padded) at the start of each row, as passed to
+            ``get_reward``; needed for untemplated queries. Set the attribute before each call when it changes.
     """
 
     base_model_prefix = "reward_backbone"
@@ -283,27 +401,40 @@ class PPORewardAdapter(nn.Module):
         self.context_length = context_length
         self.reward_backbone = _RewardBackbone(self)
         self.score = nn.Identity()
-        self.config = getattr(getattr(model, "model", None), "config", None)
 
-    def split(self, row_ids: torch.Tensor, row_mask: torch.Tensor) -> tuple[Union[str, list], str]:
-        """The prompt (messages or text) and response text of one row of policy tokens."""
+    def _real_ids(self, ids: torch.Tensor, mask: torch.Tensor) -> list[int]:
+        """The row's tokens between its left and right padding. ``get_reward`` masks every token equal to the pad
+        id and zeroes it; inside the row such a token is real (a policy whose pad token is its EOS writes it after
+        every turn), so it is restored."""
+        kept = mask.bool().nonzero().flatten()
+        if len(kept) == 0:
+            return []
+        pad = self.policy_tokenizer.pad_token_id
+        ids = ids if pad is None else torch.where(mask.bool(), ids, pad)
+        return ids[int(kept[0]): int(kept[-1]) + 1].tolist()
+
+    def split(self, row_ids: torch.Tensor, row_mask: torch.Tensor) -> tuple[Union[str, list[Message]], str]:
+        """The prompt (messages) and response text of one row of policy tokens."""
         tok = self.policy_tokenizer
         if self.context_length is not None:
-            query = row_ids[: self.context_length][row_mask[: self.context_length].bool()].tolist()
-            response = row_ids[self.context_length:][row_mask[self.context_length:].bool()].tolist()
-            prompt_text = tok.decode(query, skip_special_tokens=False)
-            messages, fmt = parse_chat(prompt_text)
-            response_text = tok.decode(response, skip_special_tokens=True)
-            return messages, strip_completion(response_text, fmt)
-        text = tok.decode(row_ids[row_mask.bool()].tolist(), skip_special_tokens=False)
-        messages, fmt = parse_chat(text)
+            cut = self.context_length
+            query = self._real_ids(row_ids[:cut], row_mask[:cut])
+            response = self._real_ids(row_ids[cut:], row_mask[cut:])
+            messages, fmt = parse_chat(tok.decode(query, skip_special_tokens=False))
+            return messages, strip_completion(tok.decode(response, skip_special_tokens=True), fmt)
+        text = tok.decode(self._real_ids(row_ids, row_mask), skip_special_tokens=False)
+        try:
+            messages, fmt = parse_chat(text)
+        except ValueError as err:
+            # e.g. a response that itself writes template markup such as "<|im_start|>"
+            raise ValueError(f"cannot split a row into prompt and response at the policy's chat template ({err}); "
+                             "set adapter.context_length to the padded query width") from None
         if fmt == "plain":
             raise ValueError("cannot tell prompt from response in untemplated text: set adapter.context_length")
         if messages[-1]["role"] != "assistant":
             return messages, ""  # the policy's response is empty: the text ends with the generation prompt
         return messages[:-1], strip_completion(messages[-1]["content"], fmt)
 
-    @torch.inference_mode()
     def rewards_for_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The reward of each row of policy tokens, as a float32 tensor on the CPU."""
         prompts, responses = [], []
@@ -311,7 +442,9 @@ class PPORewardAdapter(nn.Module):
             prompt, response = self.split(input_ids[row].cpu(), attention_mask[row].cpu())
             prompts.append(prompt)
             responses.append(response)
-        return torch.tensor(self.reward_model.score(prompts, responses), dtype=torch.float32)
+        with _model_lock(self.reward_model):
+            rewards = self.reward_model.score(prompts, responses)
+        return torch.tensor(rewards, dtype=torch.float32)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The reward of each row (for direct use outside ``get_reward``)."""

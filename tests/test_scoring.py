@@ -166,3 +166,10 @@ def test_device_strings_follow_local_rank(monkeypatch):
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="local rank 2"):
         resolve_device(["cuda:0"])
+
+
+def test_template_rejection_is_a_value_error_naming_the_index(tiny_dir):
+    rm = load_reward_model(tiny_dir("ray2333-mistral-7b"), preset="ray2333-mistral-7b", device="cpu")
+    bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]  # Mistral v0.2 needs alternation
+    with pytest.raises(ValueError, match=r"prompts\[1\]: the reward model's chat template rejects"):
+        rm.score(["fine", bad], ["x", "y"])
