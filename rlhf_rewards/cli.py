@@ -57,9 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     p_demo = sub.add_parser("demo", help="score a few conversations with tiny checkpoints of every preset (CPU)")
     p_demo.add_argument("--out", help="where to write the tiny checkpoints (default: a temporary directory)")
     sub.add_parser("presets", help="list the known presets")
-    p_bench = sub.add_parser("bench", help="run the throughput benchmark (see docs/benchmarks.md)")
-    p_bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to benchmarks/run.py")
-    args = parser.parse_args(argv)
+    sub.add_parser("bench", add_help=False, help="run the throughput benchmark (see docs/benchmarks.md)")
+    args, rest = parser.parse_known_args(argv)
+    if args.command != "bench" and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "demo":
         return demo(args.out)
     if args.command == "presets":
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .bench import main as bench_main
 
-    return bench_main(args.args)
+    return bench_main(rest)
 
 
 if __name__ == "__main__":

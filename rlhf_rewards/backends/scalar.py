@@ -73,8 +73,10 @@ class ScalarRewardModel(ScalarModelBase):
                 if pos_id is not None:
                     position_ids[row, len(ids)] = pos_id
                     mask[row, len(ids)] = 0  # the card's pad is masked as a key, yet its own output is read
-        hidden = self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                               use_cache=False).last_hidden_state
+        # right padding under causal attention: no real token attends to a pad, so the mask is only needed for
+        # the card's appended pad (which must not attend to itself); without one the causal fast path runs
+        hidden = self.backbone(input_ids=input_ids, attention_mask=mask if position_ids is not None else None,
+                               position_ids=position_ids, use_cache=False).last_hidden_state
         rows = torch.arange(len(batch), device=self.device)
         cols = torch.tensor([index for _, index, _ in batch], device=self.device)
         picked = hidden[rows, cols]
