@@ -2,116 +2,14 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
 from typing import Literal, Optional, Union
 
 import torch
-from torch import nn
 
+from .backends import LOADERS
 from .backends.base import RewardModel
+from .backends.weights import DeviceSpec, resolve_device, resolve_dtype
 from .presets import Preset, resolve_preset
-
-DeviceSpec = Union[str, torch.device, int, Sequence[Union[str, torch.device, int]], None]
-
-
-def local_rank() -> int:
-    """This process's local rank under ``accelerate launch`` / ``torchrun`` (0 when not distributed)."""
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def resolve_device(device: DeviceSpec) -> torch.device:
-    """Where the reward model goes.
-
-    ``None``: the current CUDA device if there is one, else the CPU. A string may name the local rank, e.g.
-    ``"cuda:{local_rank}"`` or ``"cuda:{local_rank+4}"`` to give each training process its own reward GPU; a list
-    is indexed by local rank (``["cuda:4", "cuda:5"]``); several ranks may name the same device to share it.
-    """
-    rank = local_rank()
-    if device is None:
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    if isinstance(device, (list, tuple)):
-        if rank >= len(device):
-            raise ValueError(f"device list {list(device)} has no entry for local rank {rank}")
-        return resolve_device(device[rank])
-    if isinstance(device, int):
-        return torch.device("cuda", device)
-    if isinstance(device, str) and "{" in device:
-        import re
-
-        match = re.fullmatch(r"(\w+):\{local_rank\s*(?:\+\s*(\d+))?\}", device.strip())
-        if not match:
-            raise ValueError(f"cannot read device {device!r}; expected e.g. 'cuda:{{local_rank}}' or "
-                             "'cuda:{local_rank+4}'")
-        return torch.device(match.group(1), rank + int(match.group(2) or 0))
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: Union[str, torch.dtype, None], preset: Preset, device: torch.device) -> torch.dtype:
-    """The weights' dtype: as given; else the card's dtype on an accelerator and float32 on the CPU (CPU half
-    precision is slow and less exact)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    name = dtype or (preset.accelerator_dtype if device.type != "cpu" else "float32")
-    value = getattr(torch, str(name).replace("torch.", ""), None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}")
-    return value
-
-
-def quantization_config(quantization: Optional[str], dtype: torch.dtype, skip_modules: Sequence[str]):
-    """A ``BitsAndBytesConfig`` for ``"8bit"`` / ``"4bit"`` (NF4, computing in ``dtype``), leaving the reward head
-    in full precision; ``None`` for no quantization."""
-    if quantization is None:
-        return None
-    if quantization not in ("8bit", "4bit"):
-        raise ValueError(f"quantization must be None, '8bit' or '4bit', got {quantization!r}")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise ImportError("quantization needs bitsandbytes: pip install 'rlhf-rewards[quant]'") from None
-    from transformers import BitsAndBytesConfig
-
-    if quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(skip_modules))
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-                              llm_int8_skip_modules=list(skip_modules))
-
-
-def check_loading_info(name_or_path: str, info: dict) -> None:
-    """Refuse a checkpoint that leaves weights randomly initialised: its rewards would look plausible and mean
-    nothing."""
-    missing = [k for k in info.get("missing_keys", []) if "rotary_emb" not in k]
-    if missing:
-        raise ValueError(f"{name_or_path}: the checkpoint lacks {len(missing)} weights of the reward model "
-                         f"(e.g. {', '.join(sorted(missing)[:5])}); check the preset")
-
-
-def from_pretrained_checked(cls, name_or_path: str, *, dtype: torch.dtype, device: torch.device,
-                            quantization: Optional[str], skip_modules: Sequence[str], **kwargs) -> nn.Module:
-    """``cls.from_pretrained`` in ``dtype`` on ``device`` (quantized if asked), failing on missing weights."""
-    qconfig = quantization_config(quantization, dtype, skip_modules)
-    if qconfig is not None:
-        kwargs.update(quantization_config=qconfig, device_map={"": str(device)})
-    model, info = cls.from_pretrained(name_or_path, dtype=dtype, output_loading_info=True, **kwargs)
-    check_loading_info(name_or_path, info)
-    if qconfig is None:
-        model.to(device)
-    return model.eval().requires_grad_(False)
-
-
-def apply_adapter(model: nn.Module, adapter: Optional[str], quantized: bool) -> nn.Module:
-    """Put a PEFT adapter on ``model``: merged into the weights when they are not quantized (no per-call cost),
-    kept as separate LoRA layers otherwise. The returned module has the same submodule names as ``model``."""
-    if adapter is None:
-        return model
-    from peft import PeftModel
-
-    peft_model = PeftModel.from_pretrained(model, adapter)
-    if not quantized:
-        return peft_model.merge_and_unload().eval().requires_grad_(False)
-    return peft_model.base_model.model.eval().requires_grad_(False)
-
 
 def load_reward_model(
     name_or_path: str,
@@ -144,8 +42,6 @@ def load_reward_model(
         A :class:`~rlhf_rewards.backends.base.RewardModel`: ``kind == "scalar"`` models have ``score``;
         ``kind == "pairwise"`` models have ``compare`` and ``score(..., baselines=...)``.
     """
-    from .backends import LOADERS
-
     chosen = resolve_preset(name_or_path, preset)
     dev = resolve_device(device)
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal, Union
+from typing import Literal
 
 from .conversation import CompletionInput, PromptInput, check_same_length, normalize_completion, normalize_prompt
 

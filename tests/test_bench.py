@@ -71,7 +71,7 @@ def test_cli_runs_the_smoke_benchmark_isolated(tmp_path):
     """Through the command line in a fresh process: methods run in forked children that report peak memory."""
     out = tmp_path / "bench.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "rlhf_rewards.cli", "bench", "--", "--smoke", "--families",
+    done = subprocess.run([sys.executable, "-m", "rlhf_rewards", "bench", "--", "--smoke", "--families",
                            "pairrm", "--json", str(out)], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "### pairrm" in done.stdout

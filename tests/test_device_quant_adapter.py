@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
 from rlhf_rewards import load_reward_model
-from rlhf_rewards.loading import resolve_device
+from rlhf_rewards.backends.weights import resolve_device
 
 from cases import CONVERSATIONS
 

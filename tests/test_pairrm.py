@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from rlhf_rewards.backends.pairrm import (CANDIDATE1_PREFIX, CANDIDATE2_PREFIX, CANDIDATE_PREFIX,
-                                          CONVERSATION_INSTRUCTION, DEBERTA_SPECIAL_TOKENS, SOURCE_PREFIX,
-                                          PairRMRewardModel, check_pairrm_tokenizer, load_pairrm,
-                                          load_pairrm_reward_model, load_pairrm_tokenizer, source_and_candidate)
+                                          CONVERSATION_INSTRUCTION, SOURCE_PREFIX, PairRMRewardModel,
+                                          check_pairrm_tokenizer, source_and_candidate)
+from rlhf_rewards.backends.pairrm_loading import (DEBERTA_SPECIAL_TOKENS, load_pairrm, load_pairrm_reward_model,
+                                                  load_pairrm_tokenizer)
 from rlhf_rewards.presets import get_preset
 from rlhf_rewards.testing.pairrm import write_tiny_pairrm
 

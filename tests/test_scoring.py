@@ -157,7 +157,7 @@ def test_missing_weights_are_an_error(tiny_dir, tmp_path):
 
 
 def test_device_strings_follow_local_rank(monkeypatch):
-    from rlhf_rewards.loading import resolve_device
+    from rlhf_rewards.backends.weights import resolve_device
 
     monkeypatch.setenv("LOCAL_RANK", "2")
     assert resolve_device("cuda:{local_rank+4}") == torch.device("cuda", 6)

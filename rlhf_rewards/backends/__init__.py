@@ -19,5 +19,5 @@ LOADERS: dict[str, Callable] = {
     "sequence-classification": _lazy("scalar", "load_sequence_classifier"),
     "value-head": _lazy("scalar", "load_value_head"),
     "causal-lm-pair": _lazy("pair_pm", "load_pair_pm"),
-    "pairrm": _lazy("pairrm", "load_pairrm_reward_model"),
+    "pairrm": _lazy("pairrm_loading", "load_pairrm_reward_model"),
 }

@@ -304,7 +304,7 @@ def load_pair_pm(name_or_path: str, *, preset, tokenizer, device, dtype, max_len
     """Card 003's loading: ``AutoModelForCausalLM`` (bf16 on GPU), the repository's own tokenizer."""
     from transformers import AutoModelForCausalLM
 
-    from ..loading import apply_adapter, from_pretrained_checked
+    from .weights import apply_adapter, from_pretrained_checked
     from ..tokenization import load_tokenizer
 
     tokenizer = load_tokenizer(preset, name_or_path, tokenizer)

@@ -123,7 +123,7 @@ def load_sequence_classifier(name_or_path: str, *, preset, tokenizer, device, dt
     """A transformers ``AutoModelForSequenceClassification`` reward model with one label (card 001's loading)."""
     from transformers import AutoModelForSequenceClassification
 
-    from ..loading import apply_adapter, from_pretrained_checked
+    from .weights import apply_adapter, from_pretrained_checked
     from ..tokenization import load_tokenizer
 
     tokenizer = load_tokenizer(preset, name_or_path, tokenizer)
@@ -145,7 +145,7 @@ def load_value_head(name_or_path: str, *, preset, tokenizer, device, dtype, max_
     Llama config (Starling-RM-7B-alpha, whose config comes from its base model when its repository has none)."""
     from transformers import AutoConfig
 
-    from ..loading import apply_adapter, from_pretrained_checked, quantization_config
+    from .weights import apply_adapter, from_pretrained_checked, quantization_config
     from ..tokenization import load_tokenizer
     from .value_head import ValueHeadRewardModel, find_state_dict_file, load_value_head_state_dict
 

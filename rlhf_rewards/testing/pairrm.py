@@ -26,7 +26,8 @@ from typing import Literal
 
 import torch
 
-from ..backends.pairrm import DEBERTA_SPECIAL_TOKENS, MARKERS, DebertaV2PairRM, load_pairrm_tokenizer
+from ..backends.pairrm import MARKERS, DebertaV2PairRM
+from ..backends.pairrm_loading import DEBERTA_SPECIAL_TOKENS, load_pairrm_tokenizer
 
 # Sentences written for this module; each line is also a training sentence. Capitals, digits, punctuation, a little
 # non-ASCII and the conversation words llm-blender's multi-turn format uses.

@@ -1,12 +1,13 @@
-"""The ``rlhf-rewards`` command: ``demo`` (tiny checkpoints of every preset, scored on CPU), ``presets`` and
-``bench`` (the throughput benchmark in ``benchmarks/``)."""
+"""``rlhf-rewards demo``: tiny random checkpoints of every preset, scored on CPU, printing the exact text each model
+reads."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
+
+HELP = "score a few conversations with tiny checkpoints of every preset (CPU)"
 
 DEMO_CONVERSATIONS = [
     ("What is the capital of France?", "The capital of France is Paris.", "I believe it is Marseille."),
@@ -24,8 +25,8 @@ def demo(out_dir: str | None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
 
-    from . import best_of_n, list_presets, load_reward_model
-    from .testing import make_tiny_checkpoint
+    from .. import best_of_n, list_presets, load_reward_model
+    from ..testing import make_tiny_checkpoint
 
     hf_logging.disable_progress_bar()  # the demo's output is the text and the numbers
     root = out_dir or tempfile.mkdtemp(prefix="rlhf-rewards-demo-")
@@ -51,28 +52,9 @@ def demo(out_dir: str | None) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rlhf-rewards", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_demo = sub.add_parser("demo", help="score a few conversations with tiny checkpoints of every preset (CPU)")
-    p_demo.add_argument("--out", help="where to write the tiny checkpoints (default: a temporary directory)")
-    sub.add_parser("presets", help="list the known presets")
-    sub.add_parser("bench", add_help=False, help="run the throughput benchmark (see docs/benchmarks.md)")
-    args, rest = parser.parse_known_args(argv)
-    if args.command != "bench" and rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.command == "demo":
-        return demo(args.out)
-    if args.command == "presets":
-        from . import list_presets
-
-        for name, doc in list_presets().items():
-            print(f"{name:28s} {doc}")
-        return 0
-    from .bench import main as bench_main
-
-    return bench_main(rest)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", help="where to write the tiny checkpoints (default: a temporary directory)")
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def run(args: argparse.Namespace) -> int:
+    return demo(args.out)

@@ -1,5 +1,5 @@
-"""Adapters to TRL's trainers: :class:`RewardFunction` for ``reward_funcs`` (GRPO, RLOO, online DPO and the other
-callable-taking trainers) and :class:`PPORewardAdapter` for the legacy PPO ``reward_model`` contract.
+""":class:`RewardFunction`: a reward model as a TRL ``reward_funcs`` callable (GRPO, RLOO, online DPO and the other
+callable-taking trainers).
 
 The reward model never moves: it stays on the device it was loaded on, apart from the policy. Policy outputs
 arrive as text or messages, are parsed back into messages when they carry the policy's chat template, and are
@@ -9,59 +9,18 @@ re-rendered in the reward model's own format.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-import weakref
 from collections.abc import Sequence
-from typing import Any, Callable, Literal, NamedTuple, Optional, Union
+from typing import Any, Callable, Literal, Optional
 
-import torch
-from torch import nn
-
-from .backends.base import RewardModel
-from .chat_parsing import parse_chat, strip_completion
-from .conversation import Message, normalize_completion, normalize_prompt
-from .pairwise import GroupMode, Transform, apply_transform, group_rewards
+from ..backends.base import RewardModel
+from ..conversation import Message, normalize_prompt
+from ..pairwise import GroupMode, Transform, apply_transform, group_rewards
+from .inputs import Sample, model_lock, to_completion, to_messages
 
 logger = logging.getLogger(__name__)
 
 Pairing = Literal["group", "halves"]
-
-_MODEL_LOCKS: weakref.WeakKeyDictionary[RewardModel, threading.Lock] = weakref.WeakKeyDictionary()
-_MODEL_LOCKS_GUARD = threading.Lock()
-
-
-def _model_lock(model: RewardModel) -> threading.Lock:
-    """One lock per loaded reward model. Trainers that score from threads (AsyncGRPOTrainer scores each group in
-    ``asyncio.to_thread``) then take turns on the model, which runs one batch at a time anyway, and each call's
-    share of ``model.stats`` is its own."""
-    with _MODEL_LOCKS_GUARD:
-        return _MODEL_LOCKS.setdefault(model, threading.Lock())
-
-
-def to_messages(prompt: Any, where: str) -> tuple[list[Message], str]:
-    """A policy prompt as messages, plus the chat format it was written in (``"plain"`` for untemplated text or
-    message lists). Text rendered with a policy chat template is parsed back into its turns; a prompt that does not
-    end with a user turn (e.g. a prefilled assistant turn) is an error."""
-    if isinstance(prompt, str):
-        messages, fmt = parse_chat(prompt, where=where)
-        return normalize_prompt(messages, where), fmt
-    return normalize_prompt(prompt, where), "plain"
-
-
-def to_completion(completion: Any, fmt: str, where: str) -> str:
-    """A policy completion as text; for a templated prompt, the end-of-turn marker the policy may have left at the
-    end is removed (TRL decodes with special tokens skipped, but not every pipeline does)."""
-    text = normalize_completion(completion, where)
-    return strip_completion(text, fmt) if fmt != "plain" else text
-
-
-class _Sample(NamedTuple):
-    """One completion ready for the reward model."""
-
-    messages: list[Message]
-    completion: str
-    baseline: Optional[str]
 
 
 class RewardFunction:
@@ -134,7 +93,7 @@ class RewardFunction:
         The function then pickles as that recipe, not as the weights: a process that unpickles it (AsyncGRPOTrainer's
         spawned rollout worker) loads the model itself. ``kwargs`` are the constructor's.
         """
-        from .loading import load_reward_model
+        from ..loading import load_reward_model
 
         load_kwargs = dict(load_kwargs or {})
         function = cls(load_reward_model(name_or_path, **load_kwargs), **kwargs)
@@ -150,7 +109,7 @@ class RewardFunction:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         if "model" not in state:
-            from .loading import load_reward_model
+            from ..loading import load_reward_model
 
             name_or_path, load_kwargs = state["_source"]
             self.model = load_reward_model(name_or_path, **load_kwargs)
@@ -161,9 +120,9 @@ class RewardFunction:
 
     # -- inputs ---------------------------------------------------------------------------------------------------
     def _prepare(self, prompts: Sequence[Any], completions: Sequence[Any], baselines: Optional[Sequence[Any]]
-                 ) -> tuple[list[Optional[_Sample]], list[Optional[str]]]:
-        """Per sample a :class:`_Sample`, or ``None`` and the reason it cannot be scored."""
-        samples: list[Optional[_Sample]] = []
+                 ) -> tuple[list[Optional[Sample]], list[Optional[str]]]:
+        """Per sample a :class:`Sample`, or ``None`` and the reason it cannot be scored."""
+        samples: list[Optional[Sample]] = []
         reasons: list[Optional[str]] = []
         render_errors: dict[tuple, Optional[str]] = {}
         for i, (prompt, completion) in enumerate(zip(prompts, completions)):
@@ -189,7 +148,7 @@ class RewardFunction:
                 samples.append(None)
                 reasons.append(f"prompts[{i}]: {render_errors[key]}")
                 continue
-            samples.append(_Sample(messages, text, base))
+            samples.append(Sample(messages, text, base))
             reasons.append(None)
         return samples, reasons
 
@@ -219,7 +178,7 @@ class RewardFunction:
             baselines = kwargs[self.baseline_column]
         start = time.perf_counter()
         samples, reasons = self._prepare(prompts, completions, baselines)
-        with _model_lock(self.model):
+        with model_lock(self.model):
             before = self.model.stats.as_dict()
             if self.pairing is None:
                 rewards = self._score_each(samples)
@@ -240,7 +199,7 @@ class RewardFunction:
             self._log(log_metric, delta, time.perf_counter() - start, len(unscored) / max(len(rewards), 1))
         return rewards
 
-    def _score_each(self, samples: list[Optional[_Sample]]) -> list[Optional[float]]:
+    def _score_each(self, samples: list[Optional[Sample]]) -> list[Optional[float]]:
         """Each completion on its own: its score, or its comparison with its baseline."""
         ok = [i for i, s in enumerate(samples) if s is not None]
         rewards: list[Optional[float]] = [None] * len(samples)
@@ -258,7 +217,7 @@ class RewardFunction:
             rewards[i] = v
         return rewards
 
-    def _score_halves(self, prompts: Sequence[Any], samples: list[Optional[_Sample]],
+    def _score_halves(self, prompts: Sequence[Any], samples: list[Optional[Sample]],
                       reasons: list[Optional[str]]) -> list[Optional[float]]:
         """Online DPO's layout: sample ``i`` and sample ``i + n/2`` are two candidates for the same prompt."""
         n = len(samples)
@@ -294,7 +253,7 @@ class RewardFunction:
             rewards[i], rewards[i + half] = values[k], values[k + len(ok)]
         return rewards
 
-    def _score_groups(self, prompts: Sequence[Any], samples: list[Optional[_Sample]]) -> list[Optional[float]]:
+    def _score_groups(self, prompts: Sequence[Any], samples: list[Optional[Sample]]) -> list[Optional[float]]:
         """GRPO/RLOO's layout: the scorable completions of each group are compared with each other. Groups of
         equal size go through one batched :func:`~rlhf_rewards.pairwise.group_rewards` call."""
         by_size: dict[int, list[list[int]]] = {}
@@ -348,104 +307,3 @@ class RewardFunction:
             log_metric(f"{prefix}/padding_share", 1 - delta["real_tokens"] / delta["computed_tokens"])
         if delta["comparisons"]:
             log_metric(f"{prefix}/order_disagreement_rate", delta["order_disagreements"] / delta["comparisons"])
-
-
-class _RewardBackbone(nn.Module):
-    """What ``get_reward`` calls as ``getattr(model, model.base_model_prefix)``: takes the policy's tokens and
-    returns, as ``last_hidden_state``, the reward of each row broadcast to every position (shape ``(B, L, 1)``)."""
-
-    def __init__(self, adapter: PPORewardAdapter):
-        super().__init__()
-        self._adapter = [adapter]  # a list keeps the parent out of this module's children (no cycle)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any):
-        from transformers.modeling_outputs import BaseModelOutput
-
-        rewards = self._adapter[0].rewards_for_tokens(input_ids, attention_mask)
-        hidden = rewards.to(input_ids.device)[:, None, None].expand(-1, input_ids.shape[1], 1)
-        return BaseModelOutput(last_hidden_state=hidden)
-
-
-class PPORewardAdapter(nn.Module):
-    """A ``reward_model`` for PPO-style trainers that score through ``get_reward(model, query_responses,
-    pad_token_id, context_length)`` (TRL's legacy PPOTrainer, ``trl.experimental.utils.get_reward``), for a reward
-    model whose tokenizer differs from the policy's.
-
-    ``get_reward`` runs ``model.<base_model_prefix>`` on the policy's token ids and reads ``model.score`` at the
-    last response token. This adapter decodes each row's tokens with the policy tokenizer, splits prompt and
-    response, re-renders them for the reward model, and returns that reward (the reward model's score, as float32)
-    at every position, so the position ``get_reward`` reads holds it. The reward model is not a submodule: moving the
-    adapter with ``.to()`` leaves it on its own device.
-
-    Prompt and response are split at :attr:`context_length` when it is set (exact, whatever the response holds),
-    else at the policy's chat template: the text must parse as a conversation whose last assistant turn is the
-    response, so a response that writes template markup itself raises ``ValueError``.
-
-    Args:
-        model: a scalar reward model from :func:`rlhf_rewards.load_reward_model`.
-        policy_tokenizer: the tokenizer the policy's token ids come from; its ``pad_token_id`` must be the one
-            passed to ``get_reward``.
-        context_length: the number of query positions (left-padded) at the start of each row, as passed to
-            ``get_reward``; needed for untemplated queries. Set the attribute before each call when it changes.
-    """
-
-    base_model_prefix = "reward_backbone"
-
-    def __init__(self, model: RewardModel, policy_tokenizer: Any, *, context_length: Optional[int] = None):
-        super().__init__()
-        if model.kind != "scalar":
-            raise ValueError("PPORewardAdapter needs a scalar reward model; wrap a pairwise one with a baseline in "
-                             "RewardFunction instead")
-        self.reward_model = model
-        self.policy_tokenizer = policy_tokenizer
-        self.context_length = context_length
-        self.reward_backbone = _RewardBackbone(self)
-        self.score = nn.Identity()
-
-    def _real_ids(self, ids: torch.Tensor, mask: torch.Tensor) -> list[int]:
-        """The row's tokens between its left and right padding. ``get_reward`` masks every token equal to the pad
-        id and zeroes it; inside the row such a token is real (a policy whose pad token is its EOS writes it after
-        every turn), so it is restored."""
-        kept = mask.bool().nonzero().flatten()
-        if len(kept) == 0:
-            return []
-        pad = self.policy_tokenizer.pad_token_id
-        ids = ids if pad is None else torch.where(mask.bool(), ids, pad)
-        return ids[int(kept[0]): int(kept[-1]) + 1].tolist()
-
-    def split(self, row_ids: torch.Tensor, row_mask: torch.Tensor) -> tuple[Union[str, list[Message]], str]:
-        """The prompt (messages) and response text of one row of policy tokens."""
-        tok = self.policy_tokenizer
-        if self.context_length is not None:
-            cut = self.context_length
-            query = self._real_ids(row_ids[:cut], row_mask[:cut])
-            response = self._real_ids(row_ids[cut:], row_mask[cut:])
-            messages, fmt = parse_chat(tok.decode(query, skip_special_tokens=False))
-            return messages, strip_completion(tok.decode(response, skip_special_tokens=True), fmt)
-        text = tok.decode(self._real_ids(row_ids, row_mask), skip_special_tokens=False)
-        try:
-            messages, fmt = parse_chat(text)
-        except ValueError as err:
-            # e.g. a response that itself writes template markup such as "<|im_start|>"
-            raise ValueError(f"cannot split a row into prompt and response at the policy's chat template ({err}); "
-                             "set adapter.context_length to the padded query width") from None
-        if fmt == "plain":
-            raise ValueError("cannot tell prompt from response in untemplated text: set adapter.context_length")
-        if messages[-1]["role"] != "assistant":
-            return messages, ""  # the policy's response is empty: the text ends with the generation prompt
-        return messages[:-1], strip_completion(messages[-1]["content"], fmt)
-
-    def rewards_for_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The reward of each row of policy tokens, as a float32 tensor on the CPU."""
-        prompts, responses = [], []
-        for row in range(input_ids.shape[0]):
-            prompt, response = self.split(input_ids[row].cpu(), attention_mask[row].cpu())
-            prompts.append(prompt)
-            responses.append(response)
-        with _model_lock(self.reward_model):
-            rewards = self.reward_model.score(prompts, responses)
-        return torch.tensor(rewards, dtype=torch.float32)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The reward of each row (for direct use outside ``get_reward``)."""
-        return self.rewards_for_tokens(input_ids, attention_mask)

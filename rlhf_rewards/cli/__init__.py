@@ -1,0 +1,42 @@
+"""The ``rlhf-rewards`` command. One module per subcommand; each defines ``HELP``, ``add_arguments(parser)`` and
+``run(args) -> int`` (the exit code); a module with ``PASSTHROUGH = True`` gets the arguments it does not declare
+in ``args.rest``. Modules are imported only when their command runs, so ``--help`` stays fast
+and free of third-party start-up noise."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = ("demo", "presets", "bench")
+"""Subcommand names, each the module ``rlhf_rewards.cli.<name>`` (in the order ``--help`` lists them)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(prog="rlhf-rewards",
+                                     description="Open reward models, scored exactly as their model cards do.")
+    parser.add_argument("--version", action="version", version=f"rlhf-rewards {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        module = importlib.import_module(f"{__name__}.{name}")
+        command = sub.add_parser(name, help=module.HELP, description=module.HELP,
+                                 add_help=not getattr(module, "PASSTHROUGH", False))
+        module.add_arguments(command)
+        command.set_defaults(_run=module.run, _passthrough=getattr(module, "PASSTHROUGH", False))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "_passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
+    return args._run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
