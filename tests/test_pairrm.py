@@ -359,6 +359,70 @@ def test_tokenizer_matches_sentencepiece_and_repairs_transformers5(tiny, rm):
     assert repaired.tokenizer.get_vocab() == rm.tokenizer.get_vocab()
 
 
+def transformers4_ids(sp, text: str, unk_id: int, mask_id: int) -> list[int]:
+    """What transformers 4's DeBERTa-v3 fast tokenizer (llm-blender's) gives for ``text`` holding literal
+    ``[UNK]`` / ``[MASK]`` strings, step by step as the tokenizers library runs it. Added tokens that are not
+    normalized (``[MASK]``, [CLS], [SEP], [PAD]) are found in the raw text first; each stretch between them is then
+    normalized (stripped at both ends, NFKC, space runs collapsed) and searched for the normalized added token
+    ``[UNK]``, so the pieces around ``[UNK]`` keep their spaces; Metaspace makes a piece's trailing space a lone
+    "▁" word; the other words are sentencepiece's (which strips and prefixes "▁" the same way)."""
+    ids = []
+    for k, stretch in enumerate(text.split("[MASK]")):
+        if k:
+            ids.append(mask_id)
+        pieces = " ".join(w for w in stretch.split(" ") if w).split("[UNK]")  # strip + collapse (NFKC: a no-op)
+        for j, piece in enumerate(pieces):
+            if j:
+                ids.append(unk_id)
+            ids.extend(sp.encode(piece))
+            if j < len(pieces) - 1 and piece.endswith(" "):
+                ids.append(sp.piece_to_id("▁"))
+    return ids
+
+
+@pytest.mark.parametrize("layout", ["hf", "llm-blender", "hf-tokenizer-json"])
+def test_literal_special_tokens_tokenize_as_transformers_4(tiny, tmp_path, layout):
+    import sentencepiece
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    if layout == "llm-blender":
+        tok = load_pairrm_tokenizer(write_tiny_pairrm(str(tmp_path / "lb"), seed=0, layout="llm-blender"))
+    elif layout == "hf":
+        tok = load_pairrm_tokenizer(tiny)
+    else:  # the file the tiny -hf checkpoint ships, read as saved (as transformers 4 read PairRM-hf's)
+        tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_file(os.path.join(tiny, "tokenizer.json")),
+                                      **DEBERTA_SPECIAL_TOKENS)
+    sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(tiny, "spm.model"))
+    unk, mask = tok.unk_token_id, tok.convert_tokens_to_ids("[MASK]")
+    assert unk == sp.unk_id() == 3
+    for text in ["They are [UNK] to me.", "x [UNK]", "[UNK] at the start", "two  [UNK]  spaces", "a [MASK] b",
+                 "no[UNK]space", " They are [UNK] [UNK] to me. ", "a [MASK] [UNK] b", "a [UNK] [MASK] b"]:
+        assert tok(text, add_special_tokens=False)["input_ids"] == transformers4_ids(sp, text, unk, mask), text
+    # the case run through llm-blender: the space before [UNK] is its own "▁"
+    ids = tok("They are [UNK] to me.", add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(ids[ids.index(unk) - 1:ids.index(unk) + 1]) == ["▁", "[UNK]"]
+    assert tok.added_tokens_decoder[unk].normalized
+    assert not any(tok.added_tokens_decoder[tok.convert_tokens_to_ids(t)].normalized
+                   for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]"))
+
+
+def test_a_tokenizer_matching_unk_before_normalizing_is_replaced(tiny, rm, caplog):
+    from tokenizers import AddedToken
+
+    raw = load_pairrm_tokenizer(tiny)
+    raw.backend_tokenizer.add_special_tokens([AddedToken("[UNK]", normalized=False, special=True)])
+    text = "They are [UNK] to me."
+    assert raw(text)["input_ids"] != rm.tokenizer(text)["input_ids"]
+    with pytest.raises(ValueError, match=r"literal '\[UNK\]'"):
+        check_pairrm_tokenizer(raw, rm.model.config)
+    with caplog.at_level("WARNING"):
+        repaired = load_pairrm_reward_model(tiny, preset=rm.preset, tokenizer=raw, device=CPU, dtype=torch.float32,
+                                            max_length=None, max_batch_tokens=None, quantization=None, adapter=None)
+    assert "normalized [UNK]" in caplog.text
+    assert repaired.tokenizer(text)["input_ids"] == rm.tokenizer(text)["input_ids"]
+
+
 def test_format_and_probability_mapping(rm):
     texts = rm.format("Hi [SEP] there", "Yo", "Hey")
     assert texts[0] == ("[CLS]<|source|>Hi   there[SEP][CLS]<|candidate1|>Yo[SEP][CLS]<|candidate2|>Hey[SEP]")

@@ -165,12 +165,22 @@ def check_pairrm_tokenizer(tokenizer: Any, config: DebertaV2Config) -> None:
     if not normalizes_nfkc(tokenizer):
         raise ValueError("the tokenizer lacks sentencepiece's NFKC normalisation that PairRM's tokenizer applies "
                          "(transformers 5's DebertaV2Tokenizer drops it); load it with load_pairrm_tokenizer")
+    if not splits_literal_unk_as_trained(tokenizer):
+        raise ValueError("the tokenizer matches a literal '[UNK]' before normalizing, unlike transformers 4's "
+                         "DeBERTa-v3 tokenizer PairRM was trained with; load it with load_pairrm_tokenizer")
 
 
 def normalizes_nfkc(tokenizer: Any) -> bool:
     """Whether ``tokenizer`` reads full-width "Ａ１" as "A1", as NFKC normalisation does."""
     return tokenizer("Ａ１", add_special_tokens=False)["input_ids"] == tokenizer("A1", add_special_tokens=False)[
         "input_ids"]
+
+
+def splits_literal_unk_as_trained(tokenizer: Any) -> bool:
+    """Whether a space before a literal ``"[UNK]"`` becomes its own ``"▁"`` token, as in transformers 4's DeBERTa-v3
+    tokenizer, where ``[UNK]`` is a normalized added token (see :func:`load_pairrm_tokenizer`)."""
+    ids = tokenizer(f"x {tokenizer.unk_token}", add_special_tokens=False)["input_ids"]
+    return tokenizer.convert_ids_to_tokens(ids[-2:]) == ["▁", tokenizer.unk_token]
 
 
 def _sigmoid(x: float) -> float:

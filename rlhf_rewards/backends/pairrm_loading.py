@@ -13,7 +13,7 @@ import torch
 from transformers import DebertaV2Config
 
 from .pairrm import (CANDIDATE_MAX_LENGTH, MARKERS, SOURCE_MAX_LENGTH, DebertaV2PairRM, PairRMRewardModel,
-                     normalizes_nfkc)
+                     normalizes_nfkc, splits_literal_unk_as_trained)
 from .weights import apply_adapter, from_pretrained_checked
 
 logger = logging.getLogger(__name__)
@@ -91,8 +91,14 @@ def _tokenizer_from_spm(vocab_file: str, do_lower_case: bool, split_by_punct: bo
 
 def load_pairrm_tokenizer(name_or_path: str):
     """PairRM's tokenizer as llm-blender had it under transformers 4: the fast DeBERTa-v3 tokenizer from the
-    repository's ``tokenizer.json`` (kept as saved) or converted from its ``spm.model``, plus the four marker tokens
-    added as llm-blender's collator adds them (ordinary, normalized added tokens) when the files lack them.
+    repository's ``tokenizer.json`` or converted from its ``spm.model``, plus the four marker tokens added as
+    llm-blender's collator adds them (ordinary, normalized added tokens) when the files lack them.
+
+    ``[UNK]`` is made a *normalized* special token whatever the files say: transformers 4's slow
+    ``DebertaV2Tokenizer`` registered it so (the other special tokens are not normalized), and the fast tokenizer
+    converted from it kept that. A normalized added token is matched after the normalizer ran on the whole text, so
+    the space before a literal ``"[UNK]"`` in a text survives the normalizer's strip and becomes its own ``"▁"``
+    (``"They are [UNK] to me."``: ``... ▁a re ▁ [UNK] ▁ to ...``), as in the model's training and in llm-blender.
 
     llm-blender's own layout ships no tokenizer: its ranker config's ``model_name`` (DeBERTa-v3-large) supplies it.
     Never ``AutoTokenizer``: transformers 5 rebuilds DeBERTa's pipeline without sentencepiece's NFKC normalisation.
@@ -116,6 +122,7 @@ def load_pairrm_tokenizer(name_or_path: str):
                                       bool(settings.get("split_by_punct", False)))
     else:
         raise OSError(f"{source}: no tokenizer.json or spm.model")
+    backend.add_special_tokens([AddedToken(DEBERTA_SPECIAL_TOKENS["unk_token"], normalized=True, special=True)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, name_or_path=directory, **DEBERTA_SPECIAL_TOKENS)
     vocab = tokenizer.get_vocab()
     tokenizer.add_tokens([AddedToken(m, normalized=True, special=False) for m in MARKERS if m not in vocab])
@@ -168,16 +175,16 @@ def load_pairrm(name_or_path: str, tokenizer: Any, *, device: torch.device, dtyp
 def _faithful_tokenizer(tokenizer: Any, name_or_path: str) -> Any:
     """``tokenizer`` if it tokenizes as PairRM's does, else PairRM's tokenizer rebuilt from the same files (with a
     logged warning): transformers 5's ``AutoTokenizer`` gives a ``DebertaV2Tokenizer`` without sentencepiece's NFKC
-    normalisation, the one known way it gets this tokenizer wrong. ``None`` or a path: :func:`load_pairrm_tokenizer`."""
+    normalisation (and registers ``[UNK]`` as a non-normalized token). ``None`` or a path: :func:`load_pairrm_tokenizer`."""
     if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
         return load_pairrm_tokenizer(str(tokenizer or name_or_path))
     markers_ok = all(len(tokenizer(m, add_special_tokens=False)["input_ids"]) == 1 for m in MARKERS[:3])
-    if markers_ok and normalizes_nfkc(tokenizer):
+    if markers_ok and normalizes_nfkc(tokenizer) and splits_literal_unk_as_trained(tokenizer):
         return tokenizer
     source = getattr(tokenizer, "name_or_path", None) or name_or_path
-    logger.warning("The tokenizer of %s lacks PairRM's marker tokens or sentencepiece's NFKC normalisation "
-                   "(transformers 5's DebertaV2Tokenizer drops it); using PairRM's tokenizer rebuilt from %s.",
-                   name_or_path, source)
+    logger.warning("The tokenizer of %s lacks PairRM's marker tokens, sentencepiece's NFKC normalisation "
+                   "(transformers 5's DebertaV2Tokenizer drops it) or transformers 4's normalized [UNK]; using "
+                   "PairRM's tokenizer rebuilt from %s.", name_or_path, source)
     return load_pairrm_tokenizer(source)
 
 

@@ -93,8 +93,9 @@ def _write_json(path: str, data: dict) -> None:
 
 
 def _added(content: str, special: bool) -> dict:
-    return {"content": content, "lstrip": False, "normalized": not special, "rstrip": False, "single_word": False,
-            "special": special}
+    # as transformers 4 saved PairRM's tokenizer: the markers and [UNK] normalized, the other special tokens not
+    return {"content": content, "lstrip": False, "normalized": not special or content == "[UNK]", "rstrip": False,
+            "single_word": False, "special": special}
 
 
 def _write_base(path: str, spm_model: bytes) -> None:
