@@ -15,6 +15,7 @@ from rlhf_rewards.backends.pairrm import (CANDIDATE1_PREFIX, CANDIDATE2_PREFIX, 
                                           check_pairrm_tokenizer, source_and_candidate)
 from rlhf_rewards.backends.pairrm_loading import (DEBERTA_SPECIAL_TOKENS, load_pairrm, load_pairrm_reward_model,
                                                   load_pairrm_tokenizer)
+from rlhf_rewards.pairwise import best_of_n, rank
 from rlhf_rewards.presets import get_preset
 from rlhf_rewards.testing.pairrm import write_tiny_pairrm
 
@@ -357,6 +358,43 @@ def test_tokenizer_matches_sentencepiece_and_repairs_transformers5(tiny, rm):
     repaired = load_pairrm_reward_model(tiny, preset=rm.preset, tokenizer=auto, device=CPU, dtype=torch.float32,
                                         max_length=None, max_batch_tokens=None, quantization=None, adapter=None)
     assert repaired.tokenizer.get_vocab() == rm.tokenizer.get_vocab()
+
+
+def llm_blender_rank(oracle: LLMBlenderOracle, source: str, candidates: list[str]
+                     ) -> tuple[list[int], list[float], torch.Tensor]:
+    """Blender.rank on one source, step by step: the collator with all candidates, ``_full_predict``'s comparison
+    matrix M (M[i, j]: candidate i first, j second), ``get_scores_from_cmps`` "max_logits"
+    (``mean_j (M[i, j] - M[j, i])``) and ``get_ranks_from_scores`` (higher score first, equal scores share a place,
+    listed here in index order)."""
+    m = oracle.full_predict(*oracle.collate([{"source": source, "candidates": candidates}]))[0].double()
+    scores = (m - m.T).mean(dim=-1).tolist()
+    return sorted(range(len(candidates)), key=lambda k: (-scores[k], k)), scores, m
+
+
+RANK_CASES = [
+    ("Say something helpful.", ["Sure, here it is.", "391", "bonjour", "Thank you!", "It is 17 times 20.", "No."]),
+    ("Why is the sky blue?", ["Rayleigh scattering.", "Because.", "Blue light scatters more.", "Because.", "Go away."]),
+]
+
+
+@pytest.mark.parametrize("source,candidates", RANK_CASES)
+def test_rank_is_llm_blenders_rank(rm, oracle, source, candidates):
+    expected, scores, m = llm_blender_rank(oracle, source, candidates)
+    gaps = [abs(a - b) for i, a in enumerate(scores) for b in scores[i + 1:] if a != b]
+    assert min(gaps) > 1e-3  # distinct scores well apart, so float noise cannot decide the expected order
+    order = rank(rm, [source], [candidates])[0]
+    assert order == expected
+    if len(set(candidates)) == len(candidates):
+        # the rule this replaced (summed P of winning) picks another candidate first here
+        summed = [sum(sigmoid(float(m[i, j] - m[j, i]) / 2) for j in range(len(candidates)) if j != i)
+                  for i in range(len(candidates))]
+        assert max(range(len(candidates)), key=lambda k: summed[k]) != expected[0]
+    else:  # duplicates: llm-blender gives them equal scores; here they are adjacent, in index order
+        dup = [k for k, c in enumerate(candidates) if candidates.count(c) > 1]
+        assert scores[dup[0]] == scores[dup[1]]
+        assert order.index(dup[1]) == order.index(dup[0]) + 1
+        winner = best_of_n(rm, [source], [candidates])[0]
+        assert winner != dup[1]  # a duplicate never wins over its earlier twin
 
 
 def transformers4_ids(sp, text: str, unk_id: int, mask_id: int) -> list[int]:

@@ -50,14 +50,15 @@ def test_round_robin_group_rewards():
     assert rewards[0] == pytest.approx((s(-2) + s(-1)) / 2)
     assert rewards[1] == pytest.approx((s(2) + s(1)) / 2)
     assert rewards[3] == pytest.approx((s(0) + s(-3)) / 2)
-    assert len(judge.pairs) == 6  # n(n-1)/2 per group
+    assert rewards[4] == rewards[3]
+    assert len(judge.pairs) == 3 + 1  # n(n-1)/2 per group over its distinct texts ("b" twice: one text)
 
 
 def test_anchor_group_rewards_are_linear():
     judge = LengthJudge()
     rewards = group_rewards(judge, ["p"] * 4, ["aa", "a", "aaa", "aa"], 4, mode="anchor", transform="logodds")
     assert rewards == pytest.approx([0.0, -1.0, 1.0, 0.0])
-    assert judge.pairs == [("a", "aa"), ("aaa", "aa"), ("aa", "aa")]
+    assert judge.pairs == [("a", "aa"), ("aaa", "aa")]  # the member equal to the anchor is a tie, not compared
 
 
 def test_group_checks():
@@ -72,7 +73,7 @@ def test_best_of_n_knockout_is_linear_and_keeps_ties():
     judge = LengthJudge()
     best = best_of_n(judge, ["p", "q"], [["a", "aaa", "aa", "aaa"], ["bb", "bb"]])
     assert best == [1, 0]  # equal lengths tie: the earlier candidate keeps its place
-    assert len(judge.pairs) == 3 + 1  # n - 1 per prompt
+    assert len(judge.pairs) == 2 + 0  # one per distinct text after the first: "aaa" and "bb" come once
 
 
 def test_best_of_n_scalar_and_rank():
@@ -104,3 +105,60 @@ def test_best_of_n_with_real_pairwise_model_agrees_with_its_comparisons(tiny_dir
     assert winner == holder
     order = rank(pm, ["Say something"], [cands])[0]
     assert sorted(order) == [0, 1, 2, 3]
+
+
+class TableJudge:
+    """A pairwise model with a fixed preference table ``P[(a, b)]`` (not Bradley-Terry)."""
+
+    kind = "pairwise"
+
+    def __init__(self, table):
+        self.table = dict(table)
+        self.table.update({(b, a): 1 - p for (a, b), p in table.items()})
+
+    def compare(self, prompts, a, b):
+        return [0.5 if x == y else self.table[(x, y)] for x, y in zip(a, b)]
+
+
+def test_rank_orders_by_mean_log_odds_not_summed_probabilities():
+    judge = TableJudge({("a", "b"): 0.99, ("a", "c"): 0.3, ("b", "c"): 0.9})
+    lo = lambda p: math.log(p / (1 - p))  # noqa: E731
+    mean_log_odds = {"a": (lo(0.99) + lo(0.3)) / 2, "b": (lo(0.01) + lo(0.9)) / 2, "c": (lo(0.7) + lo(0.1)) / 2}
+    summed = {"a": 0.99 + 0.3, "b": 0.01 + 0.9, "c": 0.7 + 0.1}
+    cands = ["a", "b", "c"]
+    expected = sorted(range(3), key=lambda k: -mean_log_odds[cands[k]])
+    assert expected == [0, 2, 1] != sorted(range(3), key=lambda k: -summed[cands[k]])
+    assert rank(judge, ["p"], [cands]) == [expected]
+
+
+class NoisyJudge:
+    """A pairwise model whose answers carry batch-position noise, as float kernels do (1e-7 per position)."""
+
+    kind = "pairwise"
+
+    def compare(self, prompts, a, b):
+        return [min(1.0, 1 / (1 + math.exp(-(len(x) - len(y)))) + 1e-7 * k) if x != y else 0.5
+                for k, (x, y) in enumerate(zip(a, b))]
+
+
+class NoisyScorer:
+    kind = "scalar"
+
+    def score(self, prompts, completions):
+        return [len(c) + 1e-7 * k for k, c in enumerate(completions)]
+
+
+@pytest.mark.parametrize("model", [NoisyJudge(), NoisyScorer()], ids=["pairwise", "scalar"])
+def test_duplicates_get_exactly_equal_values_and_keep_index_order(model):
+    cands = ["aaa", "a", "aa", "bbbb", "aaa", "aa"]  # "aaa" at 0 and 4, "aa" at 2 and 5
+    order = rank(model, ["p"], [cands])[0]
+    assert order == [3, 0, 4, 2, 5, 1]
+    assert best_of_n(model, ["p"], [["aaa", "a", "aaa"]]) == [0]
+    rewards = group_rewards(model, ["p"] * 6, cands, 6)
+    assert rewards[0] == rewards[4] and rewards[2] == rewards[5]
+    # "aaa"'s log-odds against a, aa, bbbb, aa (length differences) and its twin (a tie), over 5 opponents
+    assert rewards[0] == pytest.approx((2 + 1 - 1 + 1 + 0) / 5, abs=1e-5)
+    anchor = group_rewards(model, ["p"] * 6, cands, 6, mode="anchor")
+    assert anchor[0] == anchor[4] == 0.0 and anchor[2] == anchor[5]
+    # a conversational completion is the same text as its string
+    assert rank(model, ["p"], [["aa", [{"role": "assistant", "content": "aa"}], "a"]]) == [[0, 1, 2]]

@@ -343,6 +343,12 @@ class PairRMRewardModel(PairwiseRewardModel):
             b = normalize_pairs(prompts, completions_b, "completions_b")
             return self._logits([(m, ca, cb) for (m, ca), (_, cb) in zip(a, b)])
 
+    def compare_log_odds(self, prompts: Sequence[PromptInput], completions_a: Sequence[CompletionInput],
+                         completions_b: Sequence[CompletionInput]) -> list[float]:
+        """``log(P / (1 - P)) = (logit_AB - logit_BA) / 2`` per comparison, from the logits (never saturated), for
+        :func:`rlhf_rewards.pairwise.rank`: half of llm-blender's ``M[A, B] - M[B, A]``."""
+        return [(ab - ba) / 2 for ab, ba in self.compare_logits(prompts, completions_a, completions_b)]
+
     def _compare_both_orders(self, items: list[tuple[list[Message], str, str]]
                              ) -> list[tuple[float, float, float]]:
         """``(p_ab, p_ba, p)``: ``sigmoid(logit_AB)``, ``sigmoid(-logit_BA)`` and
