@@ -56,6 +56,9 @@ class Preset:
         config_architectures: ``config.json`` architectures that identify this preset for a local directory.
         golden_ids: token ids the real tokenizer must give (see :class:`GoldenIds`).
         single_tokens: strings the template relies on that must each be one token in any tokenizer used.
+        sentencepiece_truth: the model was trained with a sentencepiece tokenizer run on each stretch of text
+            between special tokens (transformers 4's legacy Llama-family tokenizers); a tokenizer that comes with
+            its ``tokenizer.model`` is compared with sentencepiece at load (see :mod:`rlhf_rewards.tokenization`).
         fallback_chat_template: for ``"chat-template"`` formats, the template to use when the tokenizer has none.
         doc: one line for ``list_presets``.
     """
@@ -76,6 +79,7 @@ class Preset:
     config_architectures: tuple[str, ...] = ()
     golden_ids: tuple[GoldenIds, ...] = ()
     single_tokens: tuple[str, ...] = ()
+    sentencepiece_truth: bool = False
     fallback_chat_template: Optional[str] = None
     doc: str = ""
     extra: dict = field(default_factory=dict)
@@ -133,6 +137,7 @@ _register(Preset(
         )
     ),
     single_tokens=("<s>", "</s>"),
+    sentencepiece_truth=True,
     fallback_chat_template=MISTRAL_V02_CHAT_TEMPLATE,
     doc="Mistral-7B-Instruct-v0.2 sequence classifier (card 001); Mistral [INST] chat template.",
 ))
@@ -157,6 +162,7 @@ _register(Preset(
         GoldenIds("<unk>", (0,), 64000),  # the pad token, whose id the card hard-codes as PAD_ID = 0
     ),
     single_tokens=("<|im_start|>", "<|im_end|>", "<unk>"),
+    sentencepiece_truth=True,  # Yi-34B-Chat ships tokenizer.model (Yi's sentencepiece BPE)
     doc="Yi-34B-Chat backbone + linear value head (card 002); Yi ChatML; reward before the first id 0.",
 ))
 
@@ -182,6 +188,7 @@ _register(Preset(
         GoldenIds("<unk>", (1, 0), _LLAMA2_VOCAB, add_special_tokens=True),
     ),
     single_tokens=("<s>", "</s>", "<unk>"),
+    sentencepiece_truth=True,
     doc="Llama-2-7b-chat backbone + linear value head (Starling-RM-7B-alpha); reward at the card's position.",
 ))
 

@@ -1,8 +1,14 @@
 """Loading each reward model's own tokenizer, checking it against what the model was trained with, and repairing
 the one known way transformers 5 gets it wrong.
 
-The checks are the preset's :class:`~rlhf_rewards.presets.GoldenIds` (ids the real tokenizer gives) and
-``single_tokens`` (template markers that must stay one token). A tokenizer that fails them is never used to score.
+The checks are the preset's :class:`~rlhf_rewards.presets.GoldenIds` (ids the real tokenizer gives),
+``single_tokens`` (template markers that must stay one token) and, for presets whose models were trained with a
+sentencepiece tokenizer (``Preset.sentencepiece_truth``), a comparison with sentencepiece itself whenever the
+tokenizer comes with its ``tokenizer.model``: :data:`SENTENCEPIECE_PROBES` (whitespace runs, newlines, digits, byte
+fallback, text right after each special token) must give the ids sentencepiece gives on each stretch of text between
+the tokenizer's added tokens. Goldens need the real vocabulary; the sentencepiece comparison works for any
+vocabulary, including fine-tuned ones and the small ones of test checkpoints. A tokenizer that fails is never used to
+score: it is rebuilt from its ``tokenizer.model`` when that reproduces sentencepiece, refused otherwise.
 
 Why a repair exists: the Llama-family sentencepiece tokenizers (Llama-2, Mistral v0.1/v0.2) were trained and used
 through transformers 4, whose tokenizers behaved like sentencepiece itself run on each stretch of text between
@@ -27,6 +33,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 from collections.abc import Mapping
 from typing import Any, Optional, Union
 
@@ -70,27 +77,27 @@ def load_tokenizer(preset: Preset, name_or_path: str,
     UNK token when it has no EOS; which id pads only matters for models whose reward position depends on it, and
     those presets set ``pad_token``.
 
-    The tokenizer is then checked with :func:`verify_tokenizer`. If that fails and it was loaded from files that
-    include a sentencepiece ``tokenizer.model``, it is rebuilt from that file with
-    :func:`sentencepiece_fast_tokenizer` (same special tokens and ids, chat template, BOS/EOS settings), checked
-    again and used with a logged warning.
+    The tokenizer is then checked with :func:`verify_tokenizer`, against sentencepiece too when the preset's
+    models were trained with sentencepiece and the tokenizer was loaded from files that include a ``tokenizer.model``
+    (:func:`sentencepiece_model_file`). If that fails and there is such a file, the tokenizer is rebuilt from it
+    with :func:`sentencepiece_fast_tokenizer` (same special tokens and ids, chat template, BOS/EOS settings), checked
+    again the same way and used with a logged warning.
 
     Raises:
         TokenizerDriftError: the tokenizer fails the checks and cannot be repaired.
     """
     tok = _resolve(preset, name_or_path, tokenizer)
     tok = _with_pad_token(tok, preset, copy_first=tok is tokenizer)
+    model_file = sentencepiece_model_file(tok) if preset.sentencepiece_truth else None
     try:
-        verify_tokenizer(tok, preset)
+        verify_tokenizer(tok, preset, model_file)
         return tok
     except TokenizerDriftError as drift:
-        # transformers records the sentencepiece model it found next to the tokenizer's other files.
-        model_file = getattr(tok, "vocab_file", None)
-        if not (isinstance(model_file, str) and model_file.endswith(".model") and os.path.isfile(model_file)):
+        if model_file is None:
             raise
         try:
             repaired = _with_pad_token(_rebuild_like(tok, model_file), preset, copy_first=False)
-            verify_tokenizer(repaired, preset)
+            verify_tokenizer(repaired, preset, model_file)
         except TokenizerDriftError as still:
             raise TokenizerDriftError(f"{drift}\nRebuilding it from {model_file} did not help: {still}") from still
         logger.warning("The tokenizer of %s as transformers loaded it gives token ids the model was not trained "
@@ -99,15 +106,16 @@ def load_tokenizer(preset: Preset, name_or_path: str,
         return repaired
 
 
-def verify_tokenizer(tokenizer: PreTrainedTokenizerBase, preset: Preset) -> None:
+def verify_tokenizer(tokenizer: PreTrainedTokenizerBase, preset: Preset, model_file: Optional[str] = None) -> None:
     """Check ``tokenizer`` against ``preset``: every golden text whose ``vocab_size`` equals ``len(tokenizer)`` must
-    give exactly its golden ids, and every ``single_tokens`` string must encode (without special tokens added) to
-    one id that is not the unknown token.
+    give exactly its golden ids, every ``single_tokens`` string must encode (without special tokens added) to
+    one id that is not the unknown token, and, when ``model_file`` (a sentencepiece model) is given, every probe of
+    :func:`sentencepiece_problems` must give the ids sentencepiece gives.
 
     Raises:
         TokenizerDriftError: naming each failing text with the expected and the actual ids.
     """
-    problems = []
+    problems = sentencepiece_problems(tokenizer, model_file) if model_file is not None else []
     for golden in preset.golden_ids:
         if len(tokenizer) != golden.vocab_size:
             continue
@@ -122,6 +130,76 @@ def verify_tokenizer(tokenizer: PreTrainedTokenizerBase, preset: Preset) -> None
     if problems:
         raise TokenizerDriftError(f"tokenizer {tokenizer.name_or_path!r} does not match what preset "
                                   f"{preset.name!r} was trained with: " + "; ".join(problems))
+
+
+SENTENCEPIECE_PROBES = (
+    "a  two", "a   three", "    indented four", "tab\tand\t\ttabs", " leading space", "trailing  ", " ", "  ",
+    "five     ", "x" + " " * 7 + "y", " " * 9 + "nine", "a" + " " * 17 + "b",
+    "line\nnext", "a\n\nb", "\n", "\n    return x  # note", "def f(x):\n\treturn x",
+    "123", "2024-05-06 12:30", "3.14159", "$1,000,000 and 7%",
+    "naïve café", "Привет, мир", "日本語のテキスト", "مرحبا", "🤗👍🏽", "e^{iπ} + 1 = 0", "\u00a0nbsp\u200b",
+    "Hello, World! I'm here.", "[INST] Hi [/INST]", "<|im_start|>user", "▁literal",
+)
+"""Texts the loaded tokenizer must encode exactly as sentencepiece does (see :func:`sentencepiece_problems`)."""
+
+_AFTER_SPECIAL = ("{t}Hello", "{t} Hello", "{t}  two", "{t}\nnext", "{t}123", "x{t}[INST]", "{t}{t}")
+"""How each added token is probed: text right after it (no space, one, two, a newline, digits), before it, twice."""
+
+
+_MAX_PROBED_SPECIALS = 16  # keeps the load-time check to ~150 texts even for vocabularies with many specials
+
+
+def sentencepiece_model_file(tokenizer: PreTrainedTokenizerBase) -> Optional[str]:
+    """The sentencepiece model file ``tokenizer`` was loaded with (transformers records the ``tokenizer.model`` it
+    found next to the other files), or ``None``."""
+    model_file = getattr(tokenizer, "vocab_file", None)
+    if isinstance(model_file, str) and model_file.endswith(".model") and os.path.isfile(model_file):
+        return model_file
+    return None
+
+
+def sentencepiece_problems(tokenizer: PreTrainedTokenizerBase, model_file: str) -> list[str]:
+    """Compare ``tokenizer`` (encoding without special tokens added) with the sentencepiece model ``model_file`` run
+    on each stretch of text between the tokenizer's added tokens, each added token being its own id (what
+    transformers 4's legacy sentencepiece tokenizers, which the models were trained with, did). Probes:
+    :data:`SENTENCEPIECE_PROBES` and, for each special token (at most 16), the :data:`_AFTER_SPECIAL` patterns; a
+    few dozen texts encoded in one call. Returns one line per differing text (empty: identical)."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+    added = {str(t): (i, t) for i, t in tokenizer.added_tokens_decoder.items()}
+    probed = list(dict.fromkeys(t for t in tokenizer.all_special_tokens if t in added))[:_MAX_PROBED_SPECIALS]
+    texts = list(SENTENCEPIECE_PROBES) + [p.format(t=t) for t in probed for p in _AFTER_SPECIAL]
+    actual = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    problems = []
+    for text, ids in zip(texts, actual):
+        expected = _sentencepiece_ids(sp, text, added)
+        if list(ids) != expected:
+            problems.append(f"{text!r} should give {expected} as sentencepiece does, gives {list(ids)}")
+    return problems
+
+
+def _sentencepiece_ids(sp: Any, text: str, added: Mapping[str, tuple[int, AddedToken]]) -> list[int]:
+    """sentencepiece's ids for each stretch of ``text`` between the ``added`` tokens (longest match first; an
+    added token's ``lstrip``/``rstrip`` eat the whitespace beside it), the added tokens' own ids in between."""
+    if not added:
+        return list(sp.encode(text))
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)))
+    ids: list[int] = []
+    stretch_start, rstrip_next = 0, False
+    for match in pattern.finditer(text):
+        token_id, token = added[match.group()]
+        stretch = text[stretch_start:match.start()]
+        ids += _encode_stretch(sp, stretch, lstrip=rstrip_next, rstrip=token.lstrip)
+        ids.append(token_id)
+        stretch_start, rstrip_next = match.end(), token.rstrip
+    return ids + _encode_stretch(sp, text[stretch_start:], lstrip=rstrip_next, rstrip=False)
+
+
+def _encode_stretch(sp: Any, stretch: str, *, lstrip: bool, rstrip: bool) -> list[int]:
+    stretch = stretch.lstrip() if lstrip else stretch
+    stretch = stretch.rstrip() if rstrip else stretch
+    return list(sp.encode(stretch)) if stretch else []
 
 
 def sentencepiece_fast_tokenizer(model_file: str, *, add_bos_token: bool, add_eos_token: bool,
@@ -181,7 +259,13 @@ def sentencepiece_fast_tokenizer(model_file: str, *, add_bos_token: bool, add_eo
 def _merges_by_score(pieces: Any, vocab: Mapping[str, int]) -> list[tuple[str, str]]:
     """BPE merges for the sentencepiece ``pieces`` (the model proto's list) in the order sentencepiece applies
     them: it merges the adjacent pair whose joined piece scores highest, so every split of a normal piece into two
-    vocabulary pieces ranks by that piece's score (ties by id).
+    vocabulary pieces ranks by that piece's score.
+
+    Pieces of equal score (the whitespace runs ``▁▁``, ``▁▁▁``, ... that Llama-family vocabularies give -1e9) are
+    merged by sentencepiece leftmost pair first, which grows a run of spaces from its left end into the longest piece
+    available before starting the next one. A BPE merge list cannot rank by position, but ranking longer joined
+    pieces first (then the longer left part) gives the same pieces whenever the run lengths in the vocabulary have no
+    gaps (Mistral's 2..16); anything else is caught by the load-time probes and refused.
 
     (Deliberately not transformers 5's own extraction, which orders merges by piece id: Mistral's whitespace pieces
     have ids among the first merges but the lowest scores.)"""
@@ -193,7 +277,7 @@ def _merges_by_score(pieces: Any, vocab: Mapping[str, int]) -> list[tuple[str, s
         for cut in range(1, len(text)):
             left, right = text[:cut], text[cut:]
             if left in vocab and right in vocab:
-                ranked.append((-piece.score, i, cut, left, right))
+                ranked.append((-piece.score, -len(text), -cut, i, left, right))
     ranked.sort()
     return [(left, right) for *_, left, right in ranked]
 

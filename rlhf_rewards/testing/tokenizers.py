@@ -199,6 +199,31 @@ def train_sentencepiece(family: SentencePieceFamily) -> bytes:
     return model.getvalue()
 
 
+WHITESPACE_SCORE = -1e9
+"""The score Llama-family vocabularies give their whitespace-run pieces, so sentencepiece never forms them by merging
+while anything else can be merged (see :func:`with_whitespace_pieces`)."""
+
+
+def with_whitespace_pieces(model: bytes, longest: int = 4) -> bytes:
+    """``model`` (a serialized sentencepiece BPE model) with the whitespace-run pieces ``▁▁`` .. ``▁`` * ``longest``
+    laid out as in Mistral's and Llama-2's ``tokenizer.model``: ordinary pieces right after the byte pieces (low ids,
+    so merges taken in id order apply them early) with score -1e9 (so sentencepiece applies them last). Trained
+    whitespace pieces are dropped first."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model)
+    pieces = [p for p in proto.pieces if not (len(p.piece) > 1 and set(p.piece) == {"▁"})]
+    at = max(i for i, p in enumerate(pieces) if p.type == sentencepiece_model_pb2.ModelProto.SentencePiece.BYTE) + 1
+    runs = []
+    for n in range(2, longest + 1):
+        piece = sentencepiece_model_pb2.ModelProto.SentencePiece(piece="▁" * n, score=WHITESPACE_SCORE)
+        runs.append(piece)
+    del proto.pieces[:]
+    proto.pieces.extend(pieces[:at] + runs + pieces[at:])
+    return proto.SerializeToString()
+
+
 def write_sentencepiece_tokenizer(path: str, family: SentencePieceFamily) -> PreTrainedTokenizerFast:
     """Train a tokenizer of ``family`` and write it as ``tokenizer.model`` plus an exact ``tokenizer.json``
     (:func:`~rlhf_rewards.tokenization.sentencepiece_fast_tokenizer`) and its config; return it."""
