@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import pytest
 import sentencepiece as spm
@@ -16,7 +15,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from rlhf_rewards import load_reward_model
 
-from cases import CONVERSATIONS
+from cases import CONVERSATIONS, sentencepiece_stretches
 
 TOL = 1e-4
 
@@ -32,15 +31,7 @@ def messages_of(prompt, completion):
 def sentencepiece_encode(model_file: str, text: str, specials: dict[str, int]) -> list[int]:
     """What Mistral's original (sentencepiece, legacy) tokenizer gives: special-token strings split out, every
     other segment encoded by sentencepiece with its dummy-prefix space."""
-    sp = spm.SentencePieceProcessor(model_file=model_file)
-    pattern = "(" + "|".join(re.escape(s) for s in specials) + ")"
-    ids: list[int] = []
-    for piece in re.split(pattern, text):
-        if piece in specials:
-            ids.append(specials[piece])
-        elif piece:
-            ids.extend(sp.encode(piece))
-    return ids
+    return sentencepiece_stretches(spm.SentencePieceProcessor(model_file=model_file), specials, text)
 
 
 def card001_reward(model_dir: str, conversation: list[dict]) -> float:

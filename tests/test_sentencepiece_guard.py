@@ -12,10 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
-import re
 
 import pytest
+from cases import mixed_texts, sentencepiece_stretches
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from rlhf_rewards.presets import MISTRAL_V02_CHAT_TEMPLATE, get_preset
@@ -96,39 +95,19 @@ def model_for(models, preset: str) -> bytes:
     return models["yi" if LAYOUTS[preset][0] is tiny_tokenizers.YI else "llama2"]
 
 
-def truth(sp, tok: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """sentencepiece on each stretch between the tokenizer's added tokens, each added token its own id."""
-    added = {str(t): i for i, t in tok.added_tokens_decoder.items()}
-    ids = []
-    for part in re.split("(" + "|".join(map(re.escape, sorted(added, key=len, reverse=True))) + ")", text):
-        if part in added:
-            ids.append(added[part])
-        elif part:
-            ids.extend(sp.encode(part))
-    return ids
-
-
 def random_texts(tok: PreTrainedTokenizerBase, n: int = 400) -> list[str]:
     """Texts other than the guard's own probes: corpus slices and mixes of whitespace, digits, scripts, specials."""
-    rng = random.Random(7)
     fragments = [" ", "  ", "   ", "\n", "\n\n", "\t", "x", " y", "word", " 42", "7", "é", "ß", "中文", "🙂", "[INST]",
                  " [/INST]", *tok.all_special_tokens]
-    corpus = tiny_tokenizers.CORPUS
-    texts = []
-    for _ in range(n):
-        if rng.random() < 0.3:
-            start = rng.randrange(len(corpus))
-            texts.append(corpus[start:start + rng.randint(1, 80)])
-        else:
-            texts.append("".join(rng.choice(fragments) for _ in range(rng.randint(1, 10))))
-    return texts
+    return mixed_texts(fragments, tiny_tokenizers.CORPUS, n, seed=7, longest_slice=80, most_parts=10)
 
 
 def assert_equals_sentencepiece(tok: PreTrainedTokenizerBase, model_file: str) -> None:
     sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+    added = {str(t): i for i, t in tok.added_tokens_decoder.items()}
     texts = random_texts(tok)
     for text, ids in zip(texts, tok(texts, add_special_tokens=False)["input_ids"], strict=True):
-        assert ids == truth(sp, tok, text), text
+        assert ids == sentencepiece_stretches(sp, added, text), text
 
 
 @pytest.mark.parametrize("preset", list(LAYOUTS))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import filecmp
 import json
 import os
-import re
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from transformers import (
     MistralForSequenceClassification,
 )
 
+from cases import sentencepiece_stretches
 from rlhf_rewards.backends.value_head import ValueHeadRewardModel, find_state_dict_file, load_value_head_state_dict
 from rlhf_rewards.presets import MISTRAL_V02_CHAT_TEMPLATE, get_preset, resolve_preset
 from rlhf_rewards.testing import make_tiny_checkpoint
@@ -166,16 +166,9 @@ def test_trained_tokenizers_equal_their_sentencepiece_model(tiny_dir, name):
     sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(path, "tokenizer.model"))
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     specials = {t: tok.convert_tokens_to_ids(t) for t in tok.all_special_tokens}
-    pattern = "(" + "|".join(map(re.escape, specials)) + ")"
 
     def truth(text: str) -> list[int]:
-        ids = []
-        for part in re.split(pattern, text):
-            if part in specials:
-                ids.append(specials[part])
-            elif part:
-                ids.extend(sp.encode(part))
-        return ids
+        return sentencepiece_stretches(sp, specials, text)
 
     lines = tiny_tokenizers.CORPUS.splitlines()
     texts = lines + [f" {a}{s}{b}  x\n" for a, b in zip(lines, lines[1:], strict=False) for s in specials]

@@ -11,11 +11,10 @@ import dataclasses
 import json
 import logging
 import os
-import random
-import re
 import shutil
 
 import pytest
+from cases import mixed_texts, sentencepiece_stretches
 from transformers import AutoTokenizer, MistralConfig
 
 from rlhf_rewards.presets import MISTRAL_V02_CHAT_TEMPLATE, GoldenIds, get_preset
@@ -45,27 +44,13 @@ FRAGMENTS = [
 
 def sentencepiece_truth(sp, text: str, add_bos: bool) -> list[int]:
     """What the model was trained on: sentencepiece on each stretch between special tokens."""
-    ids = [MISTRAL_SPECIALS["<s>"]] if add_bos else []
-    for part in re.split("(" + "|".join(map(re.escape, MISTRAL_SPECIALS)) + ")", text):
-        if part in MISTRAL_SPECIALS:
-            ids.append(MISTRAL_SPECIALS[part])
-        elif part:
-            ids.extend(sp.encode(part))
-    return ids
+    return ([MISTRAL_SPECIALS["<s>"]] if add_bos else []) + sentencepiece_stretches(sp, MISTRAL_SPECIALS, text)
 
 
 def probe_strings(n: int = 1500) -> list[str]:
-    rng = random.Random(1234)
-    corpus = tiny_tokenizers.CORPUS
     texts = ["", " ", "<s>[INST]", "<s>[INST] Hi [/INST]Hello</s>", "</s> [/INST] ok", " leading", "a\n\nb",
              "  two", "trailing ", "<s> <s>", "[PAD][PAD]", "x<unk>y"]
-    for _ in range(n):
-        if rng.random() < 0.3:
-            start = rng.randrange(len(corpus))
-            texts.append(corpus[start:start + rng.randint(1, 120)])
-        else:
-            texts.append("".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 12))))
-    return texts
+    return texts + mixed_texts(FRAGMENTS, tiny_tokenizers.CORPUS, n, seed=1234, longest_slice=120, most_parts=12)
 
 
 @pytest.fixture(scope="module")

@@ -175,7 +175,8 @@ def load_pairrm(name_or_path: str, tokenizer: Any, *, device: torch.device, dtyp
 def _faithful_tokenizer(tokenizer: Any, name_or_path: str) -> Any:
     """``tokenizer`` if it tokenizes as PairRM's does, else PairRM's tokenizer rebuilt from the same files (with a
     logged warning): transformers 5's ``AutoTokenizer`` gives a ``DebertaV2Tokenizer`` without sentencepiece's NFKC
-    normalisation (and registers ``[UNK]`` as a non-normalized token). ``None`` or a path: :func:`load_pairrm_tokenizer`."""
+    normalisation (and registers ``[UNK]`` as a non-normalized token). ``None`` or a path:
+    :func:`load_pairrm_tokenizer`."""
     if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
         return load_pairrm_tokenizer(str(tokenizer or name_or_path))
     markers_ok = all(len(tokenizer(m, add_special_tokens=False)["input_ids"]) == 1 for m in MARKERS[:3])
