@@ -113,9 +113,10 @@ def verify_tokenizer(tokenizer: PreTrainedTokenizerBase, preset: Preset, model_f
     :func:`sentencepiece_problems` must give the ids sentencepiece gives.
 
     Raises:
-        TokenizerDriftError: naming each failing text with the expected and the actual ids.
+        TokenizerDriftError: naming the failing texts (the first six, and how many more) with the expected and the
+            actual ids.
     """
-    problems = sentencepiece_problems(tokenizer, model_file) if model_file is not None else []
+    problems = []
     for golden in preset.golden_ids:
         if len(tokenizer) != golden.vocab_size:
             continue
@@ -127,9 +128,16 @@ def verify_tokenizer(tokenizer: PreTrainedTokenizerBase, preset: Preset, model_f
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
         if len(ids) != 1 or (ids[0] == tokenizer.unk_token_id and text != tokenizer.unk_token):
             problems.append(f"{text!r} should be one known token, gives {ids}")
+    if model_file is not None:
+        problems += sentencepiece_problems(tokenizer, model_file)
     if problems:
+        shown = "; ".join(problems[:_PROBLEMS_SHOWN])
+        more = f"; and {len(problems) - _PROBLEMS_SHOWN} more texts" if len(problems) > _PROBLEMS_SHOWN else ""
         raise TokenizerDriftError(f"tokenizer {tokenizer.name_or_path!r} does not match what preset "
-                                  f"{preset.name!r} was trained with: " + "; ".join(problems))
+                                  f"{preset.name!r} was trained with: {shown}{more}")
+
+
+_PROBLEMS_SHOWN = 6
 
 
 SENTENCEPIECE_PROBES = (
