@@ -149,13 +149,23 @@ def best_of_n(model, prompts: Sequence[PromptInput], candidates: Sequence[Sequen
             best.append(max(range(len(chunk)), key=lambda k: (chunk[k], -k)))
             start += len(cands)
         return best
+    return knockout(model, prompts, candidates)
+
+
+def knockout(model, prompts: Sequence[PromptInput], candidates: Sequence[Sequence[CompletionInput]], *,
+             worst: bool = False) -> list[int]:
+    """Index of the best (or with ``worst=True``, the worst) candidate for each prompt by a knockout tournament of
+    preferences: ``n - 1`` comparisons per prompt, batched across prompts round by round. A challenger replaces the
+    holder only when strictly preferred to it (``worst``: strictly dispreferred), so ties keep the earlier candidate.
+    """
+    _check_candidates(prompts, candidates)
     holder = [0] * len(prompts)
     for rnd in range(1, max(len(c) for c in candidates)):
         live = [i for i, c in enumerate(candidates) if rnd < len(c)]
-        probs = model.compare([prompts[i] for i in live], [candidates[i][rnd] for i in live],
-                              [candidates[i][holder[i]] for i in live])
+        probs = preferences(model, [prompts[i] for i in live], [candidates[i][rnd] for i in live],
+                            [candidates[i][holder[i]] for i in live])
         for i, p in zip(live, probs):
-            if p > 0.5:
+            if (p < 0.5) if worst else (p > 0.5):
                 holder[i] = rnd
     return holder
 
