@@ -82,8 +82,11 @@ def check_preset(model: str, preset: Optional[str]) -> Preset:
 
 def load_model(args: argparse.Namespace, model: str, preset: Optional[str], tokenizer: Optional[str]):
     """Load one reward model with the command's shared options."""
+    from transformers.utils import logging as hf_logging
+
     from ..loading import load_reward_model
 
+    hf_logging.disable_progress_bar()  # stderr carries this command's own progress bar
     return load_reward_model(model, preset=preset, device=args.device, dtype=args.dtype, tokenizer=tokenizer,
                              max_length=args.max_length, max_batch_tokens=args.max_batch_tokens)
 
