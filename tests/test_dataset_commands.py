@@ -250,7 +250,8 @@ def test_eval_accuracy_and_sections_against_an_independent_computation(tmp_path,
                 weighted / sum(REWARDBENCH_COUNTS[s] for s in subsets), abs=1e-12)
         assert result["score"] == pytest.approx(sum(result["sections"][s]["score"] for s in REWARDBENCH_SECTIONS) / 4)
     table = (out_dir / "results.md").read_text()
-    assert table.splitlines()[0] == f"| | {os.path.basename(tiny_dir(SCALAR))} | {os.path.basename(tiny_dir(PAIRWISE))} |"
+    names = [os.path.basename(tiny_dir(name)) for name in (SCALAR, PAIRWISE)]
+    assert table.splitlines()[0] == f"| | {names[0]} | {names[1]} |"
     assert "| my-own | 0.0 (1, 1) | 0.0 (1, 1) |" in table
     assert len(read_jsonl(out_dir / "rows.jsonl")) == len(rows)
     from PIL import Image

@@ -45,6 +45,7 @@ def read_rows(path: str, split: Optional[str] = None):
     """Read a dataset: a JSONL, JSON, CSV or Parquet file, or a ``save_to_disk`` directory (``split`` picks one
     split of a saved ``DatasetDict``). Returns a ``datasets.Dataset``."""
     datasets = require("datasets")
+    require("tqdm")  # the progress bar's: checked here, before any work is done
     datasets.disable_progress_bars()  # stderr carries the command's own progress bar
     if path == SAMPLE_PREFERENCES:
         path = sample_preferences_path()

@@ -12,7 +12,7 @@ import time
 from collections import defaultdict
 
 from .common import (Progress, UsageError, add_model_arguments, check_preset, load_model, model_specs,
-                     reports_usage_errors)
+                     reports_usage_errors, require)
 from .data_io import add_data_arguments, check_output_dir, chunks, read_rows, require_columns, write_rows
 
 HELP = "preference accuracy on a RewardBench-layout file (prompt, chosen, rejected, subset), per subset and section"
@@ -48,7 +48,10 @@ def row_margins(model, scorer, rows: list[dict], args: argparse.Namespace) -> li
     results = scorer.rewards(prompts + prompts, chosen + rejected)
     out = []
     for (rc, ec), (rr, er) in zip(results[:len(rows)], results[len(rows):]):
-        out.append((None, f"chosen: {ec}" if ec else f"rejected: {er}") if rc is None or rr is None else (rc - rr, None))
+        if rc is None or rr is None:
+            out.append((None, f"chosen: {ec}" if ec else f"rejected: {er}"))
+        else:
+            out.append((rc - rr, None))
     return out
 
 
@@ -113,8 +116,10 @@ def markdown(results: list[dict]) -> str:
     names = [os.path.basename(r["model"].rstrip("/")) or r["model"] for r in results]
     lines = ["| | " + " | ".join(names) + " |", "|---" * (len(results) + 1) + "|"]
     if any(r["sections"] for r in results):
+        partial = any(s["missing"] for r in results for s in r["sections"].values())
         lines.append("| **RewardBench score** (mean of the four sections) | "
-                     + " | ".join(_pct(r["score"]) for r in results) + " |")
+                     + " | ".join(_pct(r["score"]) + (" (partial)" if partial and r["score"] is not None else "")
+                                  for r in results) + " |")
         for section in SECTIONS:
             if any(section in r["sections"] for r in results):
                 cells = []
@@ -139,8 +144,6 @@ def markdown(results: list[dict]) -> str:
 
 def plots(results: list[dict], margins: list[list[tuple]], out_dir: str) -> None:
     """``margins.png`` (each model's margin distribution) and ``subsets.png`` (accuracy per subset per model)."""
-    from .common import require
-
     matplotlib = require("matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -182,11 +185,16 @@ def run(args: argparse.Namespace) -> int:
     for name, preset, _ in specs:
         check_preset(name, preset)
     check_output_dir(args.output_dir)
+    require("matplotlib")  # the plots come last: fail before the scoring, not after
     data = read_rows(args.data, args.split)
     columns = (args.prompt_column, args.chosen_column, args.rejected_column, args.subset_column, args.id_column)
     require_columns(data, args.data, columns)
     if len(data) == 0:
         raise UsageError(f"{args.data}: has no rows")
+    for number, subset in enumerate(data[args.subset_column]):
+        if not isinstance(subset, str) or not subset:
+            raise UsageError(f"{args.data}: row {number} has {args.subset_column!r} {subset!r}; every row needs a "
+                             "subset name")
     results, margins = [], []
     for spec in specs:
         result, ms = evaluate(args, spec, data)

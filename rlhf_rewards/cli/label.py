@@ -8,7 +8,7 @@ import time
 from collections import Counter
 from contextlib import nullcontext
 
-from .common import Progress, UsageError, add_model_arguments, check_preset, load_model, reports_usage_errors
+from .common import Progress, add_model_arguments, check_preset, load_model, reports_usage_errors
 from .data_io import (add_data_arguments, check_output, chunks, open_output, read_rows, require_columns, unique_ids,
                       write_rows)
 

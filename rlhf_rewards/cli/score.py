@@ -83,6 +83,10 @@ def run(args: argparse.Namespace) -> int:
     written, done = _already_done(args, data)
     rewards = [row.get(args.reward_column) for row in written]
 
+    if len(written) == len(data):
+        print(summary(rewards, args.reward_column, 0, time.perf_counter() - start, len(written)), file=sys.stderr)
+        return 0  # nothing left to score: no need to load the model
+
     from .scoring import RowScorer
 
     model = load_model(args, args.model, args.preset, args.tokenizer)

@@ -49,46 +49,42 @@ class RowScorer:
             for k, x in todo.items():
                 self._fill([k], [x], run)
 
-    def _collect(self, keys: list[Optional[bytes]], errors: list[Optional[str]]) -> list[Result]:
+    def _score(self, rows: Sequence[tuple], read: Callable[..., tuple], run: Callable[[list], list[float]]
+               ) -> list[Result]:
+        """Validate each row with ``read(*row) -> (what the model reads, input for run)`` (a ``ValueError`` is that
+        row's error), then compute the values of the distinct inputs not known yet."""
+        keys: list[Optional[bytes]] = []
+        errors: list[Optional[str]] = []
+        inputs = []
+        for row in rows:
+            try:
+                seen, item = read(*row)
+            except ValueError as err:
+                keys.append(None)
+                errors.append(str(err))
+                continue
+            keys.append(_key(seen))
+            errors.append(None)
+            inputs.append(item)
+        self._fill([k for k in keys if k is not None], inputs, run)
         return [(None, e) if k is None else (self._values.get(k), self._errors.get(k)) for k, e in zip(keys, errors)]
 
     def rewards(self, prompts: Sequence[PromptInput], completions: Sequence[CompletionInput]) -> list[Result]:
         """A scalar model's reward for each ``(prompt, completion)`` row."""
-        keys: list[Optional[bytes]] = []
-        errors: list[Optional[str]] = []
-        texts = []
-        for p, c in zip(prompts, completions):
-            try:
-                text = self.model.format(p, c)
-            except ValueError as err:
-                keys.append(None)
-                errors.append(str(err))
-                continue
-            keys.append(_key(text))
-            errors.append(None)
-            texts.append(text)
-        self._fill([k for k in keys if k is not None], texts, self.model.score_texts)
-        return self._collect(keys, errors)
+        def read(p, c):
+            text = self.model.format(p, c)
+            return text, text
+
+        return self._score(list(zip(prompts, completions)), read, self.model.score_texts)
 
     def preferences(self, prompts: Sequence[PromptInput], completions_a: Sequence[CompletionInput],
                     completions_b: Sequence[CompletionInput]) -> list[Result]:
         """A pairwise model's ``P(a better than b)`` for each row (both orders, combined as the model does)."""
-        keys: list[Optional[bytes]] = []
-        errors: list[Optional[str]] = []
-        items = []
-        for p, a, b in zip(prompts, completions_a, completions_b):
-            try:
-                texts = self.model.format(p, a, b)  # validates the row as the model will read it
-            except ValueError as err:
-                keys.append(None)
-                errors.append(str(err))
-                continue
-            keys.append(_key(texts))
-            errors.append(None)
-            items.append((p, a, b))
-        self._fill([k for k in keys if k is not None], items,
-                   lambda batch: self.model.compare(*(list(col) for col in zip(*batch))))
-        return self._collect(keys, errors)
+        def read(p, a, b):
+            return self.model.format(p, a, b), (p, a, b)  # the texts of both orders identify the comparison
+
+        return self._score(list(zip(prompts, completions_a, completions_b)), read,
+                           lambda batch: self.model.compare(*(list(col) for col in zip(*batch))))
 
     def against(self, prompts: Sequence[PromptInput], completions: Sequence[CompletionInput],
                 baselines: Optional[Sequence[CompletionInput]], transform: str = "logodds") -> list[Result]:
