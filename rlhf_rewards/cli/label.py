@@ -64,7 +64,7 @@ def scalar_pairs(scorer, prompts: list, groups: list[list]) -> list:
         start += len(g)
         bad = next(((j, e) for j, (r, e) in enumerate(results) if r is None), None)
         if bad is not None:
-            out.append(Skip("unscorable candidate", f"candidate {bad[0]}: {bad[1]}"))
+            out.append(Skip("could not be scored", f"candidate {bad[0]}: {bad[1]}"))
             continue
         rewards = [r for r, _ in results]
         best = max(range(len(g)), key=lambda k: (rewards[k], -k))
@@ -82,7 +82,7 @@ def _knockouts(model, prompts: list, groups: list[list]) -> list:
         return list(zip(knockout(model, prompts, groups), knockout(model, prompts, groups, worst=True)))
     except Exception as err:
         if len(prompts) == 1:
-            return [Skip("unscorable candidate", f"{type(err).__name__}: {err}")]
+            return [Skip("could not be scored", f"{type(err).__name__}: {err}")]
         return [r for p, g in zip(prompts, groups) for r in _knockouts(model, [p], [g])]
 
 
@@ -100,7 +100,7 @@ def pairwise_pairs(scorer, prompts: list, groups: list[list]) -> list:
     for i, (p, err) in zip(live, prefs):
         best, worst = ends[i]
         if p is None:
-            out[i] = Skip("unscorable candidate", err)
+            out[i] = Skip("could not be scored", err)
         elif best == worst or p < 0.5:
             out[i] = Skip("cyclic preferences", "the knockout's best does not beat its worst")
         elif p == 0.5:

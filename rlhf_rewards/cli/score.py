@@ -39,6 +39,11 @@ def _already_done(args: argparse.Namespace, data) -> tuple[list[dict], set[str] 
         if len(written) > len(data):
             raise UsageError(f"{args.output}: holds {len(written)} rows, more than the {len(data)} of {args.data}; "
                              "not an output of this input")
+        columns = [c for c in (args.prompt_column, args.completion_column) if c]
+        for number, (row, source) in enumerate(zip(written, data.select(range(len(written)))), start=1):
+            if any(id_key(row.get(c)) != id_key(source[c]) for c in columns):
+                raise UsageError(f"{args.output}:{number}: differs from row {number - 1} of {args.data}; not an "
+                                 "output of this input (or the input changed): resume by --id-column instead")
         return written, len(written)
     input_ids = {id_key(v) for v in data[args.id_column]}
     done = set()
