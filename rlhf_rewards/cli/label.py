@@ -111,6 +111,30 @@ def pairwise_pairs(scorer, prompts: list, groups: list[list]) -> list:
     return out
 
 
+def label_chunk(scorer, make_pairs, first: int, rows: list[dict], args: argparse.Namespace
+                ) -> tuple[list[dict], list[dict]]:
+    """The DPO rows of a chunk, and its rows without a pair (``row`` number, id, ``reason``, ``detail``)."""
+    groups: list = []
+    for row in rows:
+        try:
+            groups.append(distinct(row[args.candidates_column], args.candidates_column))
+        except Skip as skip:
+            groups.append(skip)
+    live = [k for k, g in enumerate(groups) if not isinstance(g, Skip)]
+    results = list(groups)
+    for k, r in zip(live, make_pairs(scorer, [rows[k][args.prompt_column] for k in live], [groups[k] for k in live])):
+        results[k] = r
+    pairs, skips = [], []
+    for k, (row, r) in enumerate(zip(rows, results)):
+        ident = {args.id_column: row[args.id_column]} if args.id_column else {}
+        if isinstance(r, Skip):
+            skips.append({"row": first + k, **ident, "reason": r.reason, "detail": str(r)})
+        else:
+            pairs.append({**ident, "prompt": row[args.prompt_column], "chosen": r[0], "rejected": r[1],
+                          "chosen_reward": r[2], "rejected_reward": r[3]})
+    return pairs, skips
+
+
 @reports_usage_errors("label")
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
@@ -131,25 +155,7 @@ def run(args: argparse.Namespace) -> int:
     with open_output(args.output) as out, open_output(args.skipped_output) if args.skipped_output else \
             nullcontext() as skipped_out, Progress(len(data), "label", model) as progress:
         for first, rows in chunks(data, args.chunk_size):
-            groups: list = []
-            for k, row in enumerate(rows):
-                try:
-                    groups.append(distinct(row[args.candidates_column], args.candidates_column))
-                except Skip as skip:
-                    groups.append(skip)
-            live = [k for k, g in enumerate(groups) if not isinstance(g, Skip)]
-            results = list(groups)
-            for k, r in zip(live, make_pairs(scorer, [rows[k][args.prompt_column] for k in live],
-                                              [groups[k] for k in live])):
-                results[k] = r
-            pairs, skips = [], []
-            for k, (row, r) in enumerate(zip(rows, results)):
-                ident = {args.id_column: row[args.id_column]} if args.id_column else {}
-                if isinstance(r, Skip):
-                    skips.append({"row": first + k, **ident, "reason": r.reason, "detail": str(r)})
-                else:
-                    pairs.append({**ident, "prompt": row[args.prompt_column], "chosen": r[0], "rejected": r[1],
-                                  "chosen_reward": r[2], "rejected_reward": r[3]})
+            pairs, skips = label_chunk(scorer, make_pairs, first, rows, args)
             write_rows(out, pairs)
             if skipped_out is not None:
                 write_rows(skipped_out, skips)
