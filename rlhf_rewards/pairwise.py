@@ -207,6 +207,17 @@ def best_of_n(model, prompts: Sequence[PromptInput], candidates: Sequence[Sequen
     if model.kind == "scalar":
         return [g.first[max(range(len(s)), key=lambda u: (s[u], -u))]
                 for g, s in zip(groups, _scores_once(model, groups))]
+    return knockout(model, prompts, candidates)
+
+
+def knockout(model, prompts: Sequence[PromptInput], candidates: Sequence[Sequence[CompletionInput]], *,
+             worst: bool = False) -> list[int]:
+    """Index of the best (or with ``worst=True``, the worst) candidate for each prompt by a knockout tournament of
+    pairwise preferences: one comparison (in both orders) per distinct candidate after the first, batched across
+    prompts round by round. A challenger replaces the holder only when strictly preferred to it (``worst``: strictly
+    dispreferred, ``P < 0.5``), so ties keep the earlier candidate; candidates with the same text count as the first
+    of them."""
+    groups = _check_candidates(prompts, candidates)
     holder = [0] * len(groups)  # a distinct-text index
     for rnd in range(1, max(len(g.first) for g in groups)):
         live = [k for k, g in enumerate(groups) if rnd < len(g.first)]
@@ -214,7 +225,7 @@ def best_of_n(model, prompts: Sequence[PromptInput], candidates: Sequence[Sequen
                               [groups[k].members[groups[k].first[rnd]] for k in live],
                               [groups[k].members[groups[k].first[holder[k]]] for k in live])
         for k, p in zip(live, probs):
-            if p > 0.5:
+            if (p < 0.5) if worst else (p > 0.5):
                 holder[k] = rnd
     return [g.first[u] for g, u in zip(groups, holder)]
 

@@ -117,6 +117,10 @@ class ScalarModelBase(RewardModel):
         return self._render_at(normalize_prompt(prompt, "prompt"), normalize_completion(completion, "completion"),
                                "prompt")
 
+    def encode(self, prompt: PromptInput, completion: CompletionInput) -> list[int]:
+        """The token ids the model reads for one prompt and completion, truncated as scoring truncates (for
+        debugging)."""
+        return self.tokenize([self.format(prompt, completion)])[0]
 
     def score_texts(self, texts: Sequence[str]) -> list[float]:
         """Rewards of already-rendered texts (as :meth:`format` returns them), in input order."""
@@ -154,6 +158,12 @@ class PairwiseRewardModel(RewardModel):
                ) -> list[str]:
         """The exact texts the model reads to compare ``completion_a`` with ``completion_b`` (one per order, A
         first), before tokenization (for debugging)."""
+        raise NotImplementedError
+
+    def encode(self, prompt: PromptInput, completion_a: CompletionInput, completion_b: CompletionInput
+               ) -> list[list[int]]:
+        """The token ids the model reads to compare ``completion_a`` with ``completion_b``, truncated as scoring
+        truncates (for debugging); one row per order, A first, unless the model reads one row for both."""
         raise NotImplementedError
 
     def _compare_both_orders(self, items: list[tuple[list[Message], str, str]]

@@ -168,6 +168,14 @@ class PairPMRewardModel(PairwiseRewardModel):
         b = normalize_completion(completion_b, "completion_b")
         return [render_rlhflow_pair(context, a, b, self.tokenizer), render_rlhflow_pair(context, b, a, self.tokenizer)]
 
+    def encode(self, prompt: PromptInput, completion_a: CompletionInput, completion_b: CompletionInput
+               ) -> list[list[int]]:
+        """The token ids of orders (A, B) and (B, A), the context shortened as scoring shortens it."""
+        context = self._context(normalize_prompt(prompt, "prompt"), "prompt")
+        a = normalize_completion(completion_a, "completion_a")
+        b = normalize_completion(completion_b, "completion_b")
+        return [self._encode(context, a, b), self._encode(context, b, a)]
+
     def _encode(self, context: str, first: str, second: str) -> list[int]:
         """Token ids of one order, the context shortened from its start if the whole exceeds ``max_length``
         (the responses and the question's final turn are what the comparison is about)."""
