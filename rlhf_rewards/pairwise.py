@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, Union
 
-from .conversation import CompletionInput, PromptInput, check_same_length, normalize_completion, normalize_prompt
+from .backends.base import raise_first
+from .chat_parsing import completion_text
+from .conversation import CompletionInput, Message, PromptInput, SampleError, check_same_length, normalize_completion
 
 Transform = Literal["probability", "centered", "logodds"]
 
@@ -47,18 +49,43 @@ def apply_transform(probabilities: Sequence[float], transform: Transform = "logo
     raise ValueError(f"unknown transform {transform!r}; expected 'probability', 'centered' or 'logodds'")
 
 
-def _check_groups(prompts: Sequence[PromptInput], group_size: int) -> int:
+def _group_messages(model, prompts: Sequence[PromptInput], group_size: int) -> list[list[Message]]:
+    """Each group's prompt as messages, every prompt validated (and parsed, when the model parses templated
+    prompts) once; raises unless each group's prompts are the same conversation."""
     if group_size < 1:
         raise ValueError(f"group_size must be positive, got {group_size}")
     if len(prompts) % group_size:
         raise ValueError(f"{len(prompts)} completions do not split into groups of {group_size}")
+    groups = []
     for start in range(0, len(prompts), group_size):
-        first = normalize_prompt(prompts[start], f"prompts[{start}]")
+        first = model._prompt(prompts[start], f"prompts[{start}]")[0]
         for k in range(start + 1, start + group_size):
-            if normalize_prompt(prompts[k], f"prompts[{k}]") != first:
+            if model._prompt(prompts[k], f"prompts[{k}]")[0] != first:
                 raise ValueError(f"prompts[{k}] differs from prompts[{start}], the first of its group of "
                                  f"{group_size}: a group's completions must answer the same prompt")
-    return len(prompts) // group_size
+        groups.append(first)
+    return groups
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-max(-700.0, min(700.0, x))))
+
+
+def _preference_samples(model, items: Sequence[tuple[list[Message], str, str]]
+                        ) -> list[Union[float, SampleError]]:
+    """``P(a better than b)`` or the :class:`SampleError` (no location) per validated ``(messages, a, b)``: a
+    pairwise model's comparison; for a scalar model, the Bradley-Terry probability ``sigmoid(r(a) - r(b))``."""
+    if model.kind == "pairwise":
+        return model._compare_prepared(items)
+    rewards = model._score_prepared([(m, a, None) for m, a, _ in items] + [(m, b, None) for m, _, b in items])
+    n = len(items)
+    out: list[Union[float, SampleError]] = []
+    for k in range(n):
+        ra, rb = rewards[k], rewards[n + k]
+        bad = next((r for r in (ra, rb) if isinstance(r, SampleError)), None)
+        out.append(SampleError(k, str(bad), "pair" if bad.about != "prompt" else "prompt") if bad
+                   else _sigmoid(ra - rb))
+    return out
 
 
 def preferences(model, prompts: Sequence[PromptInput], completions_a: Sequence[CompletionInput],
@@ -70,29 +97,70 @@ def preferences(model, prompts: Sequence[PromptInput], completions_a: Sequence[C
     check_same_length(prompts=prompts, completions_a=completions_a, completions_b=completions_b)
     rewards = model.score(list(prompts) + list(prompts), list(completions_a) + list(completions_b))
     n = len(prompts)
-    return [1.0 / (1.0 + math.exp(-max(-700.0, min(700.0, ra - rb)))) for ra, rb in zip(rewards[:n], rewards[n:])]
+    return [_sigmoid(ra - rb) for ra, rb in zip(rewards[:n], rewards[n:])]
 
 
-def _compare_within(model, prompts: Sequence[PromptInput], groups: Sequence[Sequence[CompletionInput]],
-                    mode: GroupMode) -> list[tuple[int, int, float]]:
-    """Compare members of each group (``prompts[g]`` with ``groups[g]``) in one batched call; return
-    ``(i, j, P(member i beats member j))`` with ``i``, ``j`` indices into the flattened groups."""
+def _compare_within(model, prompts: Sequence[list[Message]], groups: Sequence[Sequence[str]], mode: GroupMode
+                    ) -> list[tuple[int, int, Union[float, SampleError]]]:
+    """Compare members of each group (validated ``prompts[g]`` messages with the texts ``groups[g]``) in one
+    batched call; return ``(i, j, P(member i beats member j) or why it cannot be had)`` with ``i``, ``j`` indices
+    into the flattened groups."""
     if mode not in ("round-robin", "anchor"):
         raise ValueError(f"unknown group mode {mode!r}; expected 'round-robin' or 'anchor'")
-    pa, pb, pp, where = [], [], [], []
+    items, where = [], []
     offset = 0
-    for prompt, members in zip(prompts, groups):
+    for messages, members in zip(prompts, groups):
         n = len(members)
         pairs = ([(i, j) for i in range(n) for j in range(i + 1, n)] if mode == "round-robin"
                  else [(i, 0) for i in range(1, n)])
         for i, j in pairs:
-            pp.append(prompt)
-            pa.append(members[i])
-            pb.append(members[j])
+            items.append((messages, members[i], members[j]))
             where.append((offset + i, offset + j))
         offset += n
-    probs = preferences(model, pp, pa, pb) if pa else []
+    with model._call("group comparison"):
+        probs = _preference_samples(model, items) if items else []
     return [(i, j, p) for (i, j), p in zip(where, probs)]
+
+
+def rewards_within_groups(model, prompts: Sequence[list[Message]], groups: Sequence[Sequence[str]], *,
+                          mode: GroupMode = "round-robin", transform: Transform = "logodds"
+                          ) -> list[Union[float, SampleError]]:
+    """:func:`group_rewards` on validated inputs (each group's messages and its completion texts, groups of any
+    size), per completion (flattened) its reward or the :class:`SampleError` saying why it has none.
+
+    A comparison that cannot be made (e.g. two pair-PM responses too long together) is left out of both members'
+    means; a member left with no comparison, in a group that has other members, has no reward: its error is the
+    reason of its first failed comparison.
+    """
+    apply_transform([0.5], transform)
+    results = _compare_within(model, prompts, groups, mode)
+    ok = [(i, j, p) for i, j, p in results if not isinstance(p, SampleError)]
+    forward = apply_transform([p for _, _, p in ok], transform)
+    backward = apply_transform([1.0 - p for _, _, p in ok], transform)
+    size = sum(len(g) for g in groups)
+    totals, counts = [0.0] * size, [0] * size
+    for (i, j, _), f, b in zip(ok, forward, backward):
+        totals[i] += f
+        counts[i] += 1
+        if mode == "round-robin":
+            totals[j] += b
+            counts[j] += 1
+    failed: dict[int, SampleError] = {}
+    for i, j, p in results:
+        if isinstance(p, SampleError):
+            failed.setdefault(i, p)
+            if mode == "round-robin" or p.about == "prompt":
+                failed.setdefault(j, p)
+    tie = apply_transform([0.5], transform)[0]
+    out: list[Union[float, SampleError]] = []
+    for k in range(size):
+        if counts[k]:
+            out.append(totals[k] / counts[k])
+        elif k in failed:
+            out.append(SampleError(k, str(failed[k]), failed[k].about))
+        else:
+            out.append(tie)
+    return out
 
 
 def group_rewards(model, prompts: Sequence[PromptInput], completions: Sequence[CompletionInput], group_size: int,
@@ -102,24 +170,16 @@ def group_rewards(model, prompts: Sequence[PromptInput], completions: Sequence[C
     ``"round-robin"``: each completion's reward is the mean of ``transform(P(it beats k))`` over the other members
     ``k`` of its group; ``n(n-1)/2`` comparisons per group (each in both orders). ``"anchor"``: linear cost, each
     completion is compared with its group's first completion (the anchor), whose own reward is the tie value.
-    A group of one gets the tie value.
+    A group of one gets the tie value. Raises ``ValueError`` naming the first completion that cannot be scored
+    (see :func:`rewards_within_groups` for per-completion errors).
     """
-    n_groups = _check_groups(prompts, group_size)
     check_same_length(prompts=prompts, completions=completions)
-    groups = [completions[g * group_size:(g + 1) * group_size] for g in range(n_groups)]
-    results = _compare_within(model, [prompts[g * group_size] for g in range(n_groups)], groups, mode)
-    forward = apply_transform([p for _, _, p in results], transform)
-    backward = apply_transform([1.0 - p for _, _, p in results], transform)
-    totals = [0.0] * len(completions)
-    counts = [0] * len(completions)
-    for (i, j, _), f, b in zip(results, forward, backward):
-        totals[i] += f
-        counts[i] += 1
-        if mode == "round-robin":
-            totals[j] += b
-            counts[j] += 1
-    tie = apply_transform([0.5], transform)[0]
-    return [t / c if c else tie for t, c in zip(totals, counts)]
+    messages = _group_messages(model, prompts, group_size)
+    texts = [normalize_completion(c, f"completions[{i}]") for i, c in enumerate(completions)]
+    groups = [texts[g * group_size:(g + 1) * group_size] for g in range(len(messages))]
+    results = rewards_within_groups(model, messages, groups, mode=mode, transform=transform)
+    return raise_first([r.at(k, f"completions[{k}]") if isinstance(r, SampleError) else r
+                        for k, r in enumerate(results)])
 
 
 def _check_candidates(prompts: Sequence[PromptInput], candidates: Sequence[Sequence[CompletionInput]]) -> None:
@@ -139,6 +199,8 @@ def best_of_n(model, prompts: Sequence[PromptInput], candidates: Sequence[Sequen
     a challenger replaces the holder only when ``P(challenger better) > 0.5``, so ties keep the earlier candidate.
     """
     _check_candidates(prompts, candidates)
+    if not candidates:
+        return []
     if model.kind == "scalar":
         flat_p = [p for p, cands in zip(prompts, candidates) for _ in cands]
         flat_c = [c for cands in candidates for c in cands]
@@ -174,7 +236,15 @@ def rank(model, prompts: Sequence[PromptInput], candidates: Sequence[Sequence[Co
         values = model.score(flat_p, flat_c)
     else:
         values = [0.0] * len(flat_c)
-        for i, j, p in _compare_within(model, prompts, candidates, "round-robin"):
+        messages, groups = [], []
+        for g, (prompt, cands) in enumerate(zip(prompts, candidates)):
+            m, fmt = model._prompt(prompt, f"prompts[{g}]")
+            messages.append(m)
+            groups.append([completion_text(c, fmt, f"candidates[{g}][{k}]") for k, c in enumerate(cands)])
+        where = [f"candidates[{g}][{k}]" for g, cands in enumerate(candidates) for k in range(len(cands))]
+        for i, j, p in _compare_within(model, messages, groups, "round-robin"):
+            if isinstance(p, SampleError):
+                raise p.at(i, f"{where[i]} and {where[j]}")
             values[i] += p
             values[j] += 1.0 - p
     order, start = [], 0
