@@ -8,13 +8,15 @@ earlier candidate comes first. Two identical completion strings are a tie withou
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import Literal, Union
 
 from .backends.base import raise_first
 from .chat_parsing import completion_text
-from .conversation import CompletionInput, Message, PromptInput, SampleError, check_same_length, normalize_completion
+from .conversation import (CompletionInput, Message, PromptInput, SampleError, check_same_length, normalize_completion,
+                           normalize_prompt)
 
 Transform = Literal["probability", "centered", "logodds"]
 
@@ -49,6 +51,13 @@ def apply_transform(probabilities: Sequence[float], transform: Transform = "logo
     raise ValueError(f"unknown transform {transform!r}; expected 'probability', 'centered' or 'logodds'")
 
 
+def _prompt_of(model, prompt: PromptInput, where: str) -> tuple[list[Message], str]:
+    """The prompt's messages and chat format as ``model`` reads them (its ``parse_templates`` rule); any other
+    object with ``kind`` and ``compare``/``score`` gets the prompt validated as it is."""
+    parse = getattr(model, "_prompt", None)
+    return parse(prompt, where) if parse is not None else (normalize_prompt(prompt, where), "plain")
+
+
 def _group_messages(model, prompts: Sequence[PromptInput], group_size: int) -> list[list[Message]]:
     """Each group's prompt as messages, every prompt validated (and parsed, when the model parses templated
     prompts) once; raises unless each group's prompts are the same conversation."""
@@ -58,9 +67,9 @@ def _group_messages(model, prompts: Sequence[PromptInput], group_size: int) -> l
         raise ValueError(f"{len(prompts)} completions do not split into groups of {group_size}")
     groups = []
     for start in range(0, len(prompts), group_size):
-        first = model._prompt(prompts[start], f"prompts[{start}]")[0]
+        first = _prompt_of(model, prompts[start], f"prompts[{start}]")[0]
         for k in range(start + 1, start + group_size):
-            if model._prompt(prompts[k], f"prompts[{k}]")[0] != first:
+            if _prompt_of(model, prompts[k], f"prompts[{k}]")[0] != first:
                 raise ValueError(f"prompts[{k}] differs from prompts[{start}], the first of its group of "
                                  f"{group_size}: a group's completions must answer the same prompt")
         groups.append(first)
@@ -75,10 +84,14 @@ def _preference_samples(model, items: Sequence[tuple[list[Message], str, str]]
                         ) -> list[Union[float, SampleError]]:
     """``P(a better than b)`` or the :class:`SampleError` (no location) per validated ``(messages, a, b)``: a
     pairwise model's comparison; for a scalar model, the Bradley-Terry probability ``sigmoid(r(a) - r(b))``."""
+    n = len(items)
+    if not hasattr(model, "_compare_prepared" if model.kind == "pairwise" else "_score_prepared"):
+        # a model of the caller's own with only the public methods: its errors raise
+        messages, a, b = [m for m, _, _ in items], [x for _, x, _ in items], [y for _, _, y in items]
+        return preferences(model, messages, a, b)
     if model.kind == "pairwise":
         return model._compare_prepared(items)
     rewards = model._score_prepared([(m, a, None) for m, a, _ in items] + [(m, b, None) for m, _, b in items])
-    n = len(items)
     out: list[Union[float, SampleError]] = []
     for k in range(n):
         ra, rb = rewards[k], rewards[n + k]
@@ -117,7 +130,8 @@ def _compare_within(model, prompts: Sequence[list[Message]], groups: Sequence[Se
             items.append((messages, members[i], members[j]))
             where.append((offset + i, offset + j))
         offset += n
-    with model._call("group comparison"):
+    call = getattr(model, "_call", None)
+    with call("group comparison") if call is not None else contextlib.nullcontext():
         probs = _preference_samples(model, items) if items else []
     return [(i, j, p) for (i, j), p in zip(where, probs)]
 
@@ -238,7 +252,7 @@ def rank(model, prompts: Sequence[PromptInput], candidates: Sequence[Sequence[Co
         values = [0.0] * len(flat_c)
         messages, groups = [], []
         for g, (prompt, cands) in enumerate(zip(prompts, candidates)):
-            m, fmt = model._prompt(prompt, f"prompts[{g}]")
+            m, fmt = _prompt_of(model, prompt, f"prompts[{g}]")
             messages.append(m)
             groups.append([completion_text(c, fmt, f"candidates[{g}][{k}]") for k, c in enumerate(cands)])
         where = [f"candidates[{g}][{k}]" for g, cands in enumerate(candidates) for k in range(len(cands))]
