@@ -70,10 +70,9 @@ def locate(name_or_path: str, what: str = "model") -> str:
         raise FileNotFoundError(f"{what} {path!r} is a file; pass the directory that holds the model's files")
     if not _HUB_ID.fullmatch(path) or path.startswith(("/", ".", "~")):
         raise FileNotFoundError(f"{what} directory {path!r} does not exist")
-    cached = _cached_snapshot(path)
     elsewhere = f"(and there is no local directory {path!r})"
     if _offline():
-        if cached is None:
+        if _cached_snapshot(path) is None:
             raise OSError(f"{what} {path!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
                           f"downloading it {elsewhere}. Download it once where the hub can be reached (e.g. "
                           f"`hf download {path}`), or pass a local directory.")
@@ -81,6 +80,7 @@ def locate(name_or_path: str, what: str = "model") -> str:
     reason = _hub_unreachable()
     if reason is None:
         return path
+    cached = _cached_snapshot(path)
     if cached is None:
         raise OSError(f"cannot download {what} {path!r}: the hub does not answer ({reason}) and the repository is "
                       f"not in the local Hugging Face cache {elsewhere}. Check the network or HF_ENDPOINT, or pass a "

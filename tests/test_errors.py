@@ -226,3 +226,22 @@ def test_templated_prompts_are_parsed_in_the_direct_api_with_a_switch(tiny_dir, 
     pm = models(PM)
     llama3 = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
     assert pm.format(llama3, "a", "b") == pm.format("Hi", "a", "b")
+
+
+def test_more_of_the_same_kind_named_before_loading(tiny_dir, monkeypatch):
+    path = tiny_dir("ray2333-mistral-7b")
+    with pytest.raises(ValueError, match="max_length=1 leaves no room beside the 1 special tokens"):
+        load_reward_model(path, max_length=1)
+    with pytest.raises(ValueError, match="max_batch_tokens must be a positive number of tokens.*got 0"):
+        load_reward_model(path, max_batch_tokens=0)
+    with pytest.raises(ValueError, match="quantization must be None, '8bit' or '4bit', got 'int8'"):
+        load_reward_model(path, quantization="int8")
+    with pytest.raises(ValueError, match="cannot read device 'gpu'"):
+        load_reward_model(path, device="gpu")
+    with pytest.raises(ValueError, match="'Nexusflow/Starling-RM-34B' is the hub id of preset 'starling-rm-34b'"):
+        load_reward_model(path, preset="Nexusflow/Starling-RM-34B")
+    assert load_reward_model(path, preset="Ray2333-Mistral-7B").preset.name == "ray2333-mistral-7b"
+    with pytest.raises(FileNotFoundError, match="is a file; pass the directory"):
+        load_reward_model(os.path.join(path, "config.json"), preset="ray2333-mistral-7b")
+    with pytest.raises(FileNotFoundError, match="tokenizer directory '/no/such/tokenizer' does not exist"):
+        load_reward_model(path, tokenizer="/no/such/tokenizer")

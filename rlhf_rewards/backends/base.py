@@ -94,6 +94,9 @@ class RewardModel:
         self.parse_templates = parse_templates
         self.stats = RewardStats()
         self._prefix, self._suffix = _special_affixes(tokenizer, preset.add_special_tokens)
+        if max_length is not None and max_length <= self._prefix + self._suffix:
+            raise ValueError(f"max_length={max_length} leaves no room beside the {self._prefix + self._suffix} "
+                             f"special tokens {preset.name}'s tokenizer adds to every input")
         self._depth = 0
 
     def __repr__(self) -> str:
