@@ -10,9 +10,8 @@ import time
 import pytest
 import torch
 
-from rlhf_rewards import RewardFunction, best_of_n, group_rewards, load_reward_model
+from rlhf_rewards import RewardFunction, SampleError, best_of_n, group_rewards, load_reward_model
 from rlhf_rewards.backends.base import TooLongError
-from rlhf_rewards.conversation import SampleError
 
 PM = "rlhflow-pair-pm-llama3-8b"
 
@@ -155,7 +154,7 @@ def test_an_over_long_pair_names_index_and_token_counts_and_spares_the_rest(mode
     long_a, long_b = _long_text(pm, 200), _long_text(pm, 150)
     prompts, a, b = ["Q1", "Q2", "Q3"], ["short one", long_a, "fine"], ["short two", long_b, "good"]
     results = pm.compare_samples(prompts, a, b)
-    assert isinstance(results[1], TooLongError) and results[1].index == 1
+    assert isinstance(results[1], TooLongError) and isinstance(results[1], SampleError) and results[1].index == 1
     message = str(results[1])
     assert message.startswith("completions_a[1] and completions_b[1]: the two responses take ")
     assert "max_length=256" in message

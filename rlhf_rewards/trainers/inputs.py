@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 from ..backends.base import RewardModel
 from ..conversation import Message
