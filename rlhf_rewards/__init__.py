@@ -8,7 +8,8 @@ The main entry points:
   group of completions into rewards.
 """
 
-from .backends.base import PairwiseRewardModel, RewardModel, ScalarModelBase
+from .backends.base import PairwiseRewardModel, RewardModel, ScalarModelBase, TooLongError
+from .conversation import SampleError
 from .trainers import PPORewardAdapter, RewardFunction
 from .loading import load_reward_model
 from .pairwise import apply_transform, best_of_n, group_rewards, rank
@@ -24,7 +25,9 @@ __all__ = [
     "RewardFunction",
     "RewardModel",
     "RewardStats",
+    "SampleError",
     "ScalarModelBase",
+    "TooLongError",
     "apply_transform",
     "best_of_n",
     "group_rewards",

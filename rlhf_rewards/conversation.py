@@ -21,6 +21,31 @@ CompletionInput = Union[str, Sequence[Mapping[str, str]]]
 ROLES = ("system", "user", "assistant")
 
 
+class SampleError(ValueError):
+    """Why one sample (one completion, or one comparison) could not be scored.
+
+    The per-sample entry points (``score_samples``, ``compare_samples``) return it in that sample's place instead
+    of raising, so one bad sample never costs the others their rewards; ``str(error)`` names the input and index,
+    e.g. ``"prompts[3]: ..."``. ``index`` is the sample's position in the call; ``about`` what the error concerns:
+    ``"prompt"``, ``"completion"`` or ``"pair"`` (two completions together, e.g. too long for the model).
+    """
+
+    def __init__(self, index: int, message: str, about: str = "prompt"):
+        super().__init__(message)
+        self.index = index
+        self.about = about
+
+    def at(self, index: int, where: str) -> SampleError:
+        """The same error for sample ``index``, its message prefixed with the location ``where``."""
+        return type(self)(index, f"{where}: {self}", self.about)
+
+
+def _not_bytes(value: object, where: str, what: str) -> None:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        raise ValueError(f"{where}: expected {what}, got {type(value).__name__} (decode it first, e.g. "
+                         "value.decode('utf-8'))")
+
+
 def _check_message(msg: object, where: str) -> Message:
     if not isinstance(msg, Mapping):
         raise ValueError(f"{where}: expected a dict with 'role' and 'content', got {type(msg).__name__}")
@@ -32,6 +57,7 @@ def _check_message(msg: object, where: str) -> Message:
     if content is None:
         raise ValueError(f"{where}: content is None")
     if not isinstance(content, str):
+        _not_bytes(content, f"{where}['content']", "a string")
         raise ValueError(f"{where}: content must be a string, got {type(content).__name__}")
     return {"role": role, "content": content}
 
@@ -43,6 +69,7 @@ def normalize_prompt(prompt: object, where: str) -> list[Message]:
     """
     if prompt is None:
         raise ValueError(f"{where}: prompt is None")
+    _not_bytes(prompt, where, "a string or a list of messages")
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
     if isinstance(prompt, Mapping) or not isinstance(prompt, Sequence):
@@ -64,6 +91,7 @@ def normalize_completion(completion: object, where: str) -> str:
     """Return the completion's text. A conversational completion must be exactly one assistant message."""
     if completion is None:
         raise ValueError(f"{where}: completion is None")
+    _not_bytes(completion, where, "a string or [{'role': 'assistant', 'content': ...}]")
     if isinstance(completion, str):
         return completion
     if isinstance(completion, Mapping) or not isinstance(completion, Sequence):

@@ -2,14 +2,37 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal, Optional, Union
 
 import torch
 
 from .backends import LOADERS
 from .backends.base import RewardModel
-from .backends.weights import DeviceSpec, resolve_device, resolve_dtype
-from .presets import Preset, resolve_preset
+from .backends.weights import DeviceSpec, check_device, resolve_device, resolve_dtype
+from .presets import Preset, canonical_hub_id, check_directory_matches, resolve_preset
+from .sources import locate
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json", ".bin.index.json")
+"""File endings of model weights (single files, shards and shard indexes); a directory without any holds no model."""
+
+
+def _positive(name: str, value: Optional[int]) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive number of tokens (or None for the default), got {value!r}")
+    return value
+
+
+def _check_model_directory(path: str, preset: Preset) -> None:
+    """A local directory must hold weights, and a model of a type the preset loads."""
+    names = sorted(os.listdir(path))
+    if not any(n.endswith(WEIGHT_SUFFIXES) for n in names):
+        listing = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "") if names else "it is empty"
+        raise FileNotFoundError(f"model directory {path!r} holds no weights (no *.safetensors, *.bin or *.pt file; "
+                                f"{listing})")
+    check_directory_matches(path, preset)
 
 def load_reward_model(
     name_or_path: str,
@@ -22,32 +45,60 @@ def load_reward_model(
     max_batch_tokens: Optional[int] = None,
     quantization: Optional[Literal["8bit", "4bit"]] = None,
     adapter: Optional[str] = None,
+    parse_templates: bool = True,
 ) -> RewardModel:
     """Load a reward model exactly as its model card does, on its own device.
 
     Args:
-        name_or_path: a hub id (e.g. ``"Nexusflow/Starling-RM-34B"``) or a local directory with the same files.
+        name_or_path: a hub id (e.g. ``"Nexusflow/Starling-RM-34B"``, case-insensitive for the presets' own ids) or
+            a local directory with the same files. Checked before anything loads (see :func:`rlhf_rewards.sources.
+            locate`): a missing path, an empty directory, a directory of another model type than the preset's, a hub
+            repository not cached while offline all fail at once, naming it.
         preset: a preset name from :func:`rlhf_rewards.list_presets`; chosen from the hub id when it is a known
             model, or from a local directory's ``config.json`` when that is unambiguous.
         device: where the reward model lives, independent of the policy (``"cuda:1"``, ``"cuda:{local_rank+4}"``,
             a list indexed by local rank); default: the current GPU, or the CPU without one.
-        dtype: weights' dtype; default: the card's on GPU, float32 on CPU.
+        dtype: weights' dtype: a ``torch.dtype`` or a name (``"bfloat16"``/``"bf16"``, ``"float16"``/``"fp16"``/
+            ``"half"``, ``"float32"``/``"fp32"``/``"float"``); default: the card's on GPU, float32 on CPU.
         tokenizer: a tokenizer object or path; default: the model directory's, else the card's tokenizer source.
-        max_length: token limit per input (default: the card's); longer inputs lose tokens on the left.
+        max_length: token limit per input, a positive int (default: the card's); longer inputs lose tokens as the
+            card truncates, counted in ``stats`` and reported by a warning per call.
         max_batch_tokens: token budget per forward pass (batch size x padded length); bounds peak memory.
         quantization: ``None``, ``"8bit"`` or ``"4bit"`` (bitsandbytes); the reward head stays unquantized.
         adapter: a PEFT adapter (path or hub id) to put on the reward model.
+        parse_templates: parse text prompts already rendered in a chat template (``<|im_start|>``, ``[INST]``,
+            Llama-3 headers, ...) back into messages before the model renders them in its own format, as
+            ``RewardFunction`` does (see ``RewardModel.parse_templates``); ``False`` scores such text as one user
+            turn, markup included.
 
     Returns:
         A :class:`~rlhf_rewards.backends.base.RewardModel`: ``kind == "scalar"`` models have ``score``;
         ``kind == "pairwise"`` models have ``compare`` and ``score(..., baselines=...)``.
     """
+    # everything the caller can get wrong is checked here, before any weights load
+    max_length = _positive("max_length", max_length)
+    max_batch_tokens = _positive("max_batch_tokens", max_batch_tokens)
+    if quantization not in (None, "8bit", "4bit"):
+        raise ValueError(f"quantization must be None, '8bit' or '4bit', got {quantization!r}")
+    if isinstance(name_or_path, str) and not os.path.exists(os.path.expanduser(name_or_path)):
+        name_or_path = canonical_hub_id(name_or_path)
     chosen = resolve_preset(name_or_path, preset)
     dev = resolve_device(device)
+    check_device(dev, device)
+    weights_dtype = resolve_dtype(dtype, chosen, dev)
     try:
         loader = LOADERS[chosen.backend]
     except KeyError:
         raise ValueError(f"preset {chosen.name!r} names unknown backend {chosen.backend!r}") from None
-    return loader(name_or_path, preset=chosen, tokenizer=tokenizer, device=dev, dtype=resolve_dtype(dtype, chosen, dev),
-                  max_length=max_length, max_batch_tokens=max_batch_tokens, quantization=quantization,
-                  adapter=adapter)
+    source = locate(name_or_path, "model")
+    if os.path.isdir(source):
+        _check_model_directory(source, chosen)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = locate(tokenizer, "tokenizer")
+    if isinstance(adapter, (str, os.PathLike)):
+        adapter = locate(adapter, "adapter")
+    model = loader(source, preset=chosen, tokenizer=tokenizer, device=dev, dtype=weights_dtype,
+                   max_length=max_length, max_batch_tokens=max_batch_tokens, quantization=quantization,
+                   adapter=adapter)
+    model.parse_templates = parse_templates
+    return model

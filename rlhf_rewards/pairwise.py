@@ -10,12 +10,15 @@ values and keep their index order.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Union
 
-from .conversation import CompletionInput, PromptInput, check_same_length, normalize_completion, normalize_prompt
+from .backends.base import raise_first
+from .conversation import (CompletionInput, Message, PromptInput, SampleError, check_same_length, normalize_completion,
+                           normalize_prompt)
 
 Transform = Literal["probability", "centered", "logodds"]
 
@@ -50,22 +53,54 @@ def apply_transform(probabilities: Sequence[float], transform: Transform = "logo
     raise ValueError(f"unknown transform {transform!r}; expected 'probability', 'centered' or 'logodds'")
 
 
-def _check_groups(prompts: Sequence[PromptInput], group_size: int) -> int:
+def _prompt_of(model, prompt: PromptInput, where: str) -> tuple[list[Message], str]:
+    """The prompt's messages and chat format as ``model`` reads them (its ``parse_templates`` rule); any other
+    object with ``kind`` and ``compare``/``score`` gets the prompt validated as it is."""
+    parse = getattr(model, "_prompt", None)
+    return parse(prompt, where) if parse is not None else (normalize_prompt(prompt, where), "plain")
+
+
+def _group_messages(model, prompts: Sequence[PromptInput], group_size: int) -> list[list[Message]]:
+    """Each group's prompt as messages, every prompt validated (and parsed, when the model parses templated
+    prompts) once; raises unless each group's prompts are the same conversation."""
     if group_size < 1:
         raise ValueError(f"group_size must be positive, got {group_size}")
     if len(prompts) % group_size:
         raise ValueError(f"{len(prompts)} completions do not split into groups of {group_size}")
+    groups = []
     for start in range(0, len(prompts), group_size):
-        first = normalize_prompt(prompts[start], f"prompts[{start}]")
+        first = _prompt_of(model, prompts[start], f"prompts[{start}]")[0]
         for k in range(start + 1, start + group_size):
-            if normalize_prompt(prompts[k], f"prompts[{k}]") != first:
+            if _prompt_of(model, prompts[k], f"prompts[{k}]")[0] != first:
                 raise ValueError(f"prompts[{k}] differs from prompts[{start}], the first of its group of "
                                  f"{group_size}: a group's completions must answer the same prompt")
-    return len(prompts) // group_size
+        groups.append(first)
+    return groups
 
 
 def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-max(-700.0, min(700.0, x))))
+
+
+def _preference_samples(model, items: Sequence[tuple[list[Message], str, str]]
+                        ) -> list[Union[float, SampleError]]:
+    """``P(a better than b)`` or the :class:`SampleError` (no location) per validated ``(messages, a, b)``: a
+    pairwise model's comparison; for a scalar model, the Bradley-Terry probability ``sigmoid(r(a) - r(b))``."""
+    n = len(items)
+    if not hasattr(model, "_compare_prepared" if model.kind == "pairwise" else "_score_prepared"):
+        # a model of the caller's own with only the public methods: its errors raise
+        messages, a, b = [m for m, _, _ in items], [x for _, x, _ in items], [y for _, _, y in items]
+        return preferences(model, messages, a, b)
+    if model.kind == "pairwise":
+        return model._compare_prepared(items)
+    rewards = model._score_prepared([(m, a, None) for m, a, _ in items] + [(m, b, None) for m, _, b in items])
+    out: list[Union[float, SampleError]] = []
+    for k in range(n):
+        ra, rb = rewards[k], rewards[n + k]
+        bad = next((r for r in (ra, rb) if isinstance(r, SampleError)), None)
+        out.append(SampleError(k, str(bad), "pair" if bad.about != "prompt" else "prompt") if bad
+                   else _sigmoid(ra - rb))
+    return out
 
 
 def _logit(p: float) -> float:
@@ -140,17 +175,71 @@ def _distinct_pairs(groups: Sequence[_Group], mode: GroupMode) -> list[tuple[int
     return pairs
 
 
-def _preferences_once(model, groups: Sequence[_Group], pairs: Sequence[tuple[int, int, int]]) -> list[float]:
-    """``P(u beats v)`` for each ``(group, u, v)``, each distinct comparison made once in one batched call;
-    scalar models: Bradley-Terry of their scores, each distinct text scored once."""
-    if model.kind == "scalar":
-        scores = _scores_once(model, groups)
-        return [_sigmoid(scores[g][u] - scores[g][v]) for g, u, v in pairs]
-    if not pairs:
-        return []
-    return model.compare([groups[g].prompt for g, _, _ in pairs],
-                         [groups[g].members[groups[g].first[u]] for g, u, _ in pairs],
-                         [groups[g].members[groups[g].first[v]] for g, _, v in pairs])
+def preferences(model, prompts: Sequence[PromptInput], completions_a: Sequence[CompletionInput],
+                completions_b: Sequence[CompletionInput]) -> list[float]:
+    """``P(a better than b)`` from any model: a pairwise model's ``compare``; for a scalar model, the
+    Bradley-Terry probability ``sigmoid(r(a) - r(b))`` of its scores."""
+    if model.kind == "pairwise":
+        return model.compare(prompts, completions_a, completions_b)
+    check_same_length(prompts=prompts, completions_a=completions_a, completions_b=completions_b)
+    rewards = model.score(list(prompts) + list(prompts), list(completions_a) + list(completions_b))
+    n = len(prompts)
+    return [_sigmoid(ra - rb) for ra, rb in zip(rewards[:n], rewards[n:])]
+
+
+def rewards_within_groups(model, prompts: Sequence[list[Message]], groups: Sequence[Sequence[str]], *,
+                          mode: GroupMode = "round-robin", transform: Transform = "logodds"
+                          ) -> list[Union[float, SampleError]]:
+    """:func:`group_rewards` on validated inputs (each group's messages and its completion texts, groups of any
+    size), per completion (flattened) its reward or the :class:`SampleError` saying why it has none.
+
+    Each distinct text of a group is compared once; its duplicates are ties with it and get exactly its reward. A
+    comparison that cannot be made (e.g. two pair-PM responses too long together) is left out of both members'
+    means; a member left with no comparison, in a group that has other members, has no reward: its error is the
+    reason of its first failed comparison.
+    """
+    tie = apply_transform([0.5], transform)[0]
+    distinct = [_Group.of_members(messages, texts, "completions") for messages, texts in zip(prompts, groups)]
+    pairs = _distinct_pairs(distinct, mode)
+    items = [(distinct[g].prompt, distinct[g].members[distinct[g].first[u]], distinct[g].members[distinct[g].first[v]])
+             for g, u, v in pairs]
+    call = getattr(model, "_call", None)
+    with call("group comparison") if call is not None else contextlib.nullcontext():
+        probs = _preference_samples(model, items) if items else []
+    ok = [(pair, p) for pair, p in zip(pairs, probs) if not isinstance(p, SampleError)]
+    forward = apply_transform([p for _, p in ok], transform)
+    backward = apply_transform([1.0 - p for _, p in ok], transform)
+    # per distinct text u: the sum of its rewards against member opponents and their number (round robin: its own
+    # duplicates are ties), and how many real comparisons succeeded
+    total = [[tie * (n - 1) if mode == "round-robin" else 0.0 for n in grp.count] for grp in distinct]
+    weight = [[n - 1 if mode == "round-robin" else 0 for n in grp.count] for grp in distinct]
+    made = [[0] * len(grp.count) for grp in distinct]
+    for ((g, u, v), _), f, b in zip(ok, forward, backward):
+        count = distinct[g].count
+        made[g][u] += 1
+        if mode == "anchor":
+            total[g][u], weight[g][u] = f, 1
+            continue
+        made[g][v] += 1
+        total[g][u] += f * count[v]
+        weight[g][u] += count[v]
+        total[g][v] += b * count[u]
+        weight[g][v] += count[u]
+    failed: dict[tuple[int, int], SampleError] = {}
+    for (g, u, v), p in zip(pairs, probs):
+        if isinstance(p, SampleError):
+            failed.setdefault((g, u), p)
+            if mode == "round-robin" or p.about == "prompt":
+                failed.setdefault((g, v), p)
+    out: list[Union[float, SampleError]] = []
+    for g, grp in enumerate(distinct):
+        for u in grp.of:
+            k = len(out)
+            if not made[g][u] and (g, u) in failed:
+                out.append(SampleError(k, str(failed[g, u]), failed[g, u].about))
+            else:
+                out.append(total[g][u] / weight[g][u] if weight[g][u] else tie)
+    return out
 
 
 def group_rewards(model, prompts: Sequence[PromptInput], completions: Sequence[CompletionInput], group_size: int,
@@ -161,29 +250,16 @@ def group_rewards(model, prompts: Sequence[PromptInput], completions: Sequence[C
     ``k`` of its group; ``n(n-1)/2`` comparisons per group (each in both orders). ``"anchor"``: linear cost, each
     completion is compared with its group's first completion (the anchor), whose own reward is the tie value.
     A group of one gets the tie value. Members with the same text are a tie with each other and get exactly the
-    same reward: each distinct text is compared (or, for scalar models, scored) once.
+    same reward: each distinct text is compared (or, for scalar models, scored) once. Raises ``ValueError`` naming
+    the first completion that cannot be scored (see :func:`rewards_within_groups` for per-completion errors).
     """
-    n_groups = _check_groups(prompts, group_size)
     check_same_length(prompts=prompts, completions=completions)
-    groups = [_Group.of_members(prompts[g * group_size], completions[g * group_size:(g + 1) * group_size],
-                                "completions", g * group_size) for g in range(n_groups)]
-    pairs = _distinct_pairs(groups, mode)
-    probs = _preferences_once(model, groups, pairs)
-    forward = apply_transform(probs, transform)
-    backward = apply_transform([1.0 - p for p in probs], transform)
-    tie = apply_transform([0.5], transform)[0]
-    # value[g][u]: distinct text u's reward. Round robin: the sum over the other members, each distinct text's
-    # preference weighted by its number of members, u's own duplicates being ties; anchor: its one preference.
-    value = [[tie * (n - 1) if mode == "round-robin" else tie for n in group.count] for group in groups]
-    for (g, u, v), f, b in zip(pairs, forward, backward):
-        if mode == "anchor":
-            value[g][u] = f
-        else:
-            value[g][u] += f * groups[g].count[v]
-            value[g][v] += b * groups[g].count[u]
-    if mode == "round-robin" and group_size > 1:
-        value = [[t / (group_size - 1) for t in row] for row in value]
-    return [value[g][u] for g, group in enumerate(groups) for u in group.of]
+    messages = _group_messages(model, prompts, group_size)
+    texts = [normalize_completion(c, f"completions[{i}]") for i, c in enumerate(completions)]
+    groups = [texts[g * group_size:(g + 1) * group_size] for g in range(len(messages))]
+    results = rewards_within_groups(model, messages, groups, mode=mode, transform=transform)
+    return raise_first([r.at(k, f"completions[{k}]") if isinstance(r, SampleError) else r
+                        for k, r in enumerate(results)])
 
 
 def _check_candidates(prompts: Sequence[PromptInput], candidates: Sequence[Sequence[CompletionInput]]
@@ -204,6 +280,8 @@ def best_of_n(model, prompts: Sequence[PromptInput], candidates: Sequence[Sequen
     candidate. Candidates with the same text are computed once and count as the first of them.
     """
     groups = _check_candidates(prompts, candidates)
+    if not groups:
+        return []
     if model.kind == "scalar":
         return [g.first[max(range(len(s)), key=lambda u: (s[u], -u))]
                 for g, s in zip(groups, _scores_once(model, groups))]
@@ -218,6 +296,8 @@ def knockout(model, prompts: Sequence[PromptInput], candidates: Sequence[Sequenc
     dispreferred, ``P < 0.5``), so ties keep the earlier candidate; candidates with the same text count as the first
     of them."""
     groups = _check_candidates(prompts, candidates)
+    if not groups:
+        return []
     holder = [0] * len(groups)  # a distinct-text index
     for rnd in range(1, max(len(g.first) for g in groups)):
         live = [k for k, g in enumerate(groups) if rnd < len(g.first)]

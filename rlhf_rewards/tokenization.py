@@ -301,8 +301,15 @@ def _resolve(preset: Preset, name_or_path: str, tokenizer: Union[str, PreTrained
         source = tokenizer
     elif os.path.isdir(name_or_path) and any(os.path.isfile(os.path.join(name_or_path, f)) for f in TOKENIZER_FILES):
         source = name_or_path
+    elif preset.tokenizer_source is not None:
+        from .sources import locate
+
+        source = locate(preset.tokenizer_source, "tokenizer")
+    elif os.path.isdir(name_or_path):
+        raise FileNotFoundError(f"{name_or_path!r} holds no tokenizer ({', '.join(TOKENIZER_FILES)}) and preset "
+                                f"{preset.name!r} names no tokenizer source; pass tokenizer=...")
     else:
-        source = preset.tokenizer_source or name_or_path
+        source = name_or_path
     return AutoTokenizer.from_pretrained(source)
 
 

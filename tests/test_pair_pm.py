@@ -123,7 +123,8 @@ def test_long_context_is_cut_from_the_start_and_counted(tiny_dir):
     p = pm_small.compare(["word " * 400], ["yes"], ["no"])[0]
     assert 0.0 <= p <= 1.0
     assert pm_small.stats.truncated == 2  # both orders
-    with pytest.raises(ValueError, match="responses alone"):
+    with pytest.raises(ValueError, match=r"completions_a\[0\] and completions_b\[0\]: the two responses take "
+                                         r"\d+ \+ \d+ tokens.*max_length=120"):
         pm_small.compare(["q"], ["long " * 200], ["no"])
 
 

@@ -171,5 +171,6 @@ def test_device_strings_follow_local_rank(monkeypatch):
 def test_template_rejection_is_a_value_error_naming_the_index(tiny_dir):
     rm = load_reward_model(tiny_dir("ray2333-mistral-7b"), preset="ray2333-mistral-7b", device="cpu")
     bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]  # Mistral v0.2 needs alternation
-    with pytest.raises(ValueError, match=r"prompts\[1\]: the reward model's chat template rejects"):
+    with pytest.raises(ValueError, match=r"prompts\[1\]: ray2333-mistral-7b cannot render this conversation: "
+                                         r"the reward model's chat template rejects"):
         rm.score(["fine", bad], ["x", "y"])

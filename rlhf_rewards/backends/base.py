@@ -1,24 +1,54 @@
-"""What every reward model shares: rendering, tokenization with counted truncation, batching, device, stats.
+"""What every reward model shares: input checks, rendering, tokenization with counted truncation, batching,
+device, stats, and per-sample errors.
 
-Subclasses supply the forward pass. :class:`ScalarRewardModel`-style backends implement ``_score_texts``;
+Subclasses supply the forward pass. :class:`ScalarModelBase` backends implement ``_forward_texts``;
 :class:`PairwiseRewardModel` backends implement ``_compare_both_orders``.
+
+Every public scoring call runs through a per-sample entry point (``score_samples`` / ``compare_samples``) that
+returns, in each sample's place, its result or the :class:`~rlhf_rewards.conversation.SampleError` saying why it
+has none; ``score`` and ``compare`` raise the first of those errors. One bad sample therefore never stops the others
+from being scored where the caller asks for per-sample results (``RewardFunction``, the server), and costs nothing
+extra: each input is rendered and tokenized once.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional, TypeVar, Union
 
 import torch
 
 from ..batching import DEFAULT_MAX_BATCH_TOKENS
-from ..conversation import (CompletionInput, Message, PromptInput, check_same_length, normalize_completion,
-                            normalize_pairs, normalize_prompt)
+from ..chat_parsing import completion_text, prompt_messages
+from ..conversation import CompletionInput, Message, PromptInput, SampleError, check_same_length
 from ..presets import Preset
 from ..rendering import get_renderer
 from ..stats import RewardStats
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class TooLongError(SampleError):
+    """A sample that cannot fit ``max_length`` by any truncation its model card allows (e.g. two pair-PM responses
+    that alone exceed it); the message gives the token counts."""
+
+    def __init__(self, index: int, message: str, about: str = "pair"):
+        super().__init__(index, message, about)
+
+
+def raise_first(results: Sequence[Union[T, SampleError]]) -> list[T]:
+    """``results`` unchanged when none is a :class:`SampleError`; else raise the first, saying how many more
+    there are."""
+    errors = [r for r in results if isinstance(r, SampleError)]
+    if errors:
+        more = f" (and {len(errors) - 1} more samples that cannot be scored)" if len(errors) > 1 else ""
+        raise type(errors[0])(errors[0].index, f"{errors[0]}{more}", errors[0].about)
+    return list(results)
 
 
 def _special_affixes(tokenizer, add_special_tokens: bool) -> tuple[int, int]:
@@ -44,20 +74,30 @@ class RewardModel:
         device: where the model's weights live; inputs are moved there and rewards come back as Python floats.
         max_length: the per-input token limit; longer inputs are truncated on ``preset.truncation_side`` and counted.
         max_batch_tokens: the token budget of one forward pass (batch size x padded length).
+        parse_templates: a text prompt already rendered in a chat template (``<|im_start|>``, ``[INST]``,
+            Llama-3 headers, ...; see :mod:`rlhf_rewards.chat_parsing`) is parsed back into its messages before
+            the model renders it in its own format, and the policy's end-of-turn markers are stripped from the end
+            of completions, as ``RewardFunction`` does (default ``True``). ``False``: a text prompt is one user turn
+            as it is, markup included. Parsed prompts are counted in ``stats.templated_prompts``.
         stats: a :class:`~rlhf_rewards.stats.RewardStats` of what was computed, truncated and split.
     """
 
     kind: ClassVar[Literal["scalar", "pairwise"]]
 
     def __init__(self, *, preset: Preset, tokenizer: Any, device: torch.device, max_length: Optional[int],
-                 max_batch_tokens: Optional[int]):
+                 max_batch_tokens: Optional[int], parse_templates: bool = True):
         self.preset = preset
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.max_length = max_length
         self.max_batch_tokens = max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS
+        self.parse_templates = parse_templates
         self.stats = RewardStats()
         self._prefix, self._suffix = _special_affixes(tokenizer, preset.add_special_tokens)
+        if max_length is not None and max_length <= self._prefix + self._suffix:
+            raise ValueError(f"max_length={max_length} leaves no room beside the {self._prefix + self._suffix} "
+                             f"special tokens {preset.name}'s tokenizer adds to every input")
+        self._depth = 0
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(preset={self.preset.name!r}, device={str(self.device)!r})"
@@ -85,20 +125,52 @@ class RewardModel:
         return ids[: self._prefix] + body + ids[body_end:]
 
     @contextmanager
-    def _timed(self) -> Iterator[None]:
+    def _call(self, what: str) -> Iterator[None]:
+        """One public scoring call: its wall time into ``stats``, and one warning when its inputs lost tokens to
+        truncation (nested calls count once, in the outermost)."""
+        self._depth += 1
         start = time.perf_counter()
+        before = (self.stats.truncated, self.stats.truncated_tokens, self.stats.samples)
         try:
             yield
         finally:
-            self.stats.seconds += time.perf_counter() - start
+            self._depth -= 1
+            if self._depth == 0:
+                self.stats.seconds += time.perf_counter() - start
+        if self._depth == 0 and self.stats.truncated > before[0]:
+            logger.warning("%s.%s: %d of %d model inputs were longer than max_length=%s and lost %d tokens in all "
+                           "(%s); counted in rm.stats.truncated and truncated_tokens", self.preset.name, what,
+                           self.stats.truncated - before[0], self.stats.samples - before[2], self.max_length,
+                           self.stats.truncated_tokens - before[1], self._truncation_rule())
+
+    def _truncation_rule(self) -> str:
+        """How this model cuts an over-long input, for the truncation warning."""
+        side = {"left": "start", "right": "end"}[self.preset.truncation_side]
+        return f"cut from the {side} of the text, as the model card truncates"
+
+    def _prompt(self, prompt: object, where: str) -> tuple[list[Message], str]:
+        """A caller's prompt as messages and its chat format (see ``parse_templates``); raises ``ValueError``."""
+        messages, fmt = prompt_messages(prompt, where, self.parse_templates)
+        if fmt != "plain":
+            self.stats.templated_prompts += 1
+        return messages, fmt
 
     def score(self, prompts: Sequence[PromptInput], completions: Sequence[CompletionInput], *,
               baselines: Optional[Sequence[CompletionInput]] = None) -> list[float]:
         raise NotImplementedError
 
+    def score_samples(self, prompts: Sequence[PromptInput], completions: Sequence[CompletionInput], *,
+                      baselines: Optional[Sequence[CompletionInput]] = None
+                      ) -> list[Union[float, SampleError]]:
+        """:meth:`score` that never fails the call for one sample: each place holds the sample's reward or the
+        :class:`~rlhf_rewards.conversation.SampleError` saying why it has none (bad input, a conversation the
+        model's format cannot hold, a sample too long for any allowed truncation, NaN). Only arguments that are
+        wrong as a whole (not lists, unequal lengths) raise."""
+        raise NotImplementedError
+
 
 class ScalarModelBase(RewardModel):
-    """A model giving one reward per (prompt, completion). Subclasses implement :meth:`score_texts`."""
+    """A model giving one reward per (prompt, completion). Subclasses implement :meth:`_forward_texts`."""
 
     kind = "scalar"
 
@@ -110,21 +182,29 @@ class ScalarModelBase(RewardModel):
         try:
             return self._render(messages, completion, self.tokenizer)
         except ValueError as err:
-            raise ValueError(f"{where}: {err}") from None
+            raise ValueError(f"{where}{self.preset.name} cannot render this conversation: {err}") from None
 
     def format(self, prompt: PromptInput, completion: CompletionInput) -> str:
         """The exact text the model reads for one prompt and completion, before tokenization (for debugging)."""
-        return self._render_at(normalize_prompt(prompt, "prompt"), normalize_completion(completion, "completion"),
-                               "prompt")
+        messages, fmt = self._prompt(prompt, "prompt")
+        return self._render_at(messages, completion_text(completion, fmt, "completion"), "prompt: ")
 
     def encode(self, prompt: PromptInput, completion: CompletionInput) -> list[int]:
         """The token ids the model reads for one prompt and completion, truncated as scoring truncates (for
         debugging)."""
         return self.tokenize([self.format(prompt, completion)])[0]
 
+    def _forward_texts(self, texts: Sequence[str]) -> list[float]:
+        """Rewards of already-rendered texts, in input order (NaN where the model gave NaN)."""
+        raise NotImplementedError
+
     def score_texts(self, texts: Sequence[str]) -> list[float]:
         """Rewards of already-rendered texts (as :meth:`format` returns them), in input order."""
-        raise NotImplementedError
+        rewards = self._forward_texts(texts)
+        for i, r in enumerate(rewards):
+            if r != r:
+                raise ValueError(f"the reward model returned NaN for input {i} ({self.preset.name})")
+        return rewards
 
     def score(self, prompts: Sequence[PromptInput], completions: Sequence[CompletionInput], *,
               baselines: Optional[Sequence[CompletionInput]] = None) -> list[float]:
@@ -132,19 +212,61 @@ class ScalarModelBase(RewardModel):
 
         ``score[i]`` is the model's scalar for ``completions[i]`` answering ``prompts[i]`` (higher is better; the
         scale is the model's own logit scale). With ``baselines``, ``score[i] = r(completions[i]) - r(baselines[i])``;
-        each distinct (prompt, baseline) pair is scored once.
+        each distinct (prompt, baseline) pair is scored once. Raises ``ValueError`` naming the first sample that
+        cannot be scored (see :meth:`score_samples` to get the others' rewards anyway).
         """
-        with self._timed():
-            pairs = normalize_pairs(prompts, completions)
-            texts = [self._render_at(m, c, f"prompts[{i}]") for i, (m, c) in enumerate(pairs)]
-            if baselines is None:
-                return self.score_texts(texts)
-            base_pairs = normalize_pairs(prompts, baselines, "baselines")
-            base_texts = [self._render_at(m, c, f"prompts[{i}]") for i, (m, c) in enumerate(base_pairs)]
-            unique = list(dict.fromkeys(base_texts))
-            rewards = self.score_texts(texts + unique)
-            base_reward = dict(zip(unique, rewards[len(texts):]))
-            return [r - base_reward[t] for r, t in zip(rewards[: len(texts)], base_texts)]
+        return raise_first(self.score_samples(prompts, completions, baselines=baselines))
+
+    def score_samples(self, prompts: Sequence[PromptInput], completions: Sequence[CompletionInput], *,
+                      baselines: Optional[Sequence[CompletionInput]] = None
+                      ) -> list[Union[float, SampleError]]:
+        names = {"prompts": prompts, "completions": completions}
+        if baselines is not None:
+            names["baselines"] = baselines
+        n = check_same_length(**names)
+        with self._call("score"):
+            pairs: list[Optional[tuple[list[Message], str, Optional[str]]]] = []
+            errors: list[Optional[SampleError]] = [None] * n
+            for i in range(n):
+                try:
+                    messages, fmt = self._prompt(prompts[i], f"prompts[{i}]")
+                    base = None if baselines is None else completion_text(baselines[i], fmt, f"baselines[{i}]")
+                    pairs.append((messages, completion_text(completions[i], fmt, f"completions[{i}]"), base))
+                except ValueError as err:
+                    errors[i] = SampleError(i, str(err))
+                    pairs.append(None)
+            results = self._score_prepared(pairs)
+            return [errors[i] or (r.at(i, f"{r.about}s[{i}]") if isinstance(r, SampleError) else r)
+                    for i, r in enumerate(results)]
+
+    def _score_prepared(self, pairs: Sequence[Optional[tuple[list[Message], str, Optional[str]]]]
+                        ) -> list[Union[float, SampleError, None]]:
+        """Per validated ``(messages, completion, baseline or None)`` (``None`` for a sample to skip): its reward,
+        minus its baseline's when it has one, or its :class:`SampleError` (naming no location: callers add it)."""
+        results: list[Union[float, SampleError, None]] = [None] * len(pairs)
+        texts: dict[int, tuple[str, Optional[str]]] = {}
+        for i, pair in enumerate(pairs):
+            if pair is None:
+                continue
+            messages, completion, baseline = pair
+            try:
+                text = self._render_at(messages, completion, "")
+                base = None if baseline is None else self._render_at(messages, baseline, "")
+            except ValueError as err:
+                results[i] = SampleError(i, str(err))
+                continue
+            texts[i] = (text, base)
+        done = list(texts)
+        # each distinct baseline once: a group's shared reference is scored once
+        bases = list(dict.fromkeys(texts[i][1] for i in done if texts[i][1] is not None))
+        rewards = self._forward_texts([texts[i][0] for i in done] + bases) if done else []
+        base_reward = dict(zip(bases, rewards[len(done):]))
+        for i, r in zip(done, rewards):
+            base = texts[i][1]
+            value = r - base_reward[base] if base is not None else r
+            results[i] = value if value == value else SampleError(
+                i, f"{self.preset.name} returned NaN for this sample", "completion")
+        return results
 
 
 class PairwiseRewardModel(RewardModel):
@@ -166,42 +288,94 @@ class PairwiseRewardModel(RewardModel):
         truncates (for debugging); one row per order, A first, unless the model reads one row for both."""
         raise NotImplementedError
 
+    def _one(self, prompt: PromptInput, completion_a: CompletionInput, completion_b: CompletionInput
+             ) -> tuple[list[Message], str, str]:
+        """One comparison's inputs as :meth:`format` takes them, validated (templated prompts parsed)."""
+        messages, fmt = self._prompt(prompt, "prompt")
+        return (messages, completion_text(completion_a, fmt, "completion_a"),
+                completion_text(completion_b, fmt, "completion_b"))
+
     def _compare_both_orders(self, items: list[tuple[list[Message], str, str]]
-                             ) -> list[tuple[float, float, float]]:
+                             ) -> list[Union[tuple[float, float, float], SampleError]]:
         """For each ``(messages, a, b)``: ``(p_ab, p_ba, p)``, each a probability that ``a`` is better: from the
-        order (a, b), from the swapped order (b, a), and the model's combination of the two."""
+        order (a, b), from the swapped order (b, a), and the model's combination of the two; or a
+        :class:`SampleError` (its ``index`` the item's position) when that comparison cannot be made. Messages
+        name no location: the caller adds it."""
         raise NotImplementedError
 
     def compare(self, prompts: Sequence[PromptInput], completions_a: Sequence[CompletionInput],
                 completions_b: Sequence[CompletionInput]) -> list[float]:
         """``P(completions_a[i] is better than completions_b[i])`` for ``prompts[i]``, in [0, 1], both orders
-        combined to cancel position bias. 0.5 exactly is a tie. Order disagreements and ties go to ``stats``."""
-        with self._timed():
-            check_same_length(prompts=prompts, completions_a=completions_a, completions_b=completions_b)
-            a = normalize_pairs(prompts, completions_a, "completions_a")
-            b = normalize_pairs(prompts, completions_b, "completions_b")
-            items = [(m, ca, cb) for (m, ca), (_, cb) in zip(a, b)]
-            # identical strings are a tie by definition; GRPO groups often hold duplicates
-            todo = [k for k, (_, ca, cb) in enumerate(items) if ca != cb]
-            results = [(0.5, 0.5, 0.5)] * len(items)
-            if todo:
-                for k, r in zip(todo, self._compare_both_orders([items[k] for k in todo])):
-                    results[k] = r
-            self.stats.comparisons += len(results)
-            self.stats.order_disagreements += sum((p1 > 0.5) != (p2 > 0.5) for p1, p2, _ in results)
-            self.stats.ties += sum(p == 0.5 for _, _, p in results)
-            for i, (_, _, p) in enumerate(results):
-                if p != p:
-                    raise ValueError(f"the model returned NaN for the comparison at index {i}")
-            return [p for _, _, p in results]
+        combined to cancel position bias. 0.5 exactly is a tie. Order disagreements and ties go to ``stats``.
+        Raises ``ValueError`` naming the first comparison that cannot be made (see :meth:`compare_samples`)."""
+        return raise_first(self.compare_samples(prompts, completions_a, completions_b))
+
+    def compare_samples(self, prompts: Sequence[PromptInput], completions_a: Sequence[CompletionInput],
+                        completions_b: Sequence[CompletionInput], *,
+                        names: tuple[str, str] = ("completions_a", "completions_b")
+                        ) -> list[Union[float, SampleError]]:
+        """:meth:`compare` that never fails the call for one comparison: each place holds ``P`` or the
+        :class:`~rlhf_rewards.conversation.SampleError` saying why there is none (bad input, a conversation the
+        format cannot hold, two responses too long for ``max_length``, NaN). ``names`` are the two completion
+        arguments' names in error messages."""
+        n = check_same_length(prompts=prompts, **{names[0]: completions_a, names[1]: completions_b})
+        with self._call("compare"):
+            items: list[Optional[tuple[list[Message], str, str]]] = []
+            errors: list[Optional[SampleError]] = [None] * n
+            for i in range(n):
+                try:
+                    messages, fmt = self._prompt(prompts[i], f"prompts[{i}]")
+                    items.append((messages, completion_text(completions_a[i], fmt, f"{names[0]}[{i}]"),
+                                  completion_text(completions_b[i], fmt, f"{names[1]}[{i}]")))
+                except ValueError as err:
+                    errors[i] = SampleError(i, str(err))
+                    items.append(None)
+            results = self._compare_prepared(items)
+            return [errors[i] or (r.at(i, f"{names[0]}[{i}] and {names[1]}[{i}]" if r.about == "pair"
+                                       else f"prompts[{i}]") if isinstance(r, SampleError) else r)
+                    for i, r in enumerate(results)]
+
+    def _compare_prepared(self, items: Sequence[Optional[tuple[list[Message], str, str]]]
+                          ) -> list[Union[float, SampleError, None]]:
+        """``P`` or the :class:`SampleError` (naming no location: callers add it) per validated ``(messages, a, b)``
+        (``None`` for a comparison to skip)."""
+        results: list[Union[float, SampleError, None]] = [None] * len(items)
+        # identical strings are a tie by definition; GRPO groups often hold duplicates
+        todo = [k for k, item in enumerate(items) if item is not None and item[1] != item[2]]
+        triples: dict[int, tuple[float, float, float]] = {k: (0.5, 0.5, 0.5) for k, item in enumerate(items)
+                                                          if item is not None and item[1] == item[2]}
+        if todo:
+            for k, r in zip(todo, self._compare_both_orders([items[k] for k in todo])):
+                if isinstance(r, SampleError):
+                    results[k] = type(r)(k, str(r), r.about)
+                elif r[2] != r[2]:
+                    results[k] = SampleError(k, f"{self.preset.name} returned NaN for this comparison", "pair")
+                else:
+                    triples[k] = r
+        self.stats.comparisons += len(triples)
+        self.stats.order_disagreements += sum((p1 > 0.5) != (p2 > 0.5) for p1, p2, _ in triples.values())
+        self.stats.ties += sum(p == 0.5 for _, _, p in triples.values())
+        for k, (_, _, p) in triples.items():
+            results[k] = p
+        return results
 
     def score(self, prompts: Sequence[PromptInput], completions: Sequence[CompletionInput], *,
               baselines: Optional[Sequence[CompletionInput]] = None, transform: str = "logodds") -> list[float]:
         """Scalar reward of each completion against its baseline: ``transform(P(completion better than
         baseline))``; see :mod:`rlhf_rewards.pairwise` for the transforms. ``baselines`` is required."""
+        return raise_first(self.score_samples(prompts, completions, baselines=baselines, transform=transform))
+
+    def score_samples(self, prompts: Sequence[PromptInput], completions: Sequence[CompletionInput], *,
+                      baselines: Optional[Sequence[CompletionInput]] = None, transform: str = "logodds"
+                      ) -> list[Union[float, SampleError]]:
+        """:meth:`score` with per-sample errors in place of rewards (see :meth:`compare_samples`)."""
         if baselines is None:
             raise ValueError("a pairwise model scores a completion against a baseline: pass baselines=[...] "
                              "(one reference completion per prompt), or use rlhf_rewards.pairwise.group_rewards")
         from ..pairwise import apply_transform
 
-        return apply_transform(self.compare(prompts, completions, baselines), transform)
+        apply_transform([0.5], transform)  # an unknown transform fails before any work
+        results = self.compare_samples(prompts, completions, baselines, names=("completions", "baselines"))
+        probs = [r for r in results if not isinstance(r, SampleError)]
+        values = iter(apply_transform(probs, transform))
+        return [r if isinstance(r, SampleError) else next(values) for r in results]

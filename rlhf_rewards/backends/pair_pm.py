@@ -21,16 +21,16 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
 from transformers import DynamicCache
 
 from ..batching import pad_right, run_batched
-from ..conversation import CompletionInput, Message, PromptInput, normalize_completion, normalize_prompt
+from ..conversation import CompletionInput, Message, PromptInput, SampleError
 from ..rendering import render_rlhflow_context, render_rlhflow_pair
-from .base import PairwiseRewardModel
+from .base import PairwiseRewardModel, TooLongError
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 """Per layer, the keys and values of one row, ``(1, kv_heads, tokens, head_dim)`` each."""
@@ -155,30 +155,36 @@ class PairPMRewardModel(PairwiseRewardModel):
         self.ab_bias = head.bias[self.token_ids].detach() if getattr(head, "bias", None) is not None else None
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
-    def _context(self, messages: list[Message], where: str) -> str:
+    def _context(self, messages: list[Message]) -> str:
         try:
             return render_rlhflow_context(messages, self.tokenizer)
         except ValueError as err:
-            raise ValueError(f"{where}: {err}") from None
+            raise ValueError(f"{self.preset.name} cannot render this conversation: {err}") from None
 
     def format(self, prompt: PromptInput, completion_a: CompletionInput, completion_b: CompletionInput
                ) -> list[str]:
-        context = self._context(normalize_prompt(prompt, "prompt"), "prompt")
-        a = normalize_completion(completion_a, "completion_a")
-        b = normalize_completion(completion_b, "completion_b")
+        messages, a, b = self._one(prompt, completion_a, completion_b)
+        context = self._context(messages)
         return [render_rlhflow_pair(context, a, b, self.tokenizer), render_rlhflow_pair(context, b, a, self.tokenizer)]
 
     def encode(self, prompt: PromptInput, completion_a: CompletionInput, completion_b: CompletionInput
                ) -> list[list[int]]:
         """The token ids of orders (A, B) and (B, A), the context shortened as scoring shortens it."""
-        context = self._context(normalize_prompt(prompt, "prompt"), "prompt")
-        a = normalize_completion(completion_a, "completion_a")
-        b = normalize_completion(completion_b, "completion_b")
+        messages, a, b = self._one(prompt, completion_a, completion_b)
+        context = self._context(messages)
         return [self._encode(context, a, b), self._encode(context, b, a)]
+
+    def _truncation_rule(self) -> str:
+        return "the context cut from its start; the responses are never cut"
 
     def _encode(self, context: str, first: str, second: str) -> list[int]:
         """Token ids of one order, the context shortened from its start if the whole exceeds ``max_length``
-        (the responses and the question's final turn are what the comparison is about)."""
+        (the responses and the question's final turn are what the comparison is about).
+
+        The responses themselves are never cut: a comparison of truncated responses would judge texts the policy
+        did not write, and cutting one response more than the other would bias it. Two responses that do not fit
+        beside the template even with the whole context gone raise :class:`TooLongError` with the token counts.
+        """
         text = render_rlhflow_pair(context, first, second, self.tokenizer)
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         if self.max_length is None or len(ids) <= self.max_length:
@@ -187,7 +193,12 @@ class PairPMRewardModel(PairwiseRewardModel):
         excess = len(ids) - self.max_length
         while True:
             if excess >= len(context_ids):
-                raise ValueError(f"the two responses alone take more than max_length={self.max_length} tokens")
+                bare = len(self.tokenizer.encode(render_rlhflow_pair("", first, second, self.tokenizer),
+                                                 add_special_tokens=False))
+                count = [len(self.tokenizer.encode(r, add_special_tokens=False)) for r in (first, second)]
+                raise TooLongError(0, f"the two responses take {count[0]} + {count[1]} tokens, {bare} with the "
+                                      f"pair template and no context at all, more than max_length="
+                                      f"{self.max_length}; {self.preset.name} compares whole responses only")
             cut = self.tokenizer.decode(context_ids[excess:])
             ids = self.tokenizer.encode(render_rlhflow_pair(cut, first, second, self.tokenizer),
                                         add_special_tokens=False)
@@ -289,21 +300,34 @@ class PairPMRewardModel(PairwiseRewardModel):
         return ea / z, eb / z
 
     def _compare_both_orders(self, items: list[tuple[list[Message], str, str]]
-                             ) -> list[tuple[float, float, float]]:
-        contexts: dict[tuple, str] = {}  # a group's comparisons share one context: render it once
-        sequences = []
-        for i, (messages, a, b) in enumerate(items):
+                             ) -> list[Union[tuple[float, float, float], SampleError]]:
+        contexts: dict[tuple, Union[str, SampleError]] = {}  # a group's comparisons share one context
+        sequences: list[list[int]] = []
+        results: list[Union[tuple[float, float, float], SampleError, None]] = []
+        for k, (messages, a, b) in enumerate(items):
             key = tuple((m["role"], m["content"]) for m in messages)
             if key not in contexts:
-                contexts[key] = self._context(messages, f"prompts[{i}]")
+                try:
+                    contexts[key] = self._context(messages)
+                except ValueError as err:
+                    contexts[key] = SampleError(k, str(err))
             context = contexts[key]
-            sequences += [self._encode(context, a, b), self._encode(context, b, a)]
-        logits = self.logits_ab(sequences)
-        results = []
-        for i in range(len(items)):
-            p_ab = self._slot_probs(*logits[2 * i])[0]
-            p_ba = self._slot_probs(*logits[2 * i + 1])[1]  # order (b, a): a sits in slot B
-            results.append((p_ab, p_ba, (p_ab + p_ba) / 2))
+            if isinstance(context, SampleError):
+                results.append(SampleError(k, str(context)))
+                continue
+            try:
+                pair = [self._encode(context, a, b), self._encode(context, b, a)]
+            except TooLongError as err:
+                results.append(TooLongError(k, str(err)))
+                continue
+            sequences += pair
+            results.append(None)
+        logits = iter(self.logits_ab(sequences)) if sequences else iter(())
+        for k, r in enumerate(results):
+            if r is None:
+                p_ab = self._slot_probs(*next(logits))[0]
+                p_ba = self._slot_probs(*next(logits))[1]  # order (b, a): a sits in slot B
+                results[k] = (p_ab, p_ba, (p_ab + p_ba) / 2)
         return results
 
 

@@ -45,17 +45,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 from transformers import DebertaV2Config, DebertaV2Model, DebertaV2PreTrainedModel
 
 from ..batching import pad_right, run_batched
-from ..conversation import (CompletionInput, Message, PromptInput, check_same_length, normalize_completion,
-                            normalize_pairs, normalize_prompt)
+from ..conversation import CompletionInput, Message, PromptInput, SampleError, check_same_length
+from ..chat_parsing import completion_text
 from ..rendering import check_alternation, fold_system
-from .base import PairwiseRewardModel
+from .base import PairwiseRewardModel, raise_first
 
 
 SOURCE_PREFIX = "<|source|>"
@@ -239,24 +239,23 @@ class PairRMRewardModel(PairwiseRewardModel):
 
     # -- text ------------------------------------------------------------------------------------------------------
     @staticmethod
-    def _texts(messages: list[Message], a: str, b: str, where: str) -> tuple[str, str, str]:
+    def _texts(messages: list[Message], a: str, b: str) -> tuple[str, str, str]:
         """The source text and the two candidate texts of one comparison."""
         try:
             source, a_text = source_and_candidate(messages, a)
             return source, a_text, source_and_candidate(messages, b)[1]
         except ValueError as err:
-            raise ValueError(f"{where}: {err}") from None
+            raise ValueError(f"pairrm cannot render this conversation: {err}") from None
 
-    def _one(self, prompt: PromptInput, completion_a: CompletionInput, completion_b: CompletionInput
-             ) -> tuple[str, str, str]:
-        return self._texts(normalize_prompt(prompt, "prompt"), normalize_completion(completion_a, "completion_a"),
-                           normalize_completion(completion_b, "completion_b"), "prompt")
+    def _truncation_rule(self) -> str:
+        return (f"the source cut to {self.source_max_length} tokens and each candidate to its share of the rest, "
+                "at their ends, as llm-blender truncates")
 
     def format(self, prompt: PromptInput, completion_a: CompletionInput, completion_b: CompletionInput
                ) -> list[str]:
         """The model's input for orders (A, B) and (B, A) as text, before tokenization and truncation: the three
         parts, each ``[CLS] marker text [SEP]``, concatenated (for debugging)."""
-        source, a, b = self._one(prompt, completion_a, completion_b)
+        source, a, b = self._texts(*self._one(prompt, completion_a, completion_b))
 
         def part(marker: str, text: str) -> str:
             return f"[CLS]{marker}{text.replace(self.sep_token, ' ')}[SEP]"
@@ -269,7 +268,7 @@ class PairRMRewardModel(PairwiseRewardModel):
                ) -> list[list[int]]:
         """The token ids the model reads for orders (A, B) and (B, A), truncated as llm-blender truncates (for
         debugging; identical candidates give one row, which serves both orders)."""
-        source, a, b = self._one(prompt, completion_a, completion_b)
+        source, a, b = self._texts(*self._one(prompt, completion_a, completion_b))
         candidates = self._tokenize(CANDIDATE1_PREFIX, [a, b])
         return self._encode(self._tokenize(SOURCE_PREFIX, [source])[source], candidates[a], candidates[b]).rows
 
@@ -315,33 +314,52 @@ class PairRMRewardModel(PairwiseRewardModel):
             start += len(c.rows)
         return out
 
-    def _logits(self, items: list[tuple[list[Message], str, str]]) -> list[tuple[float, float]]:
-        texts = [self._texts(messages, a, b, f"prompts[{i}]") for i, (messages, a, b) in enumerate(items)]
-        sources = self._tokenize(SOURCE_PREFIX, [s for s, _, _ in texts])
-        candidates = self._tokenize(CANDIDATE1_PREFIX, [c for _, a, b in texts for c in (a, b)])
-        comparisons = [self._encode(sources[s], candidates[a], candidates[b]) for s, a, b in texts]
+    def _logits(self, items: list[tuple[list[Message], str, str]]
+                ) -> list[Union[tuple[float, float], SampleError]]:
+        texts: list[Union[tuple[str, str, str], SampleError]] = []
+        for k, (messages, a, b) in enumerate(items):
+            try:
+                texts.append(self._texts(messages, a, b))
+            except ValueError as err:
+                texts.append(SampleError(k, str(err)))
+        ok = [t for t in texts if not isinstance(t, SampleError)]
+        sources = self._tokenize(SOURCE_PREFIX, [s for s, _, _ in ok])
+        candidates = self._tokenize(CANDIDATE1_PREFIX, [c for _, a, b in ok for c in (a, b)])
+        comparisons = [self._encode(sources[s], candidates[a], candidates[b]) for s, a, b in ok]
         # a comparison's rows share one batch; its cost is their total length, so the budget counts rows x width
         lengths = [sum(len(r) for r in c.rows) for c in comparisons]
-        results = run_batched(comparisons, lengths, self._forward, max_batch_tokens=self.max_batch_tokens,
-                              stats=self.stats)
+        results = iter(run_batched(comparisons, lengths, self._forward, max_batch_tokens=self.max_batch_tokens,
+                                   stats=self.stats))
         for c in comparisons:
             self.stats.samples += len(c.rows)
             if c.cut:
                 # every row holds the whole (truncated) source and both (truncated) candidates
                 self.stats.truncated += len(c.rows)
                 self.stats.truncated_tokens += c.cut * len(c.rows)
-        return [(r[0], r[-1]) for r in results]  # a lone row serves both orders (identical candidates)
+        out: list[Union[tuple[float, float], SampleError]] = []
+        for t in texts:
+            if isinstance(t, SampleError):
+                out.append(t)
+            else:
+                r = next(results)
+                out.append((r[0], r[-1]))  # a lone row serves both orders (identical candidates)
+        return out
 
     def compare_logits(self, prompts: Sequence[PromptInput], completions_a: Sequence[CompletionInput],
                        completions_b: Sequence[CompletionInput]) -> list[tuple[float, float]]:
         """``(logit_AB, logit_BA)`` per comparison: the model's logit with ``completions_a[i]`` as candidate 1, and
         with ``completions_b[i]`` as candidate 1 (``> 0``: candidate 1 better). llm-blender's
         ``compare(..., return_logits=True)`` is ``logit_AB - logit_BA``."""
-        with self._timed():
-            check_same_length(prompts=prompts, completions_a=completions_a, completions_b=completions_b)
-            a = normalize_pairs(prompts, completions_a, "completions_a")
-            b = normalize_pairs(prompts, completions_b, "completions_b")
-            return self._logits([(m, ca, cb) for (m, ca), (_, cb) in zip(a, b)])
+        check_same_length(prompts=prompts, completions_a=completions_a, completions_b=completions_b)
+        with self._call("compare_logits"):
+            items = []
+            for i, (p, a, b) in enumerate(zip(prompts, completions_a, completions_b)):
+                messages, fmt = self._prompt(p, f"prompts[{i}]")
+                items.append((messages, completion_text(a, fmt, f"completions_a[{i}]"),
+                              completion_text(b, fmt, f"completions_b[{i}]")))
+            results = self._logits(items)
+            return raise_first([SampleError(r.index, f"prompts[{r.index}]: {r}") if isinstance(r, SampleError)
+                                else r for r in results])
 
     def compare_log_odds(self, prompts: Sequence[PromptInput], completions_a: Sequence[CompletionInput],
                          completions_b: Sequence[CompletionInput]) -> list[float]:
@@ -350,7 +368,8 @@ class PairRMRewardModel(PairwiseRewardModel):
         return [(ab - ba) / 2 for ab, ba in self.compare_logits(prompts, completions_a, completions_b)]
 
     def _compare_both_orders(self, items: list[tuple[list[Message], str, str]]
-                             ) -> list[tuple[float, float, float]]:
+                             ) -> list[Union[tuple[float, float, float], SampleError]]:
         """``(p_ab, p_ba, p)``: ``sigmoid(logit_AB)``, ``sigmoid(-logit_BA)`` and
         ``sigmoid((logit_AB - logit_BA) / 2)``, each the probability that A is better."""
-        return [(_sigmoid(ab), _sigmoid(-ba), _sigmoid((ab - ba) / 2)) for ab, ba in self._logits(items)]
+        return [r if isinstance(r, SampleError) else (_sigmoid(r[0]), _sigmoid(-r[1]), _sigmoid((r[0] - r[1]) / 2))
+                for r in self._logits(items)]

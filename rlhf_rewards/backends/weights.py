@@ -4,6 +4,7 @@ missing-weights check and PEFT adapters. Backends import this; ``loading`` sits 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from typing import Optional, Union
 
@@ -21,7 +22,7 @@ def local_rank() -> int:
 
 
 def resolve_device(device: DeviceSpec) -> torch.device:
-    """Where the reward model goes.
+    """Where the reward model goes (see :func:`check_device` for whether it exists here).
 
     ``None``: the current CUDA device if there is one, else the CPU. A string may name the local rank, e.g.
     ``"cuda:{local_rank}"`` or ``"cuda:{local_rank+4}"`` to give each training process its own reward GPU; a list
@@ -34,29 +35,58 @@ def resolve_device(device: DeviceSpec) -> torch.device:
         if rank >= len(device):
             raise ValueError(f"device list {list(device)} has no entry for local rank {rank}")
         return resolve_device(device[rank])
+    if isinstance(device, bool) or not isinstance(device, (int, str, torch.device)):
+        raise ValueError(f"device must be a string, an int, a torch.device or a list of them, got {device!r}")
     if isinstance(device, int):
-        return torch.device("cuda", device)
-    if isinstance(device, str) and "{" in device:
-        import re
-
+        dev = torch.device("cuda", device)
+    elif isinstance(device, str) and "{" in device:
         match = re.fullmatch(r"(\w+):\{local_rank\s*(?:\+\s*(\d+))?\}", device.strip())
         if not match:
             raise ValueError(f"cannot read device {device!r}; expected e.g. 'cuda:{{local_rank}}' or "
                              "'cuda:{local_rank+4}'")
-        return torch.device(match.group(1), rank + int(match.group(2) or 0))
-    return torch.device(device)
+        dev = torch.device(match.group(1), rank + int(match.group(2) or 0))
+    else:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, ValueError) as err:
+            raise ValueError(f"cannot read device {device!r}: {err}") from None
+    return dev
+
+
+def check_device(dev: torch.device, asked: object) -> None:
+    """Raise ``ValueError`` naming ``asked`` unless ``dev`` exists here (checked before a model is loaded)."""
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA support" if torch.version.cuda is None
+                   else "no CUDA device is visible (check CUDA_VISIBLE_DEVICES and the driver)")
+            raise ValueError(f"device {asked!r}: {why}; use device='cpu' (or None for the default)")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {asked!r}: only {count} CUDA device(s) are visible (cuda:0..cuda:{count - 1})")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {asked!r}: MPS is not available on this machine")
+
+
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}
+"""The dtype names ``dtype=`` accepts (case-insensitive, with or without ``torch.``)."""
 
 
 def resolve_dtype(dtype: Union[str, torch.dtype, None], preset: Preset, device: torch.device) -> torch.dtype:
-    """The weights' dtype: as given; else the card's dtype on an accelerator and float32 on the CPU (CPU half
-    precision is slow and less exact)."""
+    """The weights' dtype: as given (a ``torch.dtype`` or a name in :data:`DTYPE_NAMES`); else the card's dtype on
+    an accelerator and float32 on the CPU (CPU half precision is slow and less exact)."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    name = dtype or (preset.accelerator_dtype if device.type != "cpu" else "float32")
-    value = getattr(torch, str(name).replace("torch.", ""), None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}")
-    return value
+    if dtype is not None and not isinstance(dtype, str):
+        raise ValueError(f"dtype must be a torch.dtype or a name, got {type(dtype).__name__}")
+    name = dtype if dtype is not None else (preset.accelerator_dtype if device.type != "cpu" else "float32")
+    key = name.strip().lower().removeprefix("torch.")
+    if key not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {dtype!r}; accepted: {', '.join(DTYPE_NAMES)} (or a torch.dtype)")
+    return DTYPE_NAMES[key]
 
 
 def quantization_config(quantization: Optional[str], dtype: torch.dtype, skip_modules: Sequence[str]):

@@ -14,9 +14,10 @@ from collections.abc import Sequence
 from typing import Any, Callable, Literal, Optional
 
 from ..backends.base import RewardModel
-from ..conversation import Message, normalize_prompt
-from ..pairwise import GroupMode, Transform, apply_transform, group_rewards
-from .inputs import Sample, model_lock, to_completion, to_messages
+from ..chat_parsing import completion_text, prompt_messages
+from ..conversation import SampleError, check_same_length
+from ..pairwise import GroupMode, Transform, apply_transform, rewards_within_groups
+from .inputs import Sample, model_lock
 
 logger = logging.getLogger(__name__)
 
@@ -121,71 +122,59 @@ class RewardFunction:
     # -- inputs ---------------------------------------------------------------------------------------------------
     def _prepare(self, prompts: Sequence[Any], completions: Sequence[Any], baselines: Optional[Sequence[Any]]
                  ) -> tuple[list[Optional[Sample]], list[Optional[str]]]:
-        """Per sample a :class:`Sample`, or ``None`` and the reason it cannot be scored."""
+        """Per sample a :class:`Sample`, or ``None`` and the reason it cannot be scored. Each prompt is parsed and
+        validated here once; what the reward model cannot render is found where it renders (see ``_scored``)."""
         samples: list[Optional[Sample]] = []
         reasons: list[Optional[str]] = []
-        render_errors: dict[tuple, Optional[str]] = {}
         for i, (prompt, completion) in enumerate(zip(prompts, completions)):
             try:
-                if self.parse_templates:
-                    messages, fmt = to_messages(prompt, f"prompts[{i}]")
-                else:
-                    messages, fmt = normalize_prompt(prompt, f"prompts[{i}]"), "plain"
-                text = to_completion(completion, fmt, f"completions[{i}]")
+                messages, fmt = prompt_messages(prompt, f"prompts[{i}]", self.parse_templates)
+                text = completion_text(completion, fmt, f"completions[{i}]")
                 base = None
                 if baselines is not None:
-                    base = to_completion(baselines[i], fmt, f"{self.baseline_column}[{i}]")
+                    base = completion_text(baselines[i], fmt, f"{self.baseline_column}[{i}]")
             except ValueError as err:
                 samples.append(None)
                 reasons.append(str(err))
-                continue
-            # A conversation the model's format cannot hold (e.g. a system turn after a user turn) would make the
-            # whole batch's scoring call raise; rendering each distinct prompt once first finds it per sample.
-            key = tuple((m["role"], m["content"]) for m in messages)
-            if key not in render_errors:
-                render_errors[key] = self._render_error(messages)
-            if render_errors[key] is not None:
-                samples.append(None)
-                reasons.append(f"prompts[{i}]: {render_errors[key]}")
                 continue
             samples.append(Sample(messages, text, base))
             reasons.append(None)
         return samples, reasons
 
-    def _render_error(self, messages: list[Message]) -> Optional[str]:
-        """Why the reward model cannot render ``messages``, or ``None`` when it can."""
-        try:
-            if self.model.kind == "scalar":
-                self.model.format(messages, "")
+    @staticmethod
+    def _scored(values: Sequence[Any], indices: Sequence[int], rewards: list[Optional[float]],
+                reasons: list[Optional[str]]) -> None:
+        """Put each value (a reward, or the :class:`SampleError` why there is none) at its sample's place."""
+        for i, v in zip(indices, values):
+            if isinstance(v, SampleError):
+                reasons[i] = reasons[i] or f"{'prompts' if v.about == 'prompt' else 'completions'}[{i}]: {v}"
             else:
-                self.model.format(messages, "", "")
-        except ValueError as err:
-            return f"{self.model.preset.name} cannot render this conversation: {err}"
-        return None
+                rewards[i] = v
 
     # -- the call -------------------------------------------------------------------------------------------------
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None,
                  **kwargs: Any) -> list[Optional[float]]:
         """Rewards for TRL: one float (or ``None``) per completion, in order. ``kwargs`` are the dataset columns
         and the trainer's extras; ``log_metric``, when given, receives this call's metrics."""
-        if len(prompts) != len(completions):
-            raise ValueError(f"length mismatch: len(prompts)={len(prompts)}, len(completions)={len(completions)}")
+        check_same_length(prompts=prompts, completions=completions)
         baselines = None
         if self.baseline_column is not None:
             if self.baseline_column not in kwargs:
                 raise ValueError(f"baseline_column {self.baseline_column!r} is not among the dataset columns "
                                  f"passed by the trainer: {sorted(k for k in kwargs if not callable(kwargs[k]))}")
             baselines = kwargs[self.baseline_column]
+            check_same_length(prompts=prompts, **{self.baseline_column: baselines})
         start = time.perf_counter()
         samples, reasons = self._prepare(prompts, completions, baselines)
         with model_lock(self.model):
             before = self.model.stats.as_dict()
-            if self.pairing is None:
-                rewards = self._score_each(samples)
-            elif self.pairing == "halves":
-                rewards = self._score_halves(prompts, samples, reasons)
-            else:
-                rewards = self._score_groups(prompts, samples)
+            with self.model._call(self.__name__):
+                if self.pairing is None:
+                    rewards = self._score_each(samples, reasons)
+                elif self.pairing == "halves":
+                    rewards = self._score_halves(prompts, samples, reasons)
+                else:
+                    rewards = self._score_groups(prompts, samples, reasons)
             after = self.model.stats.as_dict()
         unscored = [(i, reason) for i, reason in enumerate(reasons) if reason is not None]
         for i, _ in unscored:
@@ -199,22 +188,21 @@ class RewardFunction:
             self._log(log_metric, delta, time.perf_counter() - start, len(unscored) / max(len(rewards), 1))
         return rewards
 
-    def _score_each(self, samples: list[Optional[Sample]]) -> list[Optional[float]]:
+    def _score_each(self, samples: list[Optional[Sample]], reasons: list[Optional[str]]
+                    ) -> list[Optional[float]]:
         """Each completion on its own: its score, or its comparison with its baseline."""
         ok = [i for i, s in enumerate(samples) if s is not None]
         rewards: list[Optional[float]] = [None] * len(samples)
         if not ok:
             return rewards
-        prompts = [samples[i].messages for i in ok]
-        completions = [samples[i].completion for i in ok]
-        if self.baseline_column is None:
-            values = self.model.score(prompts, completions)
+        if self.model.kind == "scalar":
+            values = self.model._score_prepared([samples[i] for i in ok])
         else:
-            baselines = [samples[i].baseline for i in ok]
-            extra = {"transform": self.transform} if self.model.kind == "pairwise" else {}
-            values = self.model.score(prompts, completions, baselines=baselines, **extra)
-        for i, v in zip(ok, values):
-            rewards[i] = v
+            probs = self.model._compare_prepared([samples[i] for i in ok])
+            good = [p for p in probs if not isinstance(p, SampleError)]
+            transformed = iter(apply_transform(good, self.transform))
+            values = [p if isinstance(p, SampleError) else next(transformed) for p in probs]
+        self._scored(values, ok, rewards, reasons)
         return rewards
 
     def _score_halves(self, prompts: Sequence[Any], samples: list[Optional[Sample]],
@@ -230,45 +218,44 @@ class RewardFunction:
                 raise ValueError(f"pairing='halves': prompts[{i}] and prompts[{i + half}] differ; online DPO passes "
                                  "the same prompts twice (first candidates, then second candidates)")
         rewards: list[Optional[float]] = [None] * n
-        ok = []
+        ok = [i for i in range(half) if samples[i] is not None and samples[i + half] is not None]
+        if ok:
+            firsts = [(samples[i].messages, samples[i].completion) for i in ok]
+            seconds = [(samples[i + half].messages, samples[i + half].completion) for i in ok]
+            if self.model.kind == "pairwise":
+                probs = self.model._compare_prepared([(m, a, b) for (m, a), (_, b) in zip(firsts, seconds)])
+                good = [p for p in probs if not isinstance(p, SampleError)]
+                forward = iter(apply_transform(good, self.transform))
+                backward = iter(apply_transform([1.0 - p for p in good], self.transform))
+                values = [p if isinstance(p, SampleError) else next(forward) for p in probs]
+                values += [p if isinstance(p, SampleError) else next(backward) for p in probs]
+            else:
+                values = self.model._score_prepared([(m, c, None) for m, c in firsts + seconds])
+            self._scored(values, ok + [i + half for i in ok], rewards, reasons)
         for i in range(half):
-            if samples[i] is None or samples[i + half] is None:
-                # a pair with one unscorable candidate has no preference for the other either
+            # a pair with one unscorable candidate has no preference for the other either
+            if rewards[i] is None or rewards[i + half] is None:
+                rewards[i] = rewards[i + half] = None
                 reasons[i] = reasons[i] or f"its pair (sample {i + half}) could not be scored"
                 reasons[i + half] = reasons[i + half] or f"its pair (sample {i}) could not be scored"
-            else:
-                ok.append(i)
-        if not ok:
-            return rewards
-        messages = [samples[i].messages for i in ok]
-        firsts = [samples[i].completion for i in ok]
-        seconds = [samples[i + half].completion for i in ok]
-        if self.model.kind == "pairwise":
-            probs = self.model.compare(messages, firsts, seconds)
-            values = apply_transform(probs, self.transform) + apply_transform([1.0 - p for p in probs],
-                                                                               self.transform)
-        else:
-            values = self.model.score(messages * 2, firsts + seconds)
-        for k, i in enumerate(ok):
-            rewards[i], rewards[i + half] = values[k], values[k + len(ok)]
         return rewards
 
-    def _score_groups(self, prompts: Sequence[Any], samples: list[Optional[Sample]]) -> list[Optional[float]]:
-        """GRPO/RLOO's layout: the scorable completions of each group are compared with each other. Groups of
-        equal size go through one batched :func:`~rlhf_rewards.pairwise.group_rewards` call."""
-        by_size: dict[int, list[list[int]]] = {}
+    def _score_groups(self, prompts: Sequence[Any], samples: list[Optional[Sample]],
+                      reasons: list[Optional[str]]) -> list[Optional[float]]:
+        """GRPO/RLOO's layout: the scorable completions of each group are compared with each other, all groups in
+        one batched call. A comparison that cannot be made is left out (see
+        :func:`~rlhf_rewards.pairwise.rewards_within_groups`)."""
+        groups = []
         for start, end in self._group_bounds(prompts):
             members = [i for i in range(start, end) if samples[i] is not None]
             if members:
-                by_size.setdefault(len(members), []).append(members)
+                groups.append(members)
         rewards: list[Optional[float]] = [None] * len(samples)
-        for size, groups in by_size.items():
-            flat = [i for members in groups for i in members]
-            values = group_rewards(self.model, [samples[i].messages for i in flat],
-                                   [samples[i].completion for i in flat], size, mode=self.group_mode,
-                                   transform=self.transform)
-            for i, v in zip(flat, values):
-                rewards[i] = v
+        if groups:
+            values = rewards_within_groups(self.model, [samples[g[0]].messages for g in groups],
+                                           [[samples[i].completion for i in g] for g in groups],
+                                           mode=self.group_mode, transform=self.transform)
+            self._scored(values, [i for g in groups for i in g], rewards, reasons)
         return rewards
 
     def _group_bounds(self, prompts: Sequence[Any]) -> list[tuple[int, int]]:
