@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo", "presets", "bench")
+COMMANDS = ("demo", "presets", "bench", "serve")
 """Subcommand names, each the module ``rlhf_rewards.cli.<name>`` (in the order ``--help`` lists them)."""
 
 
