@@ -48,7 +48,8 @@ def _api_key(args: argparse.Namespace) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from ..serving import RewardEngine, ServerSettings
+        from ..serving.app import ServerSettings
+        from ..serving.engine import RewardEngine
         from ..serving.server import serve
     except ImportError as err:
         print(f"rlhf-rewards serve needs the 'serve' extra: pip install \"rlhf-rewards[serve]\" ({err})",
