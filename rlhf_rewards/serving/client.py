@@ -44,6 +44,7 @@ class _Shard:
         self.errors: list[Optional[str]] = []
         self.stats: dict[str, float] = {}
         self.failure: Optional[str] = None
+        self.url: Optional[str] = None
 
 
 class AsyncRemoteRewardFunction:
@@ -165,6 +166,7 @@ class AsyncRemoteRewardFunction:
                         raise ValueError(f"{len(rewards)} rewards for {len(shard.indices)} samples")
                     shard.rewards, shard.errors = rewards, data.get("errors") or [None] * len(rewards)
                     shard.stats = data.get("stats") or {}
+                    shard.url = url
                     return
                 if response.status_code not in RETRY_STATUS:
                     raise _Fatal(response.status_code, f"{url} answered {response.status_code}: "
@@ -209,10 +211,10 @@ class AsyncRemoteRewardFunction:
                 for i in shard.indices:
                     reasons[i] = f"no server scored it before the deadline: {shard.failure}"
                 continue
-            for i, r, e in zip(shard.indices, shard.rewards, shard.errors):
+            for local, (i, r, e) in enumerate(zip(shard.indices, shard.rewards, shard.errors)):
                 rewards[i] = r
-                if r is None:
-                    reasons[i] = e or "the server returned no reward"
+                if r is None:  # the server's reason names the sample's index in the request it was sent in
+                    reasons[i] = f"{shard.url}, sample {local} of its request: {e or 'no reward returned'}"
             for key in _STAT_KEYS:
                 totals[key] += float(shard.stats.get(key, 0.0))
         if reasons:
