@@ -11,12 +11,13 @@ are its own (forward counters of a merged call are split by input count).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 from ..backends.base import RewardModel
 from ..stats import RewardStats
@@ -145,10 +146,15 @@ class RewardEngine:
         """Run ``work(view)`` on a request thread and return its result; the view's forward passes are merged with
         those of concurrent requests."""
         loop = asyncio.get_running_loop()
-        view = self.view(loop)
+        return await loop.run_in_executor(self._threads, work, self.view(loop))
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        """Mark a scoring request as received (wrap its whole handling, from before its body is read): while it
+        is not waiting for the model, the batcher holds its merge window open for it."""
         self._count_preparing(+1)
         try:
-            return await loop.run_in_executor(self._threads, work, view)
+            yield
         finally:
             self._count_preparing(-1)
 
