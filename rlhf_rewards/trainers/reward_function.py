@@ -15,9 +15,9 @@ from typing import Any, Callable, Literal, Optional
 
 from ..backends.base import RewardModel
 from ..chat_parsing import completion_text, prompt_messages
-from ..conversation import SampleError, check_same_length
+from ..conversation import SampleError
 from ..pairwise import GroupMode, Transform, apply_transform, rewards_within_groups
-from .inputs import Sample, model_lock
+from .inputs import Sample, call_baselines, check_options, model_lock
 
 logger = logging.getLogger(__name__)
 
@@ -62,20 +62,12 @@ class RewardFunction:
                  pairing: Optional[Pairing] = None, group_size: Optional[int] = None,
                  group_mode: GroupMode = "round-robin", transform: Transform = "logodds",
                  name: Optional[str] = None, parse_templates: bool = True):
-        if pairing not in (None, "group", "halves"):
-            raise ValueError(f"pairing must be None, 'group' or 'halves', got {pairing!r}")
-        if pairing is not None and baseline_column is not None:
-            raise ValueError("give either pairing or baseline_column, not both")
+        check_options(pairing, baseline_column, group_size, group_mode, transform)
         if model.kind == "pairwise" and pairing is None and baseline_column is None:
             raise ValueError(
                 f"{model.preset.name} is a pairwise model: it needs something to compare each completion with. "
                 "Pass baseline_column='<dataset column with a reference completion>', pairing='group' "
                 "(GRPO/RLOO groups) or pairing='halves' (online DPO)")
-        if group_size is not None and (pairing != "group" or group_size < 1):
-            raise ValueError(f"group_size={group_size} needs pairing='group' and a positive size")
-        if group_mode not in ("round-robin", "anchor"):
-            raise ValueError(f"unknown group_mode {group_mode!r}; expected 'round-robin' or 'anchor'")
-        apply_transform([0.5], transform)  # rejects an unknown transform now rather than mid-training
         self.model = model
         self.baseline_column = baseline_column
         self.pairing = pairing
@@ -156,14 +148,7 @@ class RewardFunction:
                  **kwargs: Any) -> list[Optional[float]]:
         """Rewards for TRL: one float (or ``None``) per completion, in order. ``kwargs`` are the dataset columns
         and the trainer's extras; ``log_metric``, when given, receives this call's metrics."""
-        check_same_length(prompts=prompts, completions=completions)
-        baselines = None
-        if self.baseline_column is not None:
-            if self.baseline_column not in kwargs:
-                raise ValueError(f"baseline_column {self.baseline_column!r} is not among the dataset columns "
-                                 f"passed by the trainer: {sorted(k for k in kwargs if not callable(kwargs[k]))}")
-            baselines = kwargs[self.baseline_column]
-            check_same_length(prompts=prompts, **{self.baseline_column: baselines})
+        baselines = call_baselines(prompts, completions, self.baseline_column, kwargs)
         start = time.perf_counter()
         samples, reasons = self._prepare(prompts, completions, baselines)
         with model_lock(self.model):
@@ -282,15 +267,20 @@ class RewardFunction:
 
     def _log(self, log_metric: Callable[[str, float], None], delta: dict[str, float], seconds: float,
              unscored_rate: float) -> None:
-        """Report one call's metrics under ``<name>/``: wall time, share of samples left unscored, and, from the
-        model's counters, the share of model inputs truncated, of computed tokens that were padding, and of
-        pairwise comparisons whose two orders disagreed."""
-        prefix = self.__name__
-        log_metric(f"{prefix}/seconds", seconds)
-        log_metric(f"{prefix}/unscored_rate", unscored_rate)
-        if delta["samples"]:
-            log_metric(f"{prefix}/truncation_rate", delta["truncated"] / delta["samples"])
-        if delta["computed_tokens"]:
-            log_metric(f"{prefix}/padding_share", 1 - delta["real_tokens"] / delta["computed_tokens"])
-        if delta["comparisons"]:
-            log_metric(f"{prefix}/order_disagreement_rate", delta["order_disagreements"] / delta["comparisons"])
+        log_call_metrics(log_metric, self.__name__, delta, seconds, unscored_rate)
+
+
+def log_call_metrics(log_metric: Callable[[str, float], None], prefix: str, delta: dict[str, float],
+                     seconds: float, unscored_rate: float) -> None:
+    """Report one reward-function call's metrics under ``<prefix>/``: wall time, share of samples left unscored,
+    and, from the model's counters for the call (``delta``, as :class:`~rlhf_rewards.stats.RewardStats` names
+    them), the share of model inputs truncated, of computed tokens that were padding, and of pairwise comparisons
+    whose two orders disagreed."""
+    log_metric(f"{prefix}/seconds", seconds)
+    log_metric(f"{prefix}/unscored_rate", unscored_rate)
+    if delta.get("samples"):
+        log_metric(f"{prefix}/truncation_rate", delta["truncated"] / delta["samples"])
+    if delta.get("computed_tokens"):
+        log_metric(f"{prefix}/padding_share", 1 - delta["real_tokens"] / delta["computed_tokens"])
+    if delta.get("comparisons"):
+        log_metric(f"{prefix}/order_disagreement_rate", delta["order_disagreements"] / delta["comparisons"])

@@ -1,0 +1,172 @@
+""":class:`RewardEngine`: one loaded reward model plus the cross-request batcher in front of it.
+
+Everything a request does besides the forward pass (parsing, validation, rendering in the model's format, the
+pairing logic of :class:`~rlhf_rewards.RewardFunction`) runs in the request's own thread on a *view* of the model:
+a shallow copy whose forward entry point (``_forward_texts`` for scalar models, ``_compare_both_orders`` for pairwise
+ones) hands its inputs to the batcher. So each request is scored by exactly the code that scores in-process, and
+only the forward passes of concurrent requests are merged. Each view has its own ``stats``: a request's metrics
+are its own (forward counters of a merged call are split by input count).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import logging
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator, Optional, TypeVar
+
+from ..backends.base import RewardModel
+from ..stats import RewardStats
+from ..trainers.inputs import model_lock
+from .batcher import Batcher, Counters
+from .metrics import ServerMetrics
+
+T = TypeVar("T")
+
+CHARS_PER_TOKEN = 3
+"""How the batcher estimates a submission's tokens from its characters (no tokenizer call outside the model
+thread: fast tokenizers are not safe to share between threads). Conservative for English text; the model still
+packs its forward passes exactly under its own ``max_batch_tokens``."""
+
+REQUEST_THREAD_PREFIX = "rlhf-rewards-request"
+
+
+class _NoRequestContent(logging.Filter):
+    """RewardFunction logs why a sample was skipped, quoting the input; on a server those reasons go back to the
+    client in ``errors`` instead, and request content stays out of the server's logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.threadName.startswith(REQUEST_THREAD_PREFIX)
+
+
+_NO_REQUEST_CONTENT = _NoRequestContent()
+logging.getLogger("rlhf_rewards.trainers.reward_function").addFilter(_NO_REQUEST_CONTENT)
+
+_FORWARD_COUNTERS = ("samples", "truncated", "truncated_tokens", "batches", "real_tokens", "computed_tokens",
+                     "oom_splits")
+
+
+class RewardEngine:
+    """A loaded reward model served to concurrent requests, one forward call at a time, merging requests.
+
+    Build it once per process (per Ray Serve replica) and hand it to :func:`rlhf_rewards.serving.build_app`.
+
+    Args:
+        model: a model from :func:`rlhf_rewards.load_reward_model`.
+        model_id: the name clients see in ``/v1/models`` and ``/classify`` answers (default: the preset's name).
+        max_batch_tokens: how many (estimated) tokens of concurrent requests one merged model call takes; the
+            model itself still splits it into forward passes under its own ``max_batch_tokens``. Default: the
+            model's.
+        max_wait_ms: how long the oldest waiting request may wait for others to join its model call; ``0``: no
+            merging, one request per model call.
+        max_queue: samples allowed to wait for the model before requests are refused (HTTP 503).
+        max_concurrency: requests prepared (parsed, rendered) at once, each on its own thread.
+    """
+
+    def __init__(self, model: RewardModel, *, model_id: Optional[str] = None,
+                 max_batch_tokens: Optional[int] = None, max_wait_ms: float = 5.0, max_queue: int = 4096,
+                 max_concurrency: int = 64):
+        self.model = model
+        self.model_id = model_id or model.preset.name
+        self.metrics = ServerMetrics()
+        # requests being prepared (parsed, rendered) rather than waiting for the model: the batcher's possible company
+        self._preparing = 0
+        self._preparing_lock = threading.Lock()
+        self.batcher = Batcher(self._forward, max_batch_tokens=max_batch_tokens or model.max_batch_tokens,
+                               max_wait_ms=max_wait_ms, max_queue=max_queue, observer=self.metrics,
+                               company=lambda: self._preparing)
+        self._threads = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix=REQUEST_THREAD_PREFIX)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, load_kwargs: Optional[dict[str, Any]] = None,
+                        **engine_kwargs: Any) -> RewardEngine:
+        """Load with :func:`rlhf_rewards.load_reward_model(name_or_path, **load_kwargs)` and wrap the model."""
+        from ..loading import load_reward_model
+
+        return cls(load_reward_model(name_or_path, **(load_kwargs or {})), **engine_kwargs)
+
+    @property
+    def kind(self) -> str:
+        """``"scalar"`` or ``"pairwise"``."""
+        return self.model.kind
+
+    def describe(self) -> dict[str, Any]:
+        """The ``/v1/models`` entry: id, preset, kind, device, dtype and the per-input token limit."""
+        dtype = getattr(getattr(self.model, "model", None), "dtype", None)
+        return {"id": self.model_id, "object": "model", "preset": self.model.preset.name, "kind": self.kind,
+                "device": str(self.model.device), "dtype": str(dtype).removeprefix("torch.") if dtype else None,
+                "max_length": self.model.max_length}
+
+    def label(self) -> str:
+        """The class label ``/classify`` reports, as vLLM does: the model config's ``id2label[0]``."""
+        config = getattr(getattr(self.model, "model", None), "config", None)
+        return str((getattr(config, "id2label", None) or {}).get(0, "LABEL_0"))
+
+    # -- the model thread -----------------------------------------------------------------------------------------
+    def _forward(self, items: list[Any]) -> tuple[list[Any], Counters]:
+        model = self.model
+        with model_lock(model):  # in-process RewardFunctions on the same model take turns with the server
+            before = model.stats.as_dict()
+            if model.kind == "scalar":
+                results = type(model)._forward_texts(model, items)
+            else:
+                results = type(model)._compare_both_orders(model, items)
+            after = model.stats.as_dict()
+        return results, {k: after[k] - before[k] for k in _FORWARD_COUNTERS}
+
+    # -- request threads ------------------------------------------------------------------------------------------
+    def view(self, loop: asyncio.AbstractEventLoop) -> RewardModel:
+        """A copy of the model for one request, used from a thread other than ``loop``'s: its forward passes go
+        through the batcher running on ``loop``; its ``stats`` count this request's work only."""
+        view = copy.copy(self.model)
+        view.stats = RewardStats()
+
+        def submit(items: list[Any], cost: int) -> list[Any]:
+            self._count_preparing(-1)
+            try:
+                results, counters = self.batcher.submit_from_thread(loop, items, cost)
+            finally:
+                self._count_preparing(+1)
+            for name, value in counters.items():
+                setattr(view.stats, name, getattr(view.stats, name) + value)
+            return results
+
+        if self.kind == "scalar":
+            view._forward_texts = lambda texts: submit(list(texts), _cost(sum(len(t) for t in texts)))
+        else:
+            view._compare_both_orders = lambda items: submit(list(items), _cost(sum(
+                2 * (sum(len(m["content"]) for m in messages) + len(a) + len(b)) for messages, a, b in items)))
+        return view
+
+    async def run(self, work: Callable[[RewardModel], T]) -> T:
+        """Run ``work(view)`` on a request thread and return its result; the view's forward passes are merged with
+        those of concurrent requests."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._threads, work, self.view(loop))
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        """Mark a scoring request as received (wrap its whole handling, from before its body is read): while it
+        is not waiting for the model, the batcher holds its merge window open for it."""
+        self._count_preparing(+1)
+        try:
+            yield
+        finally:
+            self._count_preparing(-1)
+
+    def _count_preparing(self, change: int) -> None:
+        with self._preparing_lock:
+            self._preparing += change
+
+    async def close(self) -> None:
+        """Stop the batcher and the request threads (after the work in progress)."""
+        await self.batcher.close()
+        self._threads.shutdown(wait=False)
+
+
+def _cost(chars: int) -> int:
+    return max(1, math.ceil(chars / CHARS_PER_TOKEN))
