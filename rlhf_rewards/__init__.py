@@ -4,6 +4,7 @@ The main entry points:
 
 - :func:`load_reward_model` loads a scalar or pairwise reward model on its own device.
 - :func:`list_presets` lists the models it knows.
+- :class:`RemoteRewardFunction` scores through ``rlhf-rewards serve`` servers (the ``serve`` extra).
 - :func:`best_of_n` and :func:`rank` pick or order candidates; :func:`group_rewards` turns preferences within a
   group of completions into rewards.
 """
@@ -17,10 +18,26 @@ from .stats import RewardStats
 
 __version__ = "0.1.0"
 
+_REMOTE = ("RemoteRewardFunction", "AsyncRemoteRewardFunction")
+
+
+def __getattr__(name: str):
+    # the remote reward functions need httpx (the "serve" extra); the core install stays without it
+    if name in _REMOTE:
+        try:
+            from .serving import client
+        except ImportError as err:
+            raise ImportError(f"rlhf_rewards.{name} needs the 'serve' extra: pip install \"rlhf-rewards[serve]\" "
+                              f"({err})") from err
+        return getattr(client, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
+    "AsyncRemoteRewardFunction",
     "PPORewardAdapter",
     "PairwiseRewardModel",
     "Preset",
+    "RemoteRewardFunction",
     "RewardFunction",
     "RewardModel",
     "RewardStats",

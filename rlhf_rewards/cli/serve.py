@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"rlhf-rewards serve: {problem}", file=sys.stderr)
         return 2
     try:
-        from ..serving import RewardEngine, ServerSettings
+        from ..serving.app import ServerSettings
+        from ..serving.engine import RewardEngine
         from ..serving.server import serve
     except ImportError as err:
         print(f"rlhf-rewards serve needs the 'serve' extra: pip install \"rlhf-rewards[serve]\" ({err})",

@@ -7,7 +7,18 @@ concurrent requests into shared forward passes. Needs the ``serve`` extra (``pip
 - :class:`RemoteRewardFunction` / :class:`AsyncRemoteRewardFunction`: TRL reward functions scoring through servers.
 """
 
-from .app import ServerSettings, build_app, get_engine, set_engine
-from .engine import RewardEngine
+from importlib import import_module
+from typing import Any
 
-__all__ = ["RewardEngine", "ServerSettings", "build_app", "get_engine", "set_engine"]
+_EXPORTS = {"RewardEngine": "engine", "ServerSettings": "app", "build_app": "app", "get_engine": "app",
+            "set_engine": "app", "serve": "server", "RemoteRewardFunction": "client",
+            "AsyncRemoteRewardFunction": "client"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    # imported on use: the client needs only httpx, the server fastapi/uvicorn/prometheus-client
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -295,15 +295,20 @@ class RewardFunction:
 
     def _log(self, log_metric: Callable[[str, float], None], delta: dict[str, float], seconds: float,
              unscored_rate: float) -> None:
-        """Report one call's metrics under ``<name>/``: wall time, share of samples left unscored, and, from the
-        model's counters, the share of model inputs truncated, of computed tokens that were padding, and of
-        pairwise comparisons whose two orders disagreed."""
-        prefix = self.__name__
-        log_metric(f"{prefix}/seconds", seconds)
-        log_metric(f"{prefix}/unscored_rate", unscored_rate)
-        if delta["samples"]:
-            log_metric(f"{prefix}/truncation_rate", delta["truncated"] / delta["samples"])
-        if delta["computed_tokens"]:
-            log_metric(f"{prefix}/padding_share", 1 - delta["real_tokens"] / delta["computed_tokens"])
-        if delta["comparisons"]:
-            log_metric(f"{prefix}/order_disagreement_rate", delta["order_disagreements"] / delta["comparisons"])
+        log_call_metrics(log_metric, self.__name__, delta, seconds, unscored_rate)
+
+
+def log_call_metrics(log_metric: Callable[[str, float], None], prefix: str, delta: dict[str, float],
+                     seconds: float, unscored_rate: float) -> None:
+    """Report one reward-function call's metrics under ``<prefix>/``: wall time, share of samples left unscored,
+    and, from the model's counters for the call (``delta``, as :class:`~rlhf_rewards.stats.RewardStats` names
+    them), the share of model inputs truncated, of computed tokens that were padding, and of pairwise comparisons
+    whose two orders disagreed."""
+    log_metric(f"{prefix}/seconds", seconds)
+    log_metric(f"{prefix}/unscored_rate", unscored_rate)
+    if delta.get("samples"):
+        log_metric(f"{prefix}/truncation_rate", delta["truncated"] / delta["samples"])
+    if delta.get("computed_tokens"):
+        log_metric(f"{prefix}/padding_share", 1 - delta["real_tokens"] / delta["computed_tokens"])
+    if delta.get("comparisons"):
+        log_metric(f"{prefix}/order_disagreement_rate", delta["order_disagreements"] / delta["comparisons"])
