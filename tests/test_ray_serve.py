@@ -156,3 +156,230 @@ def test_requests_are_spread_over_both_replicas(deployed, rm):
         t.join(timeout=120)
     assert sum(served.values()) == 40
     assert set(served) == replica_ids(deployed.name) and len(served) == 2, served
+
+
+# -- a replica killed mid-stream ----------------------------------------------------------------------------------
+
+def batch(k: int) -> tuple[list, list]:
+    """Batch ``k`` of the stream: distinct completions, so a result in the wrong place or twice shows."""
+    prompts = [m for m, _ in CONVERSATIONS]
+    return prompts, [f"{c} (batch {k}, sample {i})" for i, (_, c) in enumerate(CONVERSATIONS)]
+
+
+def test_a_replica_killed_mid_stream_loses_no_sample(deployed, rm):
+    """HTTP clients through the proxy and handle clients keep sending batches while one replica's actor is killed:
+    every batch comes back complete, in order, equal to in-process scoring; Ray Serve starts a replacement."""
+    from rlhf_rewards.serving import RemoteRewardFunction
+    from rlhf_rewards.serving.ray import RayRewardFunction
+
+    n_batches = 20
+    expected = {k: rm.score(*batch(k)) for k in range(n_batches)}
+    before = replica_ids(deployed.name)
+    results: dict[tuple[str, int], list] = {}
+    progress = threading.Semaphore(0)
+
+    def stream(kind: str, fn) -> None:
+        for k in range(n_batches):
+            results[kind, k] = fn(*batch(k))
+            progress.release()
+
+    clients = {"http": RemoteRewardFunction(deployed.url, timeout=30, max_retries=8, backoff=0.2),
+               "handle": RayRewardFunction(deployed.handle, timeout=30, max_retries=8, backoff=0.2)}
+    threads = [threading.Thread(target=stream, args=item) for item in clients.items()]
+    for t in threads:
+        t.start()
+    for _ in range(4):  # both streams are under way
+        assert progress.acquire(timeout=120)
+    victim = sorted(before)[0]
+    ray.kill(ray.get_actor(f"SERVE_REPLICA::{deployed.name}#RewardModel#{victim}", namespace="serve"),
+             no_restart=True)
+    assert len(results) < 2 * n_batches  # the kill came mid-stream
+    for t in threads:
+        t.join(timeout=240)
+        assert not t.is_alive()
+    for kind in clients:
+        for k in range(n_batches):
+            assert results[kind, k] == pytest.approx(expected[k], **TOL), (kind, k)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        after = replica_ids(deployed.name)
+        if len(after) == 2 and victim not in after:
+            break
+        time.sleep(0.5)
+    assert len(after) == 2 and victim not in after and before - {victim} <= after
+
+
+# -- the handle reward function -------------------------------------------------------------------------------------
+
+def test_handle_reward_function_in_a_grpo_step_equals_in_process(deployed, rm, tmp_path_factory):
+    from test_trl_integration import CHAT_DATASET, Spy, train_one_step
+
+    from rlhf_rewards.serving.ray import RayRewardFunction
+    from rlhf_rewards.testing.policy import make_tiny_policy
+
+    policy = make_tiny_policy(str(tmp_path_factory.mktemp("policy")))
+    spy = Spy(RayRewardFunction(deployed.handle, name="rm"))
+    trainer = train_one_step("grpo", policy, spy, CHAT_DATASET, tmp_path_factory.mktemp("grpo"))
+    call = spy.calls[0]
+    in_process = RewardFunction(rm, name="rm")(prompts=call["prompts"], completions=call["completions"])
+    logged = list(trainer._logs["rewards"]["rm"])
+    assert len(logged) == 4 and logged == pytest.approx(in_process, **TOL)
+    assert trainer.state.log_history[0]["rm/unscored_rate"] == 0.0
+
+
+def test_handle_reward_function_pickles_into_ray_tasks(deployed, rm):
+    from rlhf_rewards.serving.ray import RayRewardFunction
+
+    fn = RayRewardFunction(deployed.handle, pairing="group", group_size=3, shards=2)
+
+    @ray.remote(num_cpus=0)
+    def score_in_a_task(function, prompts, completions):
+        return function(prompts, completions)
+
+    prompts = [CONVERSATIONS[0][0]] * 3 + [CONVERSATIONS[1][0]] * 3
+    completions = [f"Answer {i}." for i in range(6)]
+    remote = ray.get(score_in_a_task.remote(fn, prompts, completions), timeout=120)
+    assert remote == pytest.approx(RewardFunction(rm, pairing="group", group_size=3)(prompts, completions), **TOL)
+    with pytest.raises(ValueError, match="group"):  # the replica's refusal is RewardFunction's ValueError
+        fn(prompts[:4], completions[:4])
+
+
+# -- the command ----------------------------------------------------------------------------------------------------
+
+def test_serve_command_deploys_on_a_cluster_and_drains_on_sigterm(cluster, deployed, rm, tiny_dir):
+    """``rlhf-rewards serve --ray --address`` joins this module's Ray, adds an application under its own route
+    prefix on the running proxy, and removes it (exit 0) on SIGTERM; the cluster and the other app keep running."""
+    address, _, _ = cluster
+    cmd = [sys.executable, "-m", "rlhf_rewards", "serve", tiny_dir(SCALAR), "--preset", SCALAR, "--device", "cpu",
+           "--ray", "--address", address, "--replicas", "1", "--num-cpus-per-replica", "0.25",
+           "--route-prefix", "/cli", "--app-name", "cli", "--log-level", "warning"]
+    env = {**os.environ, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # printed once the replica serves
+        assert "on Ray Serve at http://127.0.0.1:" in line, proc.stderr.read() if proc.poll() is not None else line
+        url = line.split(" at ", 1)[1].split()[0]
+        assert url.endswith("/cli")
+        entry = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]
+        assert entry["replicas"] == 1 and entry["replica"] in replica_ids("cli")
+        prompts, completions = batch(0)
+        assert post(url, "/v1/score", {"prompts": prompts, "completions": completions}).json()["rewards"] == \
+            pytest.approx(rm.score(prompts, completions), **TOL)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert "cli" not in serve.status().applications
+    assert httpx.get(deployed.url + "/health").json() == {"status": "ok"}
+
+
+def test_serve_flags_need_ray(capsys):
+    from rlhf_rewards.cli import main
+
+    assert main(["serve", "some/model", "--replicas", "2"]) == 2
+    assert "--replicas need --ray" in capsys.readouterr().err
+    assert main(["serve", "some/model", "--ray", "--replicas", "2", "--min-replicas", "1", "--max-replicas", "3"]) == 2
+    assert "either --replicas or" in capsys.readouterr().err
+
+
+# -- a model that cannot load, and the end ------------------------------------------------------------------------
+
+def test_a_model_that_cannot_load_never_serves(deployed, tmp_path):
+    """The replica's constructor loads the model: a load error fails it before it takes any traffic, and after
+    ``start_attempts`` such replicas Ray Serve gives up and ``deploy`` raises."""
+    with pytest.raises(RuntimeError, match="broken.*failed"):
+        deploy(str(tmp_path / "missing"), replicas=1, num_cpus_per_replica=0.25, num_gpus_per_replica=0,
+               load_kwargs={"preset": SCALAR, "device": "cpu"}, name="broken", route_prefix="/broken",
+               start_attempts=1)
+    status = serve.status().applications["broken"]
+    assert status.status == "DEPLOY_FAILED"
+    assert "failed to start 1 times" in status.deployments["RewardModel"].message
+    assert httpx.get(deployed.url + "/broken/health", timeout=30).status_code != 200
+    serve.delete("broken")
+
+
+def test_shutdown_leaves_no_ray_processes(cluster):
+    _, temp, pids = cluster
+    assert pids  # the fixture saw Ray's processes (GCS, raylet, workers) start under this one
+    pids |= {p.pid for p in psutil.Process().children(recursive=True)}  # and the replicas started since
+    shutdown()
+    assert not ray.is_initialized()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.2)
+    assert not [pid for pid in pids if _alive(pid)]
+    assert not [p.pid for p in psutil.process_iter(["cmdline"]) if temp in " ".join(p.info["cmdline"] or [])]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+# -- without Ray: the proxy's lost-replica answer and the replica's health ---------------------------------------
+
+def test_proxy_answers_503_for_a_request_its_replica_never_answered():
+    import asyncio
+
+    from rlhf_rewards.serving.ray import proxy_middlewares
+
+    async def lost(scope, receive, send):  # what Ray Serve's proxy does when the replica dies mid-request
+        return None
+
+    async def answered(scope, receive, send):
+        await send({"type": "http.response.start", "status": 500, "headers": []})
+        await send({"type": "http.response.body", "body": b"app error"})
+
+    async def call(app):
+        middleware = proxy_middlewares()[0]
+        wrapped = middleware.cls(app, *middleware.args, **middleware.kwargs)
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        await wrapped({"type": "http", "path": "/v1/rewards"}, None, send)
+        return sent
+
+    sent = asyncio.run(call(lost))
+    assert sent[0]["status"] == 503 and (b"retry-after", b"1") in sent[0]["headers"]
+    assert b"retry" in sent[1]["body"]
+    assert asyncio.run(call(answered))[0]["status"] == 500  # the app's own answer passes untouched
+
+
+def test_replica_health_fails_while_the_model_is_broken(rm, monkeypatch):
+    """Ray Serve replaces a replica whose ``check_health`` raises: it does while the model's last call failed for
+    a reason other than its input (a lost GPU), and stops once a call succeeds."""
+    from types import SimpleNamespace
+
+    from rlhf_rewards.serving.ray import RewardReplica, _ReplicaEngine
+
+    engine = _ReplicaEngine(rm)
+    replica = SimpleNamespace(engine=engine, replica_id="r1")
+    check_health = RewardReplica.func_or_class.check_health
+    texts = [rm.format(*CONVERSATIONS[0])]
+    engine._forward(texts)
+    check_health(replica)
+
+    def failing(error):
+        def score_texts(self, items):
+            raise error
+        return score_texts
+
+    with monkeypatch.context() as patch:
+        patch.setattr(type(rm), "score_texts", failing(RuntimeError("CUDA error: device lost")))
+        with pytest.raises(RuntimeError):
+            engine._forward(texts)
+        with pytest.raises(RuntimeError, match="r1.*CUDA error: device lost"):
+            check_health(replica)
+        patch.setattr(type(rm), "score_texts", failing(ValueError("bad input")))
+        with pytest.raises(ValueError):
+            engine._forward(texts)
+        with pytest.raises(RuntimeError):  # an input's fault neither breaks nor mends the model
+            check_health(replica)
+    engine._forward(texts)
+    check_health(replica)

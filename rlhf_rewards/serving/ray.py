@@ -29,10 +29,10 @@ from ray.serve.context import _get_global_client
 from ray.serve.handle import DeploymentHandle
 from starlette.middleware import Middleware
 
+from . import contracts
 from .app import ServerSettings, build_app
 from .engine import RewardEngine
-# TMP from .ray_client import AsyncRayRewardFunction, RayRewardFunction
-from . import contracts
+from .ray_client import AsyncRayRewardFunction, RayRewardFunction
 from .schemas import RewardsRequest
 from .server import is_loopback
 
@@ -296,7 +296,7 @@ def deploy(model: str, *, replicas: Optional[int] = None, min_replicas: Optional
            engine_kwargs: Optional[dict[str, Any]] = None, settings: Optional[ServerSettings] = None,
            address: Optional[str] = None, host: str = "127.0.0.1", port: int = 8000, route_prefix: str = "/",
            name: str = "rlhf-rewards", max_ongoing_requests: int = 128, target_ongoing_requests: float = 32,
-           health_check_period_s: float = 10.0) -> RayDeployment:
+           health_check_period_s: float = 10.0, start_attempts: int = 3) -> RayDeployment:
     """Deploy ``model`` as Ray Serve replicas of the ``rlhf-rewards serve`` app; return once they all serve.
 
     Args:
@@ -320,6 +320,9 @@ def deploy(model: str, *, replicas: Optional[int] = None, min_replicas: Optional
         max_ongoing_requests: requests in flight per replica; beyond it they queue in the proxy or handle. The
             engine batches across the requests in flight, so keep it well above one request per trainer rank.
         health_check_period_s: how often Ray Serve checks each replica.
+        start_attempts: replicas Ray Serve starts in a row, each failing (a model that does not load), before it
+            gives up and this call raises ``RuntimeError`` (Ray Serve's default is 20: slow for a large model that
+            will not load on the 20th try either).
     """
     if replicas is not None and (min_replicas is not None or max_replicas is not None):
         raise ValueError("give either replicas or min_replicas/max_replicas, not both")
@@ -346,8 +349,7 @@ def deploy(model: str, *, replicas: Optional[int] = None, min_replicas: Optional
     options: dict[str, Any] = dict(
         ray_actor_options={"num_cpus": num_cpus_per_replica, "num_gpus": num_gpus_per_replica},
         max_ongoing_requests=max_ongoing_requests, health_check_period_s=health_check_period_s,
-        # a model that cannot load will not load on the 20th try either (Ray Serve's default)
-        max_constructor_retry_count=3)
+        max_constructor_retry_count=start_attempts)
     if autoscale:
         options["autoscaling_config"] = {"min_replicas": min_replicas, "max_replicas": max_replicas,
                                          "initial_replicas": max(min_replicas, 1),
