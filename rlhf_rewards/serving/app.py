@@ -264,6 +264,10 @@ async def _parse(request: Request, schema: type[B]) -> B:
         data = json.loads(raw)
     except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
         raise _HTTPError(400, f"the body is not valid JSON: {type(err).__name__}: {str(err)[:200]}") from None
+    try:  # JSON's \ud800-style escapes can smuggle in lone surrogates, which no tokenizer accepts
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise _HTTPError(400, f"the body is not valid JSON: a string holds a lone surrogate at {err.start}") from None
     try:
         return schema.model_validate(data)
     except ValidationError as err:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Optional, TypeVar
@@ -28,6 +29,20 @@ CHARS_PER_TOKEN = 3
 """How the batcher estimates a submission's tokens from its characters (no tokenizer call outside the model
 thread: fast tokenizers are not safe to share between threads). Conservative for English text; the model still
 packs its forward passes exactly under its own ``max_batch_tokens``."""
+
+REQUEST_THREAD_PREFIX = "rlhf-rewards-request"
+
+
+class _NoRequestContent(logging.Filter):
+    """RewardFunction logs why a sample was skipped, quoting the input; on a server those reasons go back to the
+    client in ``errors`` instead, and request content stays out of the server's logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.threadName.startswith(REQUEST_THREAD_PREFIX)
+
+
+_NO_REQUEST_CONTENT = _NoRequestContent()
+logging.getLogger("rlhf_rewards.trainers.reward_function").addFilter(_NO_REQUEST_CONTENT)
 
 _FORWARD_COUNTERS = ("samples", "truncated", "truncated_tokens", "batches", "real_tokens", "computed_tokens",
                      "oom_splits")
@@ -58,7 +73,7 @@ class RewardEngine:
         self.metrics = ServerMetrics()
         self.batcher = Batcher(self._forward, max_batch_tokens=max_batch_tokens or model.max_batch_tokens,
                                max_wait_ms=max_wait_ms, max_queue=max_queue, observer=self.metrics)
-        self._threads = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="rlhf-rewards-request")
+        self._threads = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix=REQUEST_THREAD_PREFIX)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, load_kwargs: Optional[dict[str, Any]] = None,
