@@ -8,7 +8,6 @@ serves; stopping Ray leaves none of its processes. Expected values come from the
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import signal
@@ -32,29 +31,12 @@ from rlhf_rewards import RewardFunction, load_reward_model  # noqa: E402
 from rlhf_rewards.serving.ray import REPLICA_HEADER, deploy, shutdown, start_local_ray  # noqa: E402
 from rlhf_rewards.testing.tokenizers import write_chatml_bpe_tokenizer  # noqa: E402
 
+from serving_helpers import free_port  # noqa: E402
+from test_serving_contracts import CONVERSATIONS, openrlhf_query, sigmoid, verl_input  # noqa: E402
+
 SCALAR = "starling-rm-34b"
 TOL = dict(rel=1e-5, abs=1e-5)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-CONVERSATIONS = [
-    ([{"role": "user", "content": "What is the capital of France?"}], "Paris is the capital of France."),
-    ([{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Why is the sky blue?"}],
-     "Rayleigh scattering: short waves scatter more."),
-    ([{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
-      {"role": "user", "content": "Another one, please."}], "Green, like grass."),
-]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def sigmoid(x: float) -> float:
-    return 1 / (1 + math.exp(-x))
 
 
 @pytest.fixture(scope="module")
@@ -121,15 +103,13 @@ def test_every_endpoint_equals_in_process_scoring(deployed, rm, tmp_path):
     assert data["rewards"][3] is None and "prompts[3]" in data["errors"][3]
     # OpenRLHF: the policy's prompt+response decoded with its special tokens (ChatML, EOS, trailing pads)
     tok = write_chatml_bpe_tokenizer(str(tmp_path / "policy"))
-    queries = [tok.apply_chat_template(m + [{"role": "assistant", "content": c}], tokenize=False)
-               + tok.pad_token * k for k, (m, c) in enumerate(CONVERSATIONS)]
-    assert all(q.count("<|im_end|>") >= 2 for q in queries)
+    queries = [openrlhf_query(tok, tok.pad_token_id, m, c, left_pads=k % 2, right_pads=k)
+               for k, (m, c) in enumerate(CONVERSATIONS)]
     data = post(url, "/get_reward", {"query": queries}).json()
     assert data["rewards"] == pytest.approx(scores, **TOL) and data["scores"] == data["rewards"]
     # verl: the reward model's own chat template, activation off, the reward read at data[-1].probs[-1]
     for (m, c), value in zip(CONVERSATIONS, scores):
-        text = rm.tokenizer.apply_chat_template(m + [{"role": "assistant", "content": c}], tokenize=False)
-        data = post(url, "/classify", {"model": "rm", "input": text, "activation": False}).json()
+        data = post(url, "/classify", {"model": "rm", "input": verl_input(rm, m, c), "activation": False}).json()
         assert data["data"][-1]["probs"][-1] == pytest.approx(value, **TOL)
     metrics = httpx.get(url + "/metrics")
     assert metrics.status_code == 200 and "rlhf_rewards_requests_total" in metrics.text
@@ -298,6 +278,28 @@ def test_a_model_that_cannot_load_never_serves(deployed, tmp_path):
     assert "failed to start 1 times" in status.deployments["RewardModel"].message
     assert httpx.get(deployed.url + "/broken/health", timeout=30).status_code != 200
     serve.delete("broken")
+
+
+def test_autoscaling_and_placement_options_reach_ray_serve(cluster, tiny_dir, monkeypatch):
+    """min/max replicas become Ray Serve's autoscaling config, and extra actor options (a node resource) reach each
+    replica; inconsistent options are refused before anything is deployed."""
+    deployed_apps = []
+    monkeypatch.setattr(serve, "run", lambda app, **kw: deployed_apps.append((app, kw)) or "handle")
+    result = deploy(tiny_dir(SCALAR), min_replicas=1, max_replicas=3, target_ongoing_requests=8,
+                    num_gpus_per_replica=0, ray_actor_options={"resources": {"reward_node": 1}},
+                    name="scaled", route_prefix="/scaled")
+    (app, kwargs), = deployed_apps
+    assert kwargs == {"name": "scaled", "route_prefix": "/scaled"} and result.url.endswith("/scaled")
+    deployment = app._bound_deployment
+    autoscaling = deployment._deployment_config.autoscaling_config
+    assert (autoscaling.min_replicas, autoscaling.max_replicas, autoscaling.target_ongoing_requests) == (1, 3, 8)
+    assert deployment.ray_actor_options == {"num_cpus": 1.0, "num_gpus": 0, "resources": {"reward_node": 1}}
+    for bad in [dict(replicas=2, min_replicas=1, max_replicas=2), dict(min_replicas=2), dict(replicas=0),
+                dict(min_replicas=3, max_replicas=2), dict(ray_actor_options={"num_gpus": 1}),
+                dict(host="0.0.0.0"), dict(route_prefix="rm")]:
+        with pytest.raises(ValueError):
+            deploy(tiny_dir(SCALAR), **bad)
+    assert len(deployed_apps) == 1
 
 
 def test_shutdown_leaves_no_ray_processes(cluster):

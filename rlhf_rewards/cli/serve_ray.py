@@ -4,6 +4,7 @@ Serve's proxy (docs/ray.md). Ray is imported only when ``--ray`` is given."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -12,7 +13,7 @@ from typing import Any, Optional
 
 logger = logging.getLogger(__name__)
 
-_RAY_ONLY = ("replicas", "min_replicas", "max_replicas", "num_gpus_per_replica", "address")
+_RAY_ONLY = ("replicas", "min_replicas", "max_replicas", "num_gpus_per_replica", "ray_actor_options", "address")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-gpus-per-replica", type=float,
                        help="GPUs each replica reserves (default: 1 if the cluster has GPUs, else 0)")
     group.add_argument("--num-cpus-per-replica", type=float, default=1.0, help="CPUs each replica reserves")
+    group.add_argument("--ray-actor-options", type=json.loads, metavar="JSON",
+                       help="more Ray actor options per replica, e.g. '{\"resources\": {\"reward_node\": 1}}' "
+                            "to place replicas on the nodes started with that resource")
     group.add_argument("--address",
                        help="Ray cluster to deploy on: auto, ray://head:10001 or host:port (default: start Ray on "
                             "this machine, loopback-only unless --host is another address)")
@@ -63,6 +67,7 @@ def run(args: argparse.Namespace, load_kwargs: dict[str, Any], engine_kwargs: di
         deployed = ray_serving.deploy(
             args.model, replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
             num_gpus_per_replica=args.num_gpus_per_replica, num_cpus_per_replica=args.num_cpus_per_replica,
+            ray_actor_options=args.ray_actor_options,
             load_kwargs=load_kwargs, engine_kwargs=engine_kwargs, settings=settings, address=args.address,
             host=args.host, port=args.port, route_prefix=args.route_prefix, name=args.app_name,
             max_ongoing_requests=args.max_ongoing_requests, target_ongoing_requests=args.target_ongoing_requests)

@@ -292,7 +292,8 @@ class RayDeployment:
 
 def deploy(model: str, *, replicas: Optional[int] = None, min_replicas: Optional[int] = None,
            max_replicas: Optional[int] = None, num_gpus_per_replica: Optional[float] = None,
-           num_cpus_per_replica: float = 1.0, load_kwargs: Optional[dict[str, Any]] = None,
+           num_cpus_per_replica: float = 1.0, ray_actor_options: Optional[dict[str, Any]] = None,
+           load_kwargs: Optional[dict[str, Any]] = None,
            engine_kwargs: Optional[dict[str, Any]] = None, settings: Optional[ServerSettings] = None,
            address: Optional[str] = None, host: str = "127.0.0.1", port: int = 8000, route_prefix: str = "/",
            name: str = "rlhf-rewards", max_ongoing_requests: int = 128, target_ongoing_requests: float = 32,
@@ -307,6 +308,9 @@ def deploy(model: str, *, replicas: Optional[int] = None, min_replicas: Optional
         num_gpus_per_replica: GPUs each replica reserves (Ray makes them its ``cuda:0``...); default 1 when the
             cluster has GPUs, else 0. Fractions share a GPU between replicas.
         num_cpus_per_replica: CPUs each replica reserves (request parsing and tokenization run there).
+        ray_actor_options: more of Ray Serve's ``ray_actor_options`` for each replica, e.g. ``{"resources":
+            {"reward_node": 1}}`` to place replicas only on nodes started with ``--resources '{"reward_node": N}'``
+            (the nodes that do not train), ``label_selector``, ``runtime_env``, ``accelerator_type``.
         load_kwargs: arguments of :func:`~rlhf_rewards.load_reward_model` (preset, dtype, max_length...).
         engine_kwargs: arguments of :class:`~rlhf_rewards.serving.RewardEngine` (model_id, max_wait_ms...).
         settings: API key and body limit of the app (:class:`~rlhf_rewards.serving.ServerSettings`).
@@ -346,8 +350,12 @@ def deploy(model: str, *, replicas: Optional[int] = None, min_replicas: Optional
         raise ValueError(f"this cluster's Serve proxy listens on {proxy.host}: give an API key")
     if num_gpus_per_replica is None:
         num_gpus_per_replica = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    actor = {"num_cpus": num_cpus_per_replica, "num_gpus": num_gpus_per_replica}
+    clash = sorted(set(actor) & set(ray_actor_options or {}))
+    if clash:
+        raise ValueError(f"ray_actor_options sets {clash}: give num_cpus_per_replica / num_gpus_per_replica instead")
     options: dict[str, Any] = dict(
-        ray_actor_options={"num_cpus": num_cpus_per_replica, "num_gpus": num_gpus_per_replica},
+        ray_actor_options={**actor, **(ray_actor_options or {})},
         max_ongoing_requests=max_ongoing_requests, health_check_period_s=health_check_period_s,
         max_constructor_retry_count=start_attempts)
     if autoscale:

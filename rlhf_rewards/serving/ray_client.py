@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Optional
+from typing import Any
 
 from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
