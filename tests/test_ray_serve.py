@@ -228,29 +228,35 @@ def test_handle_reward_function_pickles_into_ray_tasks(deployed, rm):
 
 def test_serve_command_deploys_on_a_cluster_and_drains_on_sigterm(cluster, deployed, rm, tiny_dir):
     """``rlhf-rewards serve --ray --address`` joins this module's Ray, adds an application under its own route
-    prefix on the running proxy, and removes it (exit 0) on SIGTERM; the cluster and the other app keep running."""
+    prefix on the running proxy, with the plain server's API key check, and removes it (exit 0) on SIGTERM; the
+    cluster and the other application keep running."""
     address, _, _ = cluster
     cmd = [sys.executable, "-m", "rlhf_rewards", "serve", tiny_dir(SCALAR), "--preset", SCALAR, "--device", "cpu",
            "--ray", "--address", address, "--replicas", "1", "--num-cpus-per-replica", "0.25",
            "--route-prefix", "/cli", "--app-name", "cli", "--log-level", "warning"]
-    env = {**os.environ, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1", "RLHF_REWARDS_API_KEY": "s3cret"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()  # printed once the replica serves
         assert "on Ray Serve at http://127.0.0.1:" in line, proc.stderr.read() if proc.poll() is not None else line
         url = line.split(" at ", 1)[1].split()[0]
         assert url.endswith("/cli")
-        entry = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]
+        assert httpx.get(url + "/v1/models", timeout=30).status_code == 401
+        key = {"Authorization": "Bearer s3cret"}
+        entry = httpx.get(url + "/v1/models", headers=key, timeout=30).json()["data"][0]
         assert entry["replicas"] == 1 and entry["replica"] in replica_ids("cli")
         prompts, completions = batch(0)
-        assert post(url, "/v1/score", {"prompts": prompts, "completions": completions}).json()["rewards"] == \
-            pytest.approx(rm.score(prompts, completions), **TOL)
+        response = httpx.post(url + "/v1/score", json={"prompts": prompts, "completions": completions},
+                              headers=key, timeout=60)
+        assert response.json()["rewards"] == pytest.approx(rm.score(prompts, completions), **TOL)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+        proc.stdout.close()
+        proc.stderr.close()
     assert "cli" not in serve.status().applications
     assert httpx.get(deployed.url + "/health").json() == {"status": "ok"}
 

@@ -50,32 +50,26 @@ class AsyncRayRewardFunction(AsyncRemoteRewardFunction):
                 break
             response = self.handle.rewards.remote(body)
             try:
-                data = await asyncio.wait_for(_result(response), min(self.timeout, remaining))
+                data = await asyncio.wait_for(response, min(self.timeout, remaining))
                 rewards = data["rewards"]
                 if len(rewards) != len(shard.indices):
                     raise RuntimeError(f"{len(rewards)} rewards for {len(shard.indices)} samples")
                 shard.rewards, shard.errors, shard.stats = rewards, data["errors"], data["stats"]
                 return
-            except ValueError as err:
-                # the replica refused the request itself (options the model cannot use, groups not whole):
-                # in-process this is RewardFunction's ValueError, and no retry can fix it
-                raise _Fatal(422, f"{self.handle.deployment_name}: {err}") from None
-            except Exception as err:  # noqa: BLE001 - a lost replica, a full queue, a timeout: retry
+            except RayTaskError as err:
+                if isinstance(err.cause, ValueError):
+                    # the replica refused the request itself (options the model cannot use, groups not whole):
+                    # in-process this is RewardFunction's ValueError, and no retry can fix it
+                    raise _Fatal(422, f"{self.handle.deployment_name}: {err.cause}") from None
+                last = f"the replica failed: {type(err.cause).__name__}: {err.cause}"
+            except Exception as err:  # noqa: BLE001 - a lost replica, a timeout: retry
                 response.cancel()
-                last = f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:500] if str(err) else ''}"
+                last = f"{type(err).__name__}: {err}"
             logger.info("%s: attempt %d for %d samples failed (%s)", self.__name__, attempt + 1,
                         len(shard.indices), last)
             if attempt < self.max_retries:
                 await asyncio.sleep(min(self._wait(attempt, None), max(0.0, stop_at - time.monotonic())))
         shard.failure = last
-
-
-async def _result(response) -> dict[str, Any]:
-    try:
-        return await response
-    except RayTaskError as err:
-        # the replica's own exception, re-raised as itself (a ValueError stays a ValueError)
-        raise err.as_instanceof_cause() from None
 
 
 class RayRewardFunction(AsyncRayRewardFunction, RemoteRewardFunction):
