@@ -24,8 +24,10 @@ _REMOTE = ("RemoteRewardFunction", "AsyncRemoteRewardFunction")
 def __getattr__(name: str):
     # the remote reward functions need httpx (the "serve" extra); the core install stays without it
     if name in _REMOTE:
+        from importlib import import_module
+
         try:
-            from .serving import client
+            client = import_module(".serving.client", __name__)
         except ImportError as err:
             raise ImportError(f"rlhf_rewards.{name} needs the 'serve' extra: pip install \"rlhf-rewards[serve]\" "
                               f"({err})") from err

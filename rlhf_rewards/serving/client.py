@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 
 import httpx
 
+from ..trainers.inputs import call_baselines, check_options
 from ..trainers.reward_function import log_call_metrics
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class _Shard:
         self.errors: list[Optional[str]] = []
         self.stats: dict[str, float] = {}
         self.failure: Optional[str] = None
+        self.url: Optional[str] = None
 
 
 class AsyncRemoteRewardFunction:
@@ -63,12 +65,7 @@ class AsyncRemoteRewardFunction:
         for u in self.urls:
             if not u.startswith(("http://", "https://")):
                 raise ValueError(f"server URL {u!r} must start with http:// or https://")
-        if pairing not in (None, "group", "halves"):
-            raise ValueError(f"pairing must be None, 'group' or 'halves', got {pairing!r}")
-        if pairing is not None and baseline_column is not None:
-            raise ValueError("give either pairing or baseline_column, not both")
-        if group_size is not None and (pairing != "group" or group_size < 1):
-            raise ValueError(f"group_size={group_size} needs pairing='group' and a positive size")
+        check_options(pairing, baseline_column, group_size, group_mode, transform)
         if timeout <= 0 or max_retries < 0 or backoff < 0 or (deadline is not None and deadline <= 0):
             raise ValueError("timeout and deadline must be positive, max_retries and backoff non-negative")
         self.api_key = api_key
@@ -165,6 +162,7 @@ class AsyncRemoteRewardFunction:
                         raise ValueError(f"{len(rewards)} rewards for {len(shard.indices)} samples")
                     shard.rewards, shard.errors = rewards, data.get("errors") or [None] * len(rewards)
                     shard.stats = data.get("stats") or {}
+                    shard.url = url
                     return
                 if response.status_code not in RETRY_STATUS:
                     raise _Fatal(response.status_code, f"{url} answered {response.status_code}: "
@@ -186,14 +184,7 @@ class AsyncRemoteRewardFunction:
         """Rewards for TRL: one float (or ``None``) per completion, in order, as the in-process
         :class:`~rlhf_rewards.RewardFunction` with the same options gives them. ``None`` marks a sample the server
         could not score (reason logged) or one no server scored before the deadline."""
-        if len(prompts) != len(completions):
-            raise ValueError(f"length mismatch: len(prompts)={len(prompts)}, len(completions)={len(completions)}")
-        baselines = None
-        if self.baseline_column is not None:
-            if self.baseline_column not in kwargs:
-                raise ValueError(f"baseline_column {self.baseline_column!r} is not among the dataset columns "
-                                 f"passed by the trainer: {sorted(k for k in kwargs if not callable(kwargs[k]))}")
-            baselines = kwargs[self.baseline_column]
+        baselines = call_baselines(prompts, completions, self.baseline_column, kwargs)
         start = time.monotonic()
         stop_at = start + (self.deadline if self.deadline is not None
                            else (self.timeout + self.max_backoff) * (self.max_retries + 1))
@@ -209,10 +200,10 @@ class AsyncRemoteRewardFunction:
                 for i in shard.indices:
                     reasons[i] = f"no server scored it before the deadline: {shard.failure}"
                 continue
-            for i, r, e in zip(shard.indices, shard.rewards, shard.errors):
+            for local, (i, r, e) in enumerate(zip(shard.indices, shard.rewards, shard.errors)):
                 rewards[i] = r
-                if r is None:
-                    reasons[i] = e or "the server returned no reward"
+                if r is None:  # the server's reason names the sample's index in the request it was sent in
+                    reasons[i] = f"{shard.url}, sample {local} of its request: {e or 'no reward returned'}"
             for key in _STAT_KEYS:
                 totals[key] += float(shard.stats.get(key, 0.0))
         if reasons:

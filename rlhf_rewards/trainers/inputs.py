@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, Optional
 
 from ..backends.base import RewardModel
@@ -46,3 +47,32 @@ class Sample(NamedTuple):
     messages: list[Message]
     completion: str
     baseline: Optional[str]
+
+
+def check_options(pairing: Optional[str], baseline_column: Optional[str], group_size: Optional[int],
+                  group_mode: str, transform: str) -> None:
+    """Reject reward-function options that do not go together, at construction rather than mid-training."""
+    from ..pairwise import apply_transform
+
+    if pairing not in (None, "group", "halves"):
+        raise ValueError(f"pairing must be None, 'group' or 'halves', got {pairing!r}")
+    if pairing is not None and baseline_column is not None:
+        raise ValueError("give either pairing or baseline_column, not both")
+    if group_size is not None and (pairing != "group" or group_size < 1):
+        raise ValueError(f"group_size={group_size} needs pairing='group' and a positive size")
+    if group_mode not in ("round-robin", "anchor"):
+        raise ValueError(f"unknown group_mode {group_mode!r}; expected 'round-robin' or 'anchor'")
+    apply_transform([0.5], transform)  # rejects an unknown transform
+
+
+def call_baselines(prompts: Sequence[Any], completions: Sequence[Any], baseline_column: Optional[str],
+                   columns: Mapping[str, Any]) -> Optional[Sequence[Any]]:
+    """Check one reward-function call's lengths and return its baseline column (``None`` without one)."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"length mismatch: len(prompts)={len(prompts)}, len(completions)={len(completions)}")
+    if baseline_column is None:
+        return None
+    if baseline_column not in columns:
+        raise ValueError(f"baseline_column {baseline_column!r} is not among the dataset columns passed by the "
+                         f"trainer: {sorted(k for k in columns if not callable(columns[k]))}")
+    return columns[baseline_column]

@@ -16,7 +16,7 @@ from typing import Any, Callable, Literal, Optional
 from ..backends.base import RewardModel
 from ..conversation import Message, normalize_prompt
 from ..pairwise import GroupMode, Transform, apply_transform, group_rewards
-from .inputs import Sample, model_lock, to_completion, to_messages
+from .inputs import Sample, call_baselines, check_options, model_lock, to_completion, to_messages
 
 logger = logging.getLogger(__name__)
 
@@ -61,20 +61,12 @@ class RewardFunction:
                  pairing: Optional[Pairing] = None, group_size: Optional[int] = None,
                  group_mode: GroupMode = "round-robin", transform: Transform = "logodds",
                  name: Optional[str] = None, parse_templates: bool = True):
-        if pairing not in (None, "group", "halves"):
-            raise ValueError(f"pairing must be None, 'group' or 'halves', got {pairing!r}")
-        if pairing is not None and baseline_column is not None:
-            raise ValueError("give either pairing or baseline_column, not both")
+        check_options(pairing, baseline_column, group_size, group_mode, transform)
         if model.kind == "pairwise" and pairing is None and baseline_column is None:
             raise ValueError(
                 f"{model.preset.name} is a pairwise model: it needs something to compare each completion with. "
                 "Pass baseline_column='<dataset column with a reference completion>', pairing='group' "
                 "(GRPO/RLOO groups) or pairing='halves' (online DPO)")
-        if group_size is not None and (pairing != "group" or group_size < 1):
-            raise ValueError(f"group_size={group_size} needs pairing='group' and a positive size")
-        if group_mode not in ("round-robin", "anchor"):
-            raise ValueError(f"unknown group_mode {group_mode!r}; expected 'round-robin' or 'anchor'")
-        apply_transform([0.5], transform)  # rejects an unknown transform now rather than mid-training
         self.model = model
         self.baseline_column = baseline_column
         self.pairing = pairing
@@ -168,14 +160,7 @@ class RewardFunction:
                  **kwargs: Any) -> list[Optional[float]]:
         """Rewards for TRL: one float (or ``None``) per completion, in order. ``kwargs`` are the dataset columns
         and the trainer's extras; ``log_metric``, when given, receives this call's metrics."""
-        if len(prompts) != len(completions):
-            raise ValueError(f"length mismatch: len(prompts)={len(prompts)}, len(completions)={len(completions)}")
-        baselines = None
-        if self.baseline_column is not None:
-            if self.baseline_column not in kwargs:
-                raise ValueError(f"baseline_column {self.baseline_column!r} is not among the dataset columns "
-                                 f"passed by the trainer: {sorted(k for k in kwargs if not callable(kwargs[k]))}")
-            baselines = kwargs[self.baseline_column]
+        baselines = call_baselines(prompts, completions, self.baseline_column, kwargs)
         start = time.perf_counter()
         samples, reasons = self._prepare(prompts, completions, baselines)
         with model_lock(self.model):

@@ -1,0 +1,125 @@
+"""Faults: a server killed mid-run while the client holds two URLs, a server restarted, a server that stalls, a
+client that disconnects mid-request, SIGTERM draining in-flight requests with exit code 0, a deadline with no
+server left. Every case is bounded in time."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import httpx
+import pytest
+
+from rlhf_rewards import RemoteRewardFunction, RewardFunction, load_reward_model
+from rlhf_rewards.serving import RewardEngine, build_app
+
+from serving_helpers import ServerProcess, ServerThread, StalledServer
+
+PRESET = "starling-rm-34b"
+TOL = dict(rel=1e-5, abs=1e-5)
+PROMPTS = [f"Question {i}?" for i in range(8)]
+COMPLETIONS = [f"Answer number {i}." for i in range(8)]
+FAST_RETRY = dict(timeout=10.0, max_retries=8, backoff=0.05, max_backoff=0.5)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dir):
+    return load_reward_model(tiny_dir(PRESET), preset=PRESET, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def expected(model):
+    return RewardFunction(model)(PROMPTS, COMPLETIONS)
+
+
+@pytest.fixture(scope="module")
+def processes(tiny_dir):
+    """Two ``rlhf-rewards serve`` subprocesses, started together (their start-up dominates this module's time):
+    one to SIGKILL, one to SIGTERM while a request waits in its batcher (max wait 2 s)."""
+    victim = ServerProcess(tiny_dir(PRESET), PRESET).start()
+    drained = ServerProcess(tiny_dir(PRESET), PRESET, "--max-wait-ms", "2000").start()
+    try:
+        yield victim.wait_ready(), drained.wait_ready()
+    finally:
+        victim.__exit__()
+        drained.__exit__()
+
+
+def test_server_killed_mid_run_the_other_url_scores_everything(model, expected, processes):
+    victim, _ = processes
+    with ServerThread(build_app(RewardEngine(model))) as survivor:
+        remote = RemoteRewardFunction([victim.url, survivor], **FAST_RETRY)
+        results = [remote(PROMPTS, COMPLETIONS)]  # both servers answer
+        killer = threading.Timer(0.2, victim.kill)  # SIGKILL while the calls below run
+        killer.start()
+        deadline = time.monotonic() + 60
+        while victim.proc.poll() is None and time.monotonic() < deadline:
+            results.append(remote(PROMPTS, COMPLETIONS))
+        killer.join()
+        results += [remote(PROMPTS, COMPLETIONS) for _ in range(2)]
+    assert victim.proc.returncode == -9 and len(results) >= 3
+    for rewards in results:
+        assert rewards == pytest.approx(expected, **TOL)
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_0(expected, processes):
+    _, drained = processes
+    answer: dict = {}
+
+    def send():
+        answer["r"] = httpx.post(drained.url + "/v1/score", json={"prompts": PROMPTS, "completions": COMPLETIONS},
+                                 timeout=30)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    time.sleep(0.5)  # the request now waits in the batcher (up to 2 s for company)
+    assert drained.terminate(timeout=60) == 0
+    sender.join(timeout=30)
+    assert answer["r"].status_code == 200 and answer["r"].json()["rewards"] == pytest.approx(expected, **TOL)
+    with pytest.raises(httpx.TransportError):
+        httpx.get(drained.url + "/health", timeout=2)
+
+
+def test_client_recovers_when_a_server_restarts(model, expected):
+    engine = RewardEngine(model)
+    first = ServerThread(build_app(engine))
+    with first as url:
+        remote = RemoteRewardFunction(url, **FAST_RETRY)
+        assert remote(PROMPTS, COMPLETIONS) == pytest.approx(expected, **TOL)
+    restarted = ServerThread(build_app(engine), port=first.port)
+    timer = threading.Timer(1.0, restarted.__enter__)  # down for a second, then back on the same port
+    timer.start()
+    try:
+        assert remote(PROMPTS, COMPLETIONS) == pytest.approx(expected, **TOL)
+    finally:
+        timer.join()
+        restarted.__exit__()
+
+
+def test_stalled_server_times_out_and_fails_over(model, expected):
+    with StalledServer() as stalled, ServerThread(build_app(RewardEngine(model))) as healthy:
+        remote = RemoteRewardFunction([stalled, healthy], timeout=1.0, max_retries=3, backoff=0.05)
+        start = time.monotonic()
+        assert remote(PROMPTS, COMPLETIONS) == pytest.approx(expected, **TOL)
+        assert 1.0 <= time.monotonic() - start < 15
+
+
+def test_no_server_left_gives_none_by_the_deadline_without_raising(caplog):
+    with StalledServer() as stalled:
+        remote = RemoteRewardFunction(stalled, timeout=0.5, max_retries=50, deadline=2.0)
+        start = time.monotonic()
+        with caplog.at_level(logging.WARNING):
+            rewards = remote(PROMPTS, COMPLETIONS)
+        assert rewards == [None] * len(PROMPTS) and time.monotonic() - start < 5
+    assert "8 of 8 samples not scored" in caplog.text and "no server scored it before the deadline" in caplog.text
+
+
+def test_server_carries_on_after_a_client_disconnects(model, expected):
+    engine = RewardEngine(model, max_wait_ms=1000)
+    with ServerThread(build_app(engine)) as url:
+        with pytest.raises(httpx.ReadTimeout):  # gives up while its request waits in the batcher
+            httpx.post(url + "/v1/score", json={"prompts": PROMPTS, "completions": COMPLETIONS}, timeout=0.2)
+        r = httpx.post(url + "/v1/score", json={"prompts": PROMPTS, "completions": COMPLETIONS}, timeout=30)
+        assert r.status_code == 200 and r.json()["rewards"] == pytest.approx(expected, **TOL)
+        assert 'status="500"' not in httpx.get(url + "/metrics").text
