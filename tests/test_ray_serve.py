@@ -207,7 +207,7 @@ def test_handle_reward_function_in_a_grpo_step_equals_in_process(deployed, rm, t
     assert trainer.state.log_history[0]["rm/unscored_rate"] == 0.0
 
 
-def test_handle_reward_function_pickles_into_ray_tasks(deployed, rm):
+def test_handle_reward_function_pickles_into_ray_tasks(deployed, rm, caplog):
     from rlhf_rewards.serving.ray import RayRewardFunction
 
     fn = RayRewardFunction(deployed.handle, pairing="group", group_size=3, shards=2)
@@ -222,6 +222,10 @@ def test_handle_reward_function_pickles_into_ray_tasks(deployed, rm):
     assert remote == pytest.approx(RewardFunction(rm, pairing="group", group_size=3)(prompts, completions), **TOL)
     with pytest.raises(ValueError, match="group"):  # the replica's refusal is RewardFunction's ValueError
         fn(prompts[:4], completions[:4])
+    # an unscorable sample is None, its reason logged with the replica that found it
+    single = RayRewardFunction(deployed.handle)
+    assert single([[{"role": "assistant", "content": "no user turn"}], "Hi"], ["a", "b"])[0] is None
+    assert "replica" in caplog.text and "prompts[0]" in caplog.text
 
 
 # -- the command ----------------------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ class AsyncRayRewardFunction(AsyncRemoteRewardFunction):
                 if len(rewards) != len(shard.indices):
                     raise RuntimeError(f"{len(rewards)} rewards for {len(shard.indices)} samples")
                 shard.rewards, shard.errors, shard.stats = rewards, data["errors"], data["stats"]
+                shard.url = f"replica {data['replica']} of {self.handle.app_name}"  # names it in the reasons logged
                 return
             except RayTaskError as err:
                 if isinstance(err.cause, ValueError):
