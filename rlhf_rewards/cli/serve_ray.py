@@ -71,7 +71,7 @@ def run(args: argparse.Namespace, load_kwargs: dict[str, Any], engine_kwargs: di
             load_kwargs=load_kwargs, engine_kwargs=engine_kwargs, settings=settings, address=args.address,
             host=args.host, port=args.port, route_prefix=args.route_prefix, name=args.app_name,
             max_ongoing_requests=args.max_ongoing_requests, target_ongoing_requests=args.target_ongoing_requests)
-    except ValueError as err:
+    except (ValueError, ConnectionError) as err:  # a wrong setup, or no Ray cluster at --address
         print(f"rlhf-rewards serve: {err}", file=sys.stderr)
         ray_serving.shutdown()
         return 2
