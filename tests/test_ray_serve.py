@@ -246,6 +246,7 @@ def test_serve_command_deploys_on_a_cluster_and_drains_on_sigterm(cluster, deplo
         url = line.split(" at ", 1)[1].split()[0]
         assert url.endswith("/cli")
         assert httpx.get(url + "/v1/models", timeout=30).status_code == 401
+        assert httpx.get(url + "/health", timeout=30).json() == {"status": "ok"}  # open, under the prefix too
         key = {"Authorization": "Bearer s3cret"}
         entry = httpx.get(url + "/v1/models", headers=key, timeout=30).json()["data"][0]
         assert entry["replicas"] == 1 and entry["replica"] in replica_ids("cli")
