@@ -47,10 +47,10 @@ def sentence(rng: random.Random, low: int, high: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high))).capitalize() + "."
 
 
-def workload(n: int, seed: int) -> list[tuple[str, str]]:
-    """``n`` (question, answer) pairs of RLHF-like lengths (answers 20-200 words)."""
+def workload(n: int, seed: int, answer_words: tuple[int, int] = (20, 200)) -> list[tuple[str, str]]:
+    """``n`` (question, answer) pairs, answers of ``answer_words`` words (a range)."""
     rng = random.Random(seed)
-    return [(sentence(rng, 5, 30) + "?", sentence(rng, 20, 200)) for _ in range(n)]
+    return [(sentence(rng, 5, 30) + "?", sentence(rng, *answer_words)) for _ in range(n)]
 
 
 def chatml_query(question: str, answer: str) -> str:
@@ -60,13 +60,15 @@ def chatml_query(question: str, answer: str) -> str:
 
 
 class Server:
-    def __init__(self, model: str, preset: str, device: str, max_wait_ms: float):
+    def __init__(self, model: str, preset: str, device: str, max_wait_ms: float, threads: int | None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "rlhf_rewards", "serve", model, "--preset", preset, "--device", device,
                "--port", str(self.port), "--max-wait-ms", str(max_wait_ms), "--log-level", "warning"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 
     def __enter__(self) -> "Server":
         deadline = time.monotonic() + 600
@@ -118,7 +120,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def measure_senders(args, model: str, queries: list[str], max_wait_ms: float) -> dict:
-    with Server(model, args.preset, args.device, max_wait_ms) as server:
+    with Server(model, args.preset, args.device, max_wait_ms, args.threads) as server:
         asyncio.run(senders(server.url, queries[: args.senders * 2], args.senders))  # warm-up
         before = server.batches()
         seconds, latencies = asyncio.run(senders(server.url, queries, args.senders))
@@ -129,13 +131,18 @@ def measure_senders(args, model: str, queries: list[str], max_wait_ms: float) ->
 
 
 def measure_overhead(args, model: str, pairs: list[tuple[str, str]]) -> dict:
+    import torch
+
     from rlhf_rewards import RemoteRewardFunction, RewardFunction, load_reward_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)  # as the server process
 
     rm = load_reward_model(model, preset=args.preset, device=args.device)
     prompts = [[{"role": "user", "content": q}] for q, _ in pairs]
     completions = [a for _, a in pairs]
     local = RewardFunction(rm)
-    with Server(model, args.preset, args.device, args.max_wait_ms) as server:
+    with Server(model, args.preset, args.device, args.max_wait_ms, args.threads) as server:
         remote = RemoteRewardFunction(server.url)
         # same rewards both ways, or the timing comparison means nothing
         gap = max(abs(a - b) for a, b in zip(remote(prompts, completions), local(prompts, completions)))
@@ -159,7 +166,8 @@ def report(result: dict) -> str:
     over = result["overhead"]
     speedup = on["requests_per_s"] / off["requests_per_s"]
     lines = [
-        f"Serving benchmark: {result['model']} ({result['preset']}, {result['device']}), "
+        f"Serving benchmark: {result['model']} ({result['preset']}, {result['device']}, "
+        f"{result['threads'] or 'default'} torch threads), answers of {result['answer_words']} words, "
         f"load average {result['load_before']} -> {result['load_after']}",
         "",
         f"{result['senders']} concurrent OpenRLHF-style senders, one query per `/get_reward` request:",
@@ -192,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--answer-words", default="20,200",
+                        help="LOW,HIGH: words per answer (default 20,200: RLHF-like; 2,12: short answers)")
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads in the server and in-process (default: torch's own choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", help="also write the report here")
     parser.add_argument("--json", help="also write the numbers here")
@@ -202,15 +214,17 @@ def main(argv: list[str] | None = None) -> int:
         from rlhf_rewards.testing import make_tiny_checkpoint
 
         model = make_tiny_checkpoint(args.preset, os.path.join(tempfile.mkdtemp(), args.preset), seed=args.seed)
-    queries = [chatml_query(q, a) for q, a in workload(args.requests, args.seed)]
+    words = tuple(int(x) for x in args.answer_words.split(","))
+    queries = [chatml_query(q, a) for q, a in workload(args.requests, args.seed, words)]
     load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print("senders, batching on ...", file=sys.stderr)
     on = measure_senders(args, model, queries, args.max_wait_ms)
     print(f"senders, batching off ... (on: {on})", file=sys.stderr)
     off = measure_senders(args, model, queries, 0)
     print(f"HTTP vs in-process ... (off: {off})", file=sys.stderr)
-    over = measure_overhead(args, model, workload(args.batch, args.seed + 1))
+    over = measure_overhead(args, model, workload(args.batch, args.seed + 1, words))
     result = {"model": args.model or "tiny random checkpoint", "preset": args.preset, "device": args.device,
+              "answer_words": args.answer_words, "threads": args.threads,
               "senders": args.senders, "batching": on, "no_batching": off, "overhead": over,
               "load_before": load_before, "load_after": " ".join(f"{x:.1f}" for x in os.getloadavg())}
     text = report(result)

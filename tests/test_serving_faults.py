@@ -36,9 +36,9 @@ def expected(model):
 @pytest.fixture(scope="module")
 def processes(tiny_dir):
     """Two ``rlhf-rewards serve`` subprocesses, started together (their start-up dominates this module's time):
-    one to SIGKILL, one to SIGTERM while a request waits in its batcher (max wait 2 s)."""
+    one to SIGKILL, one to SIGTERM while it scores a long request."""
     victim = ServerProcess(tiny_dir(PRESET), PRESET).start()
-    drained = ServerProcess(tiny_dir(PRESET), PRESET, "--max-wait-ms", "2000").start()
+    drained = ServerProcess(tiny_dir(PRESET), PRESET).start()
     try:
         yield victim.wait_ready(), drained.wait_ready()
     finally:
@@ -63,20 +63,28 @@ def test_server_killed_mid_run_the_other_url_scores_everything(model, expected, 
         assert rewards == pytest.approx(expected, **TOL)
 
 
-def test_sigterm_finishes_in_flight_requests_and_exits_0(expected, processes):
+def test_sigterm_finishes_in_flight_requests_and_exits_0(model, processes):
     _, drained = processes
+    words = " ".join(["every token of a long answer costs the reward model time"] * 20)
+    prompts, completions = [f"Question {i}?" for i in range(150)], [f"{i}: {words}" for i in range(150)]
     answer: dict = {}
 
     def send():
-        answer["r"] = httpx.post(drained.url + "/v1/score", json={"prompts": PROMPTS, "completions": COMPLETIONS},
-                                 timeout=30)
+        answer["r"] = httpx.post(drained.url + "/v1/score", json={"prompts": prompts, "completions": completions},
+                                 timeout=300)
 
     sender = threading.Thread(target=send)
     sender.start()
-    time.sleep(0.5)  # the request now waits in the batcher (up to 2 s for company)
-    assert drained.terminate(timeout=60) == 0
-    sender.join(timeout=30)
-    assert answer["r"].status_code == 200 and answer["r"].json()["rewards"] == pytest.approx(expected, **TOL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # SIGTERM once the server has parsed the request and is scoring it
+        text = httpx.get(drained.url + "/metrics", timeout=10).text
+        if 'rlhf_rewards_samples_total{endpoint="/v1/score"} 150.0' in text:
+            break
+        time.sleep(0.05)
+    assert drained.terminate(timeout=300) == 0
+    sender.join(timeout=300)
+    assert answer["r"].status_code == 200
+    assert answer["r"].json()["rewards"] == pytest.approx(model.score(prompts, completions), **TOL)
     with pytest.raises(httpx.TransportError):
         httpx.get(drained.url + "/health", timeout=2)
 
@@ -116,10 +124,17 @@ def test_no_server_left_gives_none_by_the_deadline_without_raising(caplog):
 
 
 def test_server_carries_on_after_a_client_disconnects(model, expected):
-    engine = RewardEngine(model, max_wait_ms=1000)
+    engine = RewardEngine(model)
+    forward = engine.batcher._run
+
+    def slow_forward(items):  # a model busy long enough for the client to give up mid-request
+        time.sleep(1.0)
+        return forward(items)
+
+    engine.batcher._run = slow_forward
     with ServerThread(build_app(engine)) as url:
-        with pytest.raises(httpx.ReadTimeout):  # gives up while its request waits in the batcher
-            httpx.post(url + "/v1/score", json={"prompts": PROMPTS, "completions": COMPLETIONS}, timeout=0.2)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/score", json={"prompts": PROMPTS, "completions": COMPLETIONS}, timeout=0.3)
         r = httpx.post(url + "/v1/score", json={"prompts": PROMPTS, "completions": COMPLETIONS}, timeout=30)
         assert r.status_code == 200 and r.json()["rewards"] == pytest.approx(expected, **TOL)
         assert 'status="500"' not in httpx.get(url + "/metrics").text

@@ -117,3 +117,11 @@ def test_groups_of_concurrent_requests_never_mix(tiny_dir):
     for r in range(len(bodies)):
         assert out[r] == pytest.approx(expected[r], **TOL)
     assert calls < len(bodies)  # they did share model calls
+
+
+def test_a_lone_request_does_not_wait_for_company(scalar):
+    """The merge window is for requests already received; with none in flight a request runs at once."""
+    with ServerThread(build_app(RewardEngine(scalar, max_wait_ms=5000))) as url:
+        start = time.perf_counter()
+        r = httpx.post(url + "/v1/score", json={"prompts": ["Hi"], "completions": ["Hello"]}, timeout=60)
+        assert r.status_code == 200 and time.perf_counter() - start < 4

@@ -110,7 +110,11 @@ class _LimitsMiddleware:
                     raise _HTTPError(413, f"request body over the server's limit of {limit} bytes")
             return message
 
-        await self.app(scope, receive_limited, send)
+        engine = self.state.engine
+        if engine is None or scope["method"] != "POST":
+            return await self.app(scope, receive_limited, send)
+        with engine.request():
+            await self.app(scope, receive_limited, send)
 
 
 def _error(status: int, detail: Any, headers: Optional[dict[str, str]] = None) -> JSONResponse:

@@ -49,13 +49,15 @@ class Batcher:
         max_queue: items (summed ``len(items)``) allowed to wait; beyond it :meth:`submit` raises
             :class:`QueueFull`.
         observer: told of every merged call (for metrics).
+        company: how many submitters may submit soon (e.g. requests being parsed); when it says none, a
+            submission runs at once instead of waiting ``max_wait_ms`` for company that cannot come.
 
     The batcher binds to the event loop of its first :meth:`submit` (it starts lazily, so it works under uvicorn,
     inside a Ray Serve replica, or in tests that bring their own loop).
     """
 
     def __init__(self, run: RunFn, *, max_batch_tokens: int, max_wait_ms: float, max_queue: int,
-                 observer: Optional[BatchObserver] = None):
+                 observer: Optional[BatchObserver] = None, company: Optional[Callable[[], int]] = None):
         if max_batch_tokens < 1 or max_wait_ms < 0 or max_queue < 1:
             raise ValueError(f"need max_batch_tokens >= 1, max_wait_ms >= 0, max_queue >= 1; got "
                              f"{max_batch_tokens}, {max_wait_ms}, {max_queue}")
@@ -64,6 +66,7 @@ class Batcher:
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self._observer = observer
+        self._company = company
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlhf-rewards-model")
         self._pending: collections.deque[_Job] = collections.deque()
         self._queued_items = 0
@@ -132,7 +135,7 @@ class Batcher:
         while cost < self.max_batch_tokens:
             if not self._pending:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or (self._company is not None and self._company() <= 0):
                     break
                 self._wakeup.clear()
                 try:

@@ -7,8 +7,10 @@ Needs only ``httpx`` (the ``serve`` extra); nothing here imports the server side
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
+import ssl
 import threading
 import time
 from collections.abc import Sequence
@@ -189,7 +191,7 @@ class AsyncRemoteRewardFunction:
         stop_at = start + (self.deadline if self.deadline is not None
                            else (self.timeout + self.max_backoff) * (self.max_retries + 1))
         shards = self._shards(prompts)
-        async with httpx.AsyncClient() as client:
+        async with httpx.AsyncClient(verify=_ssl_context()) as client:
             await asyncio.gather(*(self._send(client, shard, k, self._payload(shard, prompts, completions, baselines),
                                               stop_at) for k, shard in enumerate(shards)))
         rewards: list[Optional[float]] = [None] * len(prompts)
@@ -272,6 +274,12 @@ def _run(call):
     except _Fatal as err:
         # a 422 is what RewardFunction raises ValueError for in-process (e.g. a batch not made of whole groups)
         raise (ValueError if err.status == 422 else RuntimeError)(str(err)) from None
+
+
+@functools.lru_cache(maxsize=1)
+def _ssl_context() -> ssl.SSLContext:
+    # httpx's default verifying context, built once per process: loading the CA bundle takes ~50 ms a call
+    return httpx.create_ssl_context()
 
 
 def _seconds(value: Optional[str]) -> Optional[float]:

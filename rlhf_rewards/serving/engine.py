@@ -11,11 +11,13 @@ are its own (forward counters of a merged call are split by input count).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 from ..backends.base import RewardModel
 from ..stats import RewardStats
@@ -71,8 +73,12 @@ class RewardEngine:
         self.model = model
         self.model_id = model_id or model.preset.name
         self.metrics = ServerMetrics()
+        # requests being prepared (parsed, rendered) rather than waiting for the model: the batcher's possible company
+        self._preparing = 0
+        self._preparing_lock = threading.Lock()
         self.batcher = Batcher(self._forward, max_batch_tokens=max_batch_tokens or model.max_batch_tokens,
-                               max_wait_ms=max_wait_ms, max_queue=max_queue, observer=self.metrics)
+                               max_wait_ms=max_wait_ms, max_queue=max_queue, observer=self.metrics,
+                               company=lambda: self._preparing)
         self._threads = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix=REQUEST_THREAD_PREFIX)
 
     @classmethod
@@ -120,7 +126,11 @@ class RewardEngine:
         view.stats = RewardStats()
 
         def submit(items: list[Any], cost: int) -> list[Any]:
-            results, counters = self.batcher.submit_from_thread(loop, items, cost)
+            self._count_preparing(-1)
+            try:
+                results, counters = self.batcher.submit_from_thread(loop, items, cost)
+            finally:
+                self._count_preparing(+1)
             for name, value in counters.items():
                 setattr(view.stats, name, getattr(view.stats, name) + value)
             return results
@@ -136,8 +146,21 @@ class RewardEngine:
         """Run ``work(view)`` on a request thread and return its result; the view's forward passes are merged with
         those of concurrent requests."""
         loop = asyncio.get_running_loop()
-        view = self.view(loop)
-        return await loop.run_in_executor(self._threads, work, view)
+        return await loop.run_in_executor(self._threads, work, self.view(loop))
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        """Mark a scoring request as received (wrap its whole handling, from before its body is read): while it
+        is not waiting for the model, the batcher holds its merge window open for it."""
+        self._count_preparing(+1)
+        try:
+            yield
+        finally:
+            self._count_preparing(-1)
+
+    def _count_preparing(self, change: int) -> None:
+        with self._preparing_lock:
+            self._preparing += change
 
     async def close(self) -> None:
         """Stop the batcher and the request threads (after the work in progress)."""
