@@ -8,6 +8,8 @@ import logging
 import os
 import sys
 
+from . import serve_ray
+
 HELP = "serve a reward model over HTTP for RL trainers (needs the 'serve' extra; see docs/serving.md)"
 API_KEY_ENV = "RLHF_REWARDS_API_KEY"
 
@@ -34,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="samples allowed to wait for the model; beyond it requests get 503 + Retry-After")
     parser.add_argument("--served-model-name", help="model id reported to clients (default: the preset name)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    serve_ray.add_arguments(parser)
 
 
 def _api_key(args: argparse.Namespace) -> str | None:
@@ -47,6 +50,10 @@ def _api_key(args: argparse.Namespace) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    problem = serve_ray.misuse(args)
+    if problem:
+        print(f"rlhf-rewards serve: {problem}", file=sys.stderr)
+        return 2
     try:
         from ..serving.app import ServerSettings
         from ..serving.engine import RewardEngine
@@ -65,10 +72,13 @@ def run(args: argparse.Namespace) -> int:
                    "max_length": args.max_length, "max_batch_tokens": args.max_batch_tokens,
                    "quantization": args.quantization, "adapter": args.adapter}
 
+    engine_kwargs = {"model_id": args.served_model_name, "max_batch_tokens": args.max_batch_tokens,
+                     "max_wait_ms": args.max_wait_ms, "max_queue": args.max_queue}
+    if args.ray:
+        return serve_ray.run(args, load_kwargs, engine_kwargs, settings)
+
     def load():
-        return RewardEngine.from_pretrained(args.model, load_kwargs=load_kwargs, model_id=args.served_model_name,
-                                            max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
-                                            max_queue=args.max_queue)
+        return RewardEngine.from_pretrained(args.model, load_kwargs=load_kwargs, **engine_kwargs)
 
     try:
         return serve(load, host=args.host, port=args.port, settings=settings, log_level=args.log_level)

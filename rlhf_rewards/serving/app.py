@@ -66,7 +66,9 @@ class _LimitsMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path = scope["path"]
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root + "/"):  # under a mount or a Ray Serve route prefix: the app's own path
+            path = path[len(root):]
         start = time.perf_counter()
         status = {"code": 500}
 

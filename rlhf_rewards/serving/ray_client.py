@@ -1,0 +1,93 @@
+""":class:`RayRewardFunction` / :class:`AsyncRayRewardFunction`: TRL reward functions that score through a Ray
+Serve deployment's handle (:func:`rlhf_rewards.serving.ray.deploy`), inside the cluster, with no HTTP hop.
+
+They are :class:`~rlhf_rewards.serving.client.RemoteRewardFunction` with the handle as transport: the same options,
+the same sharding (groups and online-DPO pairs kept whole), the same retries with backoff and jitter, the same
+``None`` for samples not scored before the deadline, the same metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from ray.exceptions import RayTaskError
+from ray.serve.handle import DeploymentHandle
+
+from .client import AsyncRemoteRewardFunction, RemoteRewardFunction, _Fatal, _Shard
+
+logger = logging.getLogger(__name__)
+
+_HANDLE = "http://ray-serve-deployment-handle"
+"""What stands in :class:`AsyncRemoteRewardFunction`'s URL list: one entry per shard, all sent to the handle."""
+
+
+class AsyncRayRewardFunction(AsyncRemoteRewardFunction):
+    """An async TRL reward function scored by a Ray Serve deployment through its handle. Same arguments and results
+    as :class:`RayRewardFunction`."""
+
+    def __init__(self, handle: DeploymentHandle, *, shards: int = 1, **options: Any):
+        if not isinstance(handle, DeploymentHandle):
+            raise TypeError(f"handle must be a Ray Serve DeploymentHandle (deploy(...).handle), got "
+                            f"{type(handle).__name__}")
+        if shards < 1:
+            raise ValueError(f"shards must be at least 1, got {shards}")
+        options.setdefault("name", "reward_ray")
+        super().__init__([_HANDLE] * shards, **options)
+        self.handle = handle
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.__name__}, app={self.handle.app_name!r}, "
+                f"deployment={self.handle.deployment_name!r}, shards={len(self.urls)})")
+
+    async def _send(self, client: Any, shard: _Shard, start_url: int, body: dict[str, Any], stop_at: float) -> None:
+        last = "no attempt made"
+        for attempt in range(self.max_retries + 1):
+            remaining = stop_at - time.monotonic()
+            if remaining <= 0:
+                break
+            response = self.handle.rewards.remote(body)
+            try:
+                data = await asyncio.wait_for(response, min(self.timeout, remaining))
+                rewards = data["rewards"]
+                if len(rewards) != len(shard.indices):
+                    raise RuntimeError(f"{len(rewards)} rewards for {len(shard.indices)} samples")
+                shard.rewards, shard.errors, shard.stats = rewards, data["errors"], data["stats"]
+                shard.url = f"replica {data['replica']} of {self.handle.app_name}"  # names it in the reasons logged
+                return
+            except RayTaskError as err:
+                if isinstance(err.cause, ValueError):
+                    # the replica refused the request itself (options the model cannot use, groups not whole):
+                    # in-process this is RewardFunction's ValueError, and no retry can fix it
+                    raise _Fatal(422, f"{self.handle.deployment_name}: {err.cause}") from None
+                last = f"the replica failed: {type(err.cause).__name__}: {err.cause}"
+            except Exception as err:  # noqa: BLE001 - a lost replica, a timeout: retry
+                response.cancel()
+                last = f"{type(err).__name__}: {err}"
+            logger.info("%s: attempt %d for %d samples failed (%s)", self.__name__, attempt + 1,
+                        len(shard.indices), last)
+            if attempt < self.max_retries:
+                await asyncio.sleep(min(self._wait(attempt, None), max(0.0, stop_at - time.monotonic())))
+        shard.failure = last
+
+
+class RayRewardFunction(AsyncRayRewardFunction, RemoteRewardFunction):
+    """A TRL reward function (``reward_funcs=[...]``) scored by a Ray Serve deployment of a reward model, through
+    its handle: inside the cluster, no HTTP, no API key.
+
+    It returns exactly what :class:`~rlhf_rewards.RewardFunction` with the same options returns in-process (one
+    float per completion, ``None`` for a sample that could not be scored) and retries what a lost replica, a full
+    queue or a timeout failed, as :class:`~rlhf_rewards.serving.client.RemoteRewardFunction` does over HTTP.
+
+    Args:
+        handle: ``deploy(...).handle``, or ``serve.get_deployment_handle("RewardModel", app_name=...)``.
+        shards: requests each call is split into (whole groups and pairs), sent concurrently; Ray Serve routes each
+            to a replica. Default 1: the batch goes to one replica, which batches it with other ranks' requests.
+        timeout, max_retries, deadline, backoff, max_backoff, max_shard_size, name, baseline_column, pairing,
+            group_size, group_mode, transform, parse_templates: as for ``RemoteRewardFunction`` (``name`` defaults
+            to ``"reward_ray"``).
+
+    It pickles with its handle, so it can be passed to Ray tasks and actors of the same cluster.
+    """
