@@ -134,7 +134,7 @@ _register(Preset(
     ),
     single_tokens=("<s>", "</s>"),
     fallback_chat_template=MISTRAL_V02_CHAT_TEMPLATE,
-    doc="Mistral-7B-Instruct-v0.2 sequence classifier (card 001); Mistral [INST] chat template.",
+    doc="Ray2333's Mistral-7B-Instruct-v0.2 sequence classifier; Mistral [INST] chat template, BOS twice.",
 ))
 
 _register(Preset(
@@ -157,7 +157,7 @@ _register(Preset(
         GoldenIds("<unk>", (0,), 64000),  # the pad token, whose id the card hard-codes as PAD_ID = 0
     ),
     single_tokens=("<|im_start|>", "<|im_end|>", "<unk>"),
-    doc="Yi-34B-Chat backbone + linear value head (card 002); Yi ChatML; reward before the first id 0.",
+    doc="Starling-RM-34B: Yi-34B-Chat backbone + linear value head; Yi ChatML; reward before the first id 0.",
 ))
 
 _register(Preset(
@@ -220,7 +220,7 @@ _register(Preset(
         GoldenIds(" milyon", (107667,), _LLAMA3_VOCAB),
     ),
     single_tokens=("A", "B"),
-    doc="Llama-3-8B pairwise preference model (card 003): P(A better) from the 'A'/'B' logits, both orders.",
+    doc="RLHFlow's Llama-3-8B pairwise preference model: P(A better) from the 'A'/'B' logits, both orders.",
 ))
 
 _register(Preset(
@@ -232,7 +232,7 @@ _register(Preset(
     add_special_tokens=False,
     max_length=2048,
     accelerator_dtype="float16",
-    doc="DeBERTa-v3-large pairwise ranker (card 004), native implementation without llm-blender.",
+    doc="PairRM: DeBERTa-v3-large pairwise ranker, native implementation without llm-blender.",
 ))
 
 

@@ -117,6 +117,11 @@ class ScalarModelBase(RewardModel):
         return self._render_at(normalize_prompt(prompt, "prompt"), normalize_completion(completion, "completion"),
                                "prompt")
 
+    def encode(self, prompt: PromptInput, completion: CompletionInput) -> list[int]:
+        """The token ids the model runs for one prompt and completion: :meth:`format`'s text tokenized and truncated
+        as in scoring, with every special token the tokenizer adds (decode them to see what the model reads; a
+        truncation counts in ``stats`` as in scoring)."""
+        return self.tokenize([self.format(prompt, completion)])[0]
 
     def score_texts(self, texts: Sequence[str]) -> list[float]:
         """Rewards of already-rendered texts (as :meth:`format` returns them), in input order."""
@@ -154,6 +159,12 @@ class PairwiseRewardModel(RewardModel):
                ) -> list[str]:
         """The exact texts the model reads to compare ``completion_a`` with ``completion_b`` (one per order, A
         first), before tokenization (for debugging)."""
+        raise NotImplementedError
+
+    def encode(self, prompt: PromptInput, completion_a: CompletionInput, completion_b: CompletionInput
+               ) -> list[list[int]]:
+        """The token ids the model runs to compare ``completion_a`` with ``completion_b``, one row per order (A
+        first), truncated as in scoring, with every special token (decode them to see what the model reads)."""
         raise NotImplementedError
 
     def _compare_both_orders(self, items: list[tuple[list[Message], str, str]]

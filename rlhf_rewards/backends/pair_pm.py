@@ -1,4 +1,4 @@
-"""Pairwise preference models that are causal LMs answering "A" or "B" (RLHFlow's pair-preference model, card 003).
+"""Pairwise preference models that are causal LMs answering "A" or "B" (RLHFlow's pair-preference model).
 
 The card runs the full LM once per order and reads two logits of the last position. Here both orders of every
 comparison go through one length-sorted batched pass, the backbone's last hidden state is read at each sequence's
@@ -123,8 +123,9 @@ def build_prefix_tree(sequences: Sequence[list[int]], min_saved: int = PREFIX_MI
 
 
 class PairPMRewardModel(PairwiseRewardModel):
-    """Card 003's preference model: ``P(A better) = softmax(logit_A, logit_B)[A]`` at the last position (with
-    ``temperature``), averaged over the orders (A, B) and (B, A) as the card does; exactly 0.5 is a tie.
+    """RLHFlow's preference model, read as its model card does: ``P(A better) = softmax(logit_A, logit_B)[A]`` at
+    the last position (with ``temperature``), averaged over the orders (A, B) and (B, A) as the card does; exactly
+    0.5 is a tie.
 
     Attributes:
         prefix_reuse: run token prefixes shared by several sequences of a call once, through the KV cache (see the
@@ -161,12 +162,20 @@ class PairPMRewardModel(PairwiseRewardModel):
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
 
+    def _one(self, prompt: PromptInput, completion_a: CompletionInput, completion_b: CompletionInput
+             ) -> tuple[str, str, str]:
+        return (self._context(normalize_prompt(prompt, "prompt"), "prompt"),
+                normalize_completion(completion_a, "completion_a"), normalize_completion(completion_b, "completion_b"))
+
     def format(self, prompt: PromptInput, completion_a: CompletionInput, completion_b: CompletionInput
                ) -> list[str]:
-        context = self._context(normalize_prompt(prompt, "prompt"), "prompt")
-        a = normalize_completion(completion_a, "completion_a")
-        b = normalize_completion(completion_b, "completion_b")
+        context, a, b = self._one(prompt, completion_a, completion_b)
         return [render_rlhflow_pair(context, a, b, self.tokenizer), render_rlhflow_pair(context, b, a, self.tokenizer)]
+
+    def encode(self, prompt: PromptInput, completion_a: CompletionInput, completion_b: CompletionInput
+               ) -> list[list[int]]:
+        context, a, b = self._one(prompt, completion_a, completion_b)
+        return [self._encode(context, a, b), self._encode(context, b, a)]
 
     def _encode(self, context: str, first: str, second: str) -> list[int]:
         """Token ids of one order, the context shortened from its start if the whole exceeds ``max_length``
@@ -301,7 +310,7 @@ class PairPMRewardModel(PairwiseRewardModel):
 
 def load_pair_pm(name_or_path: str, *, preset, tokenizer, device, dtype, max_length, max_batch_tokens,
                  quantization, adapter, temperature: float = 1.0) -> PairPMRewardModel:
-    """Card 003's loading: ``AutoModelForCausalLM`` (bf16 on GPU), the repository's own tokenizer."""
+    """Loading as RLHFlow's model card does: ``AutoModelForCausalLM`` (bf16 on GPU), the repository's own tokenizer."""
     from transformers import AutoModelForCausalLM
 
     from .weights import apply_adapter, from_pretrained_checked
