@@ -90,9 +90,9 @@ def render_starling_llama2(messages: list[Message], completion: str, tokenizer=N
 
 
 # The context template of RLHFlow's model card. It picks the role by position (even = user), so prompts reach it
-# with leading system messages folded into the first user turn and strictly alternating turns. Rendered through transformers' own chat
-# template machinery (trim_blocks on), exactly like the card's ``tokenizer_plain.apply_chat_template`` call, which
-# does not give the same text as reading the template literally.
+# with leading system messages folded into the first user turn and strictly alternating turns. Rendered through
+# transformers' own chat template machinery (trim_blocks on), exactly like the card's
+# ``tokenizer_plain.apply_chat_template`` call, which does not give the same text as reading the template literally.
 RLHFLOW_CONTEXT_TEMPLATE = (
     "\n{% for message in messages %}{% if loop.index0 % 2 == 0 %}\n\n<turn> user\n {{ message['content'] }}"
     "{% else %}\n\n<turn> assistant\n {{ message['content'] }}{% endif %}{% endfor %}\n\n\n"
