@@ -16,9 +16,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 command -v "$PY" >/dev/null || PY=python3
+torch_version() { "$PY" -c 'from importlib.metadata import version; print(version("torch"))'; }
 
 if "$PY" -c "import torch" 2>/dev/null; then
-    echo "install-torch: keeping the installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
+    echo "install-torch: keeping the installed torch $(torch_version)"
     exit 0
 fi
 
@@ -51,15 +52,19 @@ install_from_index() {
     "$PY" -m pip install -q "${constraints[@]}" "$1"
 }
 
+# install_from_cpu_index SPEC: torch alone from PyTorch's CPU index, then its dependencies from the configured index
+# (the CPU index mirrors only some of their versions).
 install_from_cpu_index() {
     echo "install-torch: trying PyTorch's CPU wheel index $cpu_index"
-    "$PY" -m pip install -q --retries 1 --timeout 30 --index-url "$cpu_index" "${constraints[@]}" "$1"
+    "$PY" -m pip install -q --retries 1 --timeout 30 --no-deps --index-url "$cpu_index" "$1" || return 1
+    "$PY" -m pip install -q "${constraints[@]}" \
+        "torch==$(torch_version)"
 }
 
 if [ "${1:-}" = latest ]; then specs=(torch "$pinned"); constraints=(); else specs=("$pinned"); constraints=(-c constraints.txt); fi
 for spec in "${specs[@]}"; do
     if install_from_index "$spec" || install_from_cpu_index "$spec"; then
-        echo "install-torch: installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
+        echo "install-torch: installed torch $(torch_version)"
         exit 0
     fi
 done

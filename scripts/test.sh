@@ -11,18 +11,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 command -v "$PY" >/dev/null || PY=python3
+torch_version() { "$PY" -c 'from importlib.metadata import version; print(version("torch"))'; }
 export PYTHON=$PY
 
 pins=$(mktemp)
 trap 'rm -f "$pins"' EXIT
 if [ "${RLHF_REWARDS_LATEST:-0}" = 1 ]; then
     bash scripts/install-torch.sh latest
-    echo "torch==$("$PY" -c 'import torch; print(torch.__version__)')" > "$pins"
+    echo "torch==$(torch_version)" > "$pins"
     "$PY" -m pip install -q --upgrade --upgrade-strategy eager -c "$pins" -e ".[test]"
 else
     bash scripts/install-torch.sh
     grep -v '^torch==' constraints.txt > "$pins"
-    echo "torch==$("$PY" -c 'import torch; print(torch.__version__)')" >> "$pins"
+    echo "torch==$(torch_version)" >> "$pins"
     "$PY" -m pip install -q -c "$pins" -e ".[test]"
 fi
 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 "$PY" -m pytest -q "$@"
