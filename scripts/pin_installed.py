@@ -3,7 +3,8 @@
 The set is derived from pyproject.toml: the package's dependencies and its ``test`` extra (with the package's own
 extras it names), followed through each installed dependency's requirements and requested extras, markers
 evaluated for this machine. Local version labels are dropped (torch ``2.13.0+cpu`` is pinned as ``2.13.0``).
-scripts/refresh-constraints.sh runs this in a fresh virtualenv holding the newest releases.
+scripts/refresh-constraints.sh runs this in a fresh virtualenv holding the newest releases (Python 3.11 or later:
+it reads pyproject.toml with tomllib).
 """
 
 from __future__ import annotations
