@@ -39,17 +39,22 @@ EOF
 
 # install_from_index SPEC: from the configured index, if what it offers is a CPU build or there is a GPU.
 install_from_index() {
-    local report
+    local report found=0 cpu=0
     report=$(mktemp)
-    if ! "$PY" -m pip install -q --dry-run --no-deps --ignore-installed --report "$report" "$1" 2>/dev/null; then
+    if "$PY" -m pip install -q --dry-run --no-deps --ignore-installed --report "$report" "$1" 2>/dev/null; then
+        found=1
+        if is_cpu_build "$report"; then cpu=1; fi
+    fi
+    rm -f "$report"
+    if [ "$found" = 0 ]; then
         echo "install-torch: the package index has no $1"
         return 1
     fi
-    if [ "$gpu" = 0 ] && ! is_cpu_build "$report"; then
+    if [ "$gpu" = 0 ] && [ "$cpu" = 0 ]; then
         echo "install-torch: the package index offers $1 as a CUDA build and this machine has no NVIDIA GPU"
         return 1
     fi
-    "$PY" -m pip install -q "${constraints[@]}" "$1"
+    "$PY" -m pip install -q ${constraints[@]+"${constraints[@]}"} "$1"
 }
 
 # install_from_cpu_index SPEC: torch alone from PyTorch's CPU index, then its dependencies from the configured index
@@ -57,11 +62,15 @@ install_from_index() {
 install_from_cpu_index() {
     echo "install-torch: trying PyTorch's CPU wheel index $cpu_index"
     "$PY" -m pip install -q --retries 1 --timeout 30 --no-deps --index-url "$cpu_index" "$1" || return 1
-    "$PY" -m pip install -q "${constraints[@]}" \
-        "torch==$(torch_version)"
+    "$PY" -m pip install -q ${constraints[@]+"${constraints[@]}"} "torch==$(torch_version)"
 }
 
-if [ "${1:-}" = latest ]; then specs=(torch "$pinned"); constraints=(); else specs=("$pinned"); constraints=(-c constraints.txt); fi
+# (${constraints[@]+...} keeps an empty array from failing under set -u in bash 3, macOS's)
+if [ "${1:-}" = latest ]; then
+    specs=(torch "$pinned"); constraints=()
+else
+    specs=("$pinned"); constraints=(-c constraints.txt)
+fi
 for spec in "${specs[@]}"; do
     if install_from_index "$spec" || install_from_cpu_index "$spec"; then
         echo "install-torch: installed torch $(torch_version)"
