@@ -1,4 +1,4 @@
-"""Best-of-n sampling judged by RLHFlow's pairwise preference model (card 003).
+"""Best-of-n sampling judged by RLHFlow's pairwise preference model.
 
     python examples/best_of_n_pair_pm.py          # policy on cuda:0, the preference model (bf16, ~16 GB) on cuda:1
     python examples/best_of_n_pair_pm.py --tiny   # CPU smoke run with tiny random checkpoints

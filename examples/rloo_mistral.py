@@ -1,4 +1,4 @@
-"""RLOO with Ray2333's Mistral-7B reward model (card 001), the reward model on its own GPU.
+"""RLOO with Ray2333's Mistral-7B reward model, the reward model on its own GPU.
 
     python examples/rloo_mistral.py           # policy on cuda:0, the reward model (fp16, ~15 GB) on cuda:1
     python examples/rloo_mistral.py --tiny    # CPU smoke run with tiny random checkpoints

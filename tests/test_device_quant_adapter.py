@@ -156,3 +156,37 @@ def test_adapter_on_an_8bit_model(tiny_dir, adapter):
     expected = merged_by_hand(preset, tiny_dir(preset), adapter_dir).score(PROMPTS, COMPLETIONS)
     # the int8 tolerance of the brief: the adapter's scores here span about 0.4 (int8 error measured: 6e-3)
     assert rm.score(PROMPTS, COMPLETIONS) == pytest.approx(expected, abs=0.02)
+
+
+# -- third-party noise ----------------------------------------------------------------------------------------------
+
+BNB_LOGGER = "bitsandbytes.autograd._functions"
+
+
+def test_8bit_notices_are_logged_once_each(monkeypatch, caplog):
+    import logging
+
+    from rlhf_rewards.backends.weights import quantization_config
+
+    logger = logging.getLogger(BNB_LOGGER)
+    monkeypatch.setattr(logger, "filters", [])  # a fresh filter for this test, restored after it
+    quantization_config("8bit", torch.float32, ["v_head"])
+    quantization_config("8bit", torch.float32, ["v_head"])  # asking twice installs one filter
+    with caplog.at_level(logging.WARNING, logger=BNB_LOGGER):
+        for _ in range(3):
+            logger.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", torch.float32)
+        logger.warning("another notice")  # a different message still gets through
+    assert [r.getMessage() for r in caplog.records] == [
+        "MatMul8bitLt: inputs will be cast from torch.float32 to float16 during quantization", "another notice"]
+
+
+def test_scoring_an_8bit_model_repeats_no_bitsandbytes_notice(monkeypatch, caplog, tiny_dir):
+    import logging
+
+    monkeypatch.setattr(logging.getLogger(BNB_LOGGER), "filters", [])
+    preset = "starling-rm-34b"
+    with caplog.at_level(logging.WARNING, logger=BNB_LOGGER):
+        rm = load_reward_model(tiny_dir(preset), preset=preset, device="cpu", quantization="8bit")
+        rm.score(PROMPTS, COMPLETIONS)
+        rm.score(PROMPTS, COMPLETIONS)
+    assert len([r for r in caplog.records if r.name == BNB_LOGGER]) <= 1  # 28 matrix products, each logged before

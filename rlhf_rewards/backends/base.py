@@ -190,8 +190,9 @@ class ScalarModelBase(RewardModel):
         return self._render_at(messages, completion_text(completion, fmt, "completion"), "prompt: ")
 
     def encode(self, prompt: PromptInput, completion: CompletionInput) -> list[int]:
-        """The token ids the model reads for one prompt and completion, truncated as scoring truncates (for
-        debugging)."""
+        """The token ids the model runs for one prompt and completion: :meth:`format`'s text tokenized and truncated
+        as in scoring, with every special token the tokenizer adds (decode them to see what the model reads; a
+        truncation counts in ``stats`` as in scoring)."""
         return self.tokenize([self.format(prompt, completion)])[0]
 
     def _forward_texts(self, texts: Sequence[str]) -> list[float]:
@@ -284,8 +285,8 @@ class PairwiseRewardModel(RewardModel):
 
     def encode(self, prompt: PromptInput, completion_a: CompletionInput, completion_b: CompletionInput
                ) -> list[list[int]]:
-        """The token ids the model reads to compare ``completion_a`` with ``completion_b``, truncated as scoring
-        truncates (for debugging); one row per order, A first, unless the model reads one row for both."""
+        """The token ids the model runs to compare ``completion_a`` with ``completion_b``, one row per order (A
+        first), truncated as in scoring, with every special token (decode them to see what the model reads)."""
         raise NotImplementedError
 
     def _one(self, prompt: PromptInput, completion_a: CompletionInput, completion_b: CompletionInput

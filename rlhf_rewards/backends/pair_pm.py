@@ -1,4 +1,4 @@
-"""Pairwise preference models that are causal LMs answering "A" or "B" (RLHFlow's pair-preference model, card 003).
+"""Pairwise preference models that are causal LMs answering "A" or "B" (RLHFlow's pair-preference model).
 
 The card runs the full LM once per order and reads two logits of the last position. Here both orders of every
 comparison go through one length-sorted batched pass, the backbone's last hidden state is read at each sequence's
@@ -123,8 +123,9 @@ def build_prefix_tree(sequences: Sequence[list[int]], min_saved: int = PREFIX_MI
 
 
 class PairPMRewardModel(PairwiseRewardModel):
-    """Card 003's preference model: ``P(A better) = softmax(logit_A, logit_B)[A]`` at the last position (with
-    ``temperature``), averaged over the orders (A, B) and (B, A) as the card does; exactly 0.5 is a tie.
+    """RLHFlow's preference model, read as its model card does: ``P(A better) = softmax(logit_A, logit_B)[A]`` at
+    the last position (with ``temperature``), averaged over the orders (A, B) and (B, A) as the card does; exactly
+    0.5 is a tie.
 
     Attributes:
         prefix_reuse: run token prefixes shared by several sequences of a call once, through the KV cache (see the
@@ -333,7 +334,7 @@ class PairPMRewardModel(PairwiseRewardModel):
 
 def load_pair_pm(name_or_path: str, *, preset, tokenizer, device, dtype, max_length, max_batch_tokens,
                  quantization, adapter, temperature: float = 1.0) -> PairPMRewardModel:
-    """Card 003's loading: ``AutoModelForCausalLM`` (bf16 on GPU), the repository's own tokenizer."""
+    """Loading as RLHFlow's model card does: ``AutoModelForCausalLM`` (bf16 on GPU), the repository's own tokenizer."""
     from transformers import AutoModelForCausalLM
 
     from .weights import apply_adapter, from_pretrained_checked

@@ -1,4 +1,4 @@
-"""PairRM (card 004: ``llm-blender/PairRM`` and ``llm-blender/PairRM-hf``), natively, without llm-blender.
+"""PairRM (``llm-blender/PairRM`` and ``llm-blender/PairRM-hf``), natively, without llm-blender.
 
 PairRM reads one prompt ("source") and two responses ("candidates") side by side in a DeBERTa-v3-large encoder:
 

@@ -1,4 +1,4 @@
-"""Loading PairRM (card 004) in either published layout: its tokenizer as llm-blender had it under transformers 4,
+"""Loading PairRM in either published layout: its tokenizer as llm-blender had it under transformers 4,
 its config and weights, and the :class:`~rlhf_rewards.backends.pairrm.PairRMRewardModel` around them."""
 
 from __future__ import annotations

@@ -117,7 +117,8 @@ def _max_length(requested: Optional[int], preset_limit: Optional[int], config) -
 
 def load_sequence_classifier(name_or_path: str, *, preset, tokenizer, device, dtype, max_length, max_batch_tokens,
                              quantization, adapter) -> ScalarRewardModel:
-    """A transformers ``AutoModelForSequenceClassification`` reward model with one label (card 001's loading)."""
+    """A transformers ``AutoModelForSequenceClassification`` reward model with one label (loaded as Ray2333's
+    model card does)."""
     from transformers import AutoModelForSequenceClassification
 
     from .weights import apply_adapter, from_pretrained_checked

@@ -3,6 +3,7 @@ missing-weights check and PEFT adapters. Backends import this; ``loading`` sits 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -89,6 +90,28 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None], preset: Preset, device: 
     return DTYPE_NAMES[key]
 
 
+class _EachMessageOnce(logging.Filter):
+    """Lets each distinct message through once. bitsandbytes logs the same dtype-cast notice on every 8-bit matrix
+    product, thousands of times per scoring call; the first one still says it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+def _log_8bit_notices_once() -> None:
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _EachMessageOnce) for f in logger.filters):
+        logger.addFilter(_EachMessageOnce())
+
+
 def quantization_config(quantization: Optional[str], dtype: torch.dtype, skip_modules: Sequence[str]):
     """A ``BitsAndBytesConfig`` for ``"8bit"`` / ``"4bit"`` (NF4, computing in ``dtype``), leaving the reward head
     in full precision; ``None`` for no quantization."""
@@ -103,6 +126,7 @@ def quantization_config(quantization: Optional[str], dtype: torch.dtype, skip_mo
     from transformers import BitsAndBytesConfig
 
     if quantization == "8bit":
+        _log_8bit_notices_once()
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(skip_modules))
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
                               llm_int8_skip_modules=list(skip_modules))

