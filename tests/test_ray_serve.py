@@ -379,17 +379,17 @@ def test_replica_health_fails_while_the_model_is_broken(rm, monkeypatch):
     check_health(replica)
 
     def failing(error):
-        def score_texts(self, items):
+        def forward_texts(self, items):
             raise error
-        return score_texts
+        return forward_texts
 
     with monkeypatch.context() as patch:
-        patch.setattr(type(rm), "score_texts", failing(RuntimeError("CUDA error: device lost")))
+        patch.setattr(type(rm), "_forward_texts", failing(RuntimeError("CUDA error: device lost")))
         with pytest.raises(RuntimeError):
             engine._forward(texts)
         with pytest.raises(RuntimeError, match="r1.*CUDA error: device lost"):
             check_health(replica)
-        patch.setattr(type(rm), "score_texts", failing(ValueError("bad input")))
+        patch.setattr(type(rm), "_forward_texts", failing(ValueError("bad input")))
         with pytest.raises(ValueError):
             engine._forward(texts)
         with pytest.raises(RuntimeError):  # an input's fault neither breaks nor mends the model
