@@ -145,40 +145,50 @@ class AsyncRemoteRewardFunction:
         wait = ceiling / 2 + random.uniform(0, ceiling / 2)  # jitter: ranks that failed together retry apart
         return max(wait, min(retry_after or 0.0, self.max_backoff))
 
-    async def _send(self, client: httpx.AsyncClient, shard: _Shard, start_url: int, body: dict[str, Any],
+    async def _send(self, client: Any, shard: _Shard, start_url: int, body: dict[str, Any],
                     stop_at: float) -> None:
+        """Score one shard: attempts (:meth:`_attempt`, each on the next URL) with backoff until one fills the shard,
+        the retries run out or ``stop_at`` passes; then ``shard.failure`` says why."""
         last = "no attempt made"
         for attempt in range(self.max_retries + 1):
             remaining = stop_at - time.monotonic()
             if remaining <= 0:
                 break
-            url = self.urls[(start_url + attempt) % len(self.urls)]
-            retry_after = None
-            try:
-                response = await client.post(f"{url}/v1/rewards", json=body, headers=self._headers(),
-                                             timeout=min(self.timeout, remaining))
-                if response.status_code == 200:
-                    data = response.json()
-                    rewards = data["rewards"]
-                    if len(rewards) != len(shard.indices):
-                        raise ValueError(f"{len(rewards)} rewards for {len(shard.indices)} samples")
-                    shard.rewards, shard.errors = rewards, data.get("errors") or [None] * len(rewards)
-                    shard.stats = data.get("stats") or {}
-                    shard.url = url
-                    return
-                if response.status_code not in RETRY_STATUS:
-                    raise _Fatal(response.status_code, f"{url} answered {response.status_code}: "
-                                                       f"{response.text[:2000]}")
-                last = f"{url} answered {response.status_code}"
-                retry_after = _seconds(response.headers.get("retry-after"))
-            except (httpx.TransportError, ValueError, KeyError, TypeError) as err:
-                # connection refused/reset, timeouts, a server that died mid-answer or answered garbage
-                last = f"{url}: {type(err).__name__}: {err}"
+            failure, retry_after = await self._attempt(client, shard, start_url + attempt, body, remaining)
+            if failure is None:
+                return
+            last = failure
             logger.info("%s: attempt %d for %d samples failed (%s)", self.__name__, attempt + 1,
                         len(shard.indices), last)
             if attempt < self.max_retries:
                 await asyncio.sleep(min(self._wait(attempt, retry_after), max(0.0, stop_at - time.monotonic())))
         shard.failure = last
+
+    async def _attempt(self, client: httpx.AsyncClient, shard: _Shard, url_index: int, body: dict[str, Any],
+                       remaining: float) -> tuple[Optional[str], Optional[float]]:
+        """One try at ``shard`` on URL ``url_index`` (modulo their number): ``(None, None)`` once the shard is
+        filled, else why it failed and the server's ``Retry-After`` in seconds. Raises :class:`_Fatal` for an answer
+        no retry can change."""
+        url = self.urls[url_index % len(self.urls)]
+        try:
+            response = await client.post(f"{url}/v1/rewards", json=body, headers=self._headers(),
+                                         timeout=min(self.timeout, remaining))
+            if response.status_code == 200:
+                data = response.json()
+                rewards = data["rewards"]
+                if len(rewards) != len(shard.indices):
+                    raise ValueError(f"{len(rewards)} rewards for {len(shard.indices)} samples")
+                shard.rewards, shard.errors = rewards, data.get("errors") or [None] * len(rewards)
+                shard.stats = data.get("stats") or {}
+                shard.url = url
+                return None, None
+            if response.status_code not in RETRY_STATUS:
+                raise _Fatal(response.status_code, f"{url} answered {response.status_code}: "
+                                                   f"{response.text[:2000]}")
+            return f"{url} answered {response.status_code}", _seconds(response.headers.get("retry-after"))
+        except (httpx.TransportError, ValueError, KeyError, TypeError) as err:
+            # connection refused/reset, timeouts, a server that died mid-answer or answered garbage
+            return f"{url}: {type(err).__name__}: {err}", None
 
     # -- the call -------------------------------------------------------------------------------------------------
     async def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None,

@@ -9,16 +9,12 @@ the same sharding (groups and online-DPO pairs kept whole), the same retries wit
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
-from typing import Any
+from typing import Any, Optional
 
 from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from .client import AsyncRemoteRewardFunction, RemoteRewardFunction, _Fatal, _Shard
-
-logger = logging.getLogger(__name__)
 
 _HANDLE = "http://ray-serve-deployment-handle"
 """What stands in :class:`AsyncRemoteRewardFunction`'s URL list: one entry per shard, all sent to the handle."""
@@ -42,35 +38,27 @@ class AsyncRayRewardFunction(AsyncRemoteRewardFunction):
         return (f"{type(self).__name__}({self.__name__}, app={self.handle.app_name!r}, "
                 f"deployment={self.handle.deployment_name!r}, shards={len(self.urls)})")
 
-    async def _send(self, client: Any, shard: _Shard, start_url: int, body: dict[str, Any], stop_at: float) -> None:
-        last = "no attempt made"
-        for attempt in range(self.max_retries + 1):
-            remaining = stop_at - time.monotonic()
-            if remaining <= 0:
-                break
-            response = self.handle.rewards.remote(body)
-            try:
-                data = await asyncio.wait_for(response, min(self.timeout, remaining))
-                rewards = data["rewards"]
-                if len(rewards) != len(shard.indices):
-                    raise RuntimeError(f"{len(rewards)} rewards for {len(shard.indices)} samples")
-                shard.rewards, shard.errors, shard.stats = rewards, data["errors"], data["stats"]
-                shard.url = f"replica {data['replica']} of {self.handle.app_name}"  # names it in the reasons logged
-                return
-            except RayTaskError as err:
-                if isinstance(err.cause, ValueError):
-                    # the replica refused the request itself (options the model cannot use, groups not whole):
-                    # in-process this is RewardFunction's ValueError, and no retry can fix it
-                    raise _Fatal(422, f"{self.handle.deployment_name}: {err.cause}") from None
-                last = f"the replica failed: {type(err.cause).__name__}: {err.cause}"
-            except Exception as err:  # noqa: BLE001 - a lost replica, a timeout: retry
-                response.cancel()
-                last = f"{type(err).__name__}: {err}"
-            logger.info("%s: attempt %d for %d samples failed (%s)", self.__name__, attempt + 1,
-                        len(shard.indices), last)
-            if attempt < self.max_retries:
-                await asyncio.sleep(min(self._wait(attempt, None), max(0.0, stop_at - time.monotonic())))
-        shard.failure = last
+    async def _attempt(self, client: Any, shard: _Shard, url_index: int, body: dict[str, Any], remaining: float
+                       ) -> tuple[Optional[str], Optional[float]]:
+        """One try through the handle (Ray Serve's router picks the replica); see the HTTP client's ``_attempt``."""
+        response = self.handle.rewards.remote(body)
+        try:
+            data = await asyncio.wait_for(response, min(self.timeout, remaining))
+            rewards = data["rewards"]
+            if len(rewards) != len(shard.indices):
+                raise RuntimeError(f"{len(rewards)} rewards for {len(shard.indices)} samples")
+            shard.rewards, shard.errors, shard.stats = rewards, data["errors"], data["stats"]
+            shard.url = f"replica {data['replica']} of {self.handle.app_name}"  # names it in the reasons logged
+            return None, None
+        except RayTaskError as err:
+            if isinstance(err.cause, ValueError):
+                # the replica refused the request itself (options the model cannot use, groups not whole):
+                # in-process this is RewardFunction's ValueError, and no retry can fix it
+                raise _Fatal(422, f"{self.handle.deployment_name}: {err.cause}") from None
+            return f"the replica failed: {type(err.cause).__name__}: {err.cause}", None
+        except Exception as err:  # noqa: BLE001 - a lost replica, a timeout: retry
+            response.cancel()
+            return f"{type(err).__name__}: {err}", None
 
 
 class RayRewardFunction(AsyncRayRewardFunction, RemoteRewardFunction):
