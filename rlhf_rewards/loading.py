@@ -22,6 +22,7 @@ def load_reward_model(
     max_batch_tokens: Optional[int] = None,
     quantization: Optional[Literal["8bit", "4bit"]] = None,
     adapter: Optional[str] = None,
+    packing: Union[bool, Literal["auto"]] = "auto",
 ) -> RewardModel:
     """Load a reward model exactly as its model card does, on its own device.
 
@@ -37,6 +38,10 @@ def load_reward_model(
         max_batch_tokens: token budget per forward pass (batch size x padded length); bounds peak memory.
         quantization: ``None``, ``"8bit"`` or ``"4bit"`` (bitsandbytes); the reward head stays unquantized.
         adapter: a PEFT adapter (path or hub id) to put on the reward model.
+        packing: score decoder reward models padding-free, several samples packed into each row (``True``), padded
+            to each batch's longest (``False``), or whichever the attention implementation runs faster (``"auto"``).
+            The choice and its reason are ``rm.packing`` and ``rm.packing_reason`` (also in the repr); results are
+            the same either way, to float rounding.
 
     Returns:
         A :class:`~rlhf_rewards.backends.base.RewardModel`: ``kind == "scalar"`` models have ``score``;
@@ -50,4 +55,4 @@ def load_reward_model(
         raise ValueError(f"preset {chosen.name!r} names unknown backend {chosen.backend!r}") from None
     return loader(name_or_path, preset=chosen, tokenizer=tokenizer, device=dev, dtype=resolve_dtype(dtype, chosen, dev),
                   max_length=max_length, max_batch_tokens=max_batch_tokens, quantization=quantization,
-                  adapter=adapter)
+                  adapter=adapter, packing=packing)
