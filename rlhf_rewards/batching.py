@@ -75,25 +75,29 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_size: 
     return batches
 
 
-def plan_packed(lengths: Sequence[int], max_batch_tokens: int) -> list[list[list[int]]]:
+def plan_packed(lengths: Sequence[int], max_batch_tokens: int, cached: Optional[Sequence[int]] = None
+                ) -> list[list[list[int]]]:
     """Batches of rows of sample indices for padding-free scoring: samples packed first-fit, longest first, into rows
     as wide as the longest sample (or the budget, if smaller), then rows grouped under ``max_batch_tokens``
-    (``rows x widest row``). Only the last row of a batch is short, so nearly every computed token is real."""
+    (``rows x widest row``). Only the last row of a batch is short, so nearly every computed token is real.
+    ``cached``: per sample, tokens it continues from a KV cache; a row holds its samples' caches too, so they count
+    in its width."""
     if max_batch_tokens < 1:
         raise ValueError(f"max_batch_tokens must be positive, got {max_batch_tokens}")
     if not lengths:
         return []
-    width = min(max(lengths), max_batch_tokens)
+    size = [n + c for n, c in zip(lengths, cached)] if cached is not None else list(lengths)
+    width = min(max(size), max_batch_tokens)
     rows: list[list[int]] = []
     fills: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        slot = next((r for r, fill in enumerate(fills) if fill + lengths[i] <= width), None)
+    for i in sorted(range(len(size)), key=lambda i: (-size[i], i)):
+        slot = next((r for r, fill in enumerate(fills) if fill + size[i] <= width), None)
         if slot is None:
             rows.append([])
             fills.append(0)
             slot = len(rows) - 1
         rows[slot].append(i)
-        fills[slot] += lengths[i]
+        fills[slot] += size[i]
     return [[rows[r] for r in batch] for batch in plan_batches(fills, max_batch_tokens, max_padding=None)]
 
 
@@ -154,7 +158,7 @@ def run_batched(items: Sequence[T], lengths: Sequence[int], forward: Callable[[l
             results[i] = out
 
     if packed:
-        plan = plan_packed(lengths, max_batch_tokens)
+        plan = plan_packed(lengths, max_batch_tokens, cached)
     else:
         plan = [[[i] for i in batch] for batch in plan_batches(lengths, max_batch_tokens, max_batch_size,
                                                                cached=cached)]
@@ -163,39 +167,57 @@ def run_batched(items: Sequence[T], lengths: Sequence[int], forward: Callable[[l
     return results
 
 
-def packed_inputs(rows: Sequence[Sequence[Sequence[int]]], pad_id: int, device: torch.device | str,
+def packed_inputs(rows: Sequence[Sequence[Sequence[int]]], pad_id: int, device: torch.device | str, *,
                   positions: Optional[Sequence[Sequence[Sequence[int]]]] = None,
-                  hidden_keys: Optional[Sequence[Sequence[int]]] = None, sliding_window: Optional[int] = None
+                  hidden_keys: Optional[Sequence[Sequence[int]]] = None,
+                  cached: Optional[Sequence[Sequence[int]]] = None, sliding_window: Optional[int] = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
     """Tensors for one padding-free forward: ``(input_ids, position_ids, mask, starts)``.
 
-    ``rows[r]`` lists the token ids of the samples packed into row ``r``. ``positions`` gives their position ids
-    (default: ``0, 1, ...`` for each sample). ``mask`` is boolean, ``(rows, 1, width, width)``: a token attends to the
-    tokens of its own sample up to itself, except the ones named in ``hidden_keys[r][s]`` (an offset within sample
-    ``s`` of row ``r``, or -1 for none), which nobody attends to, and none more than ``sliding_window`` positions
-    back. The short tail of a row attends only within the
-    tail (never read). ``starts[k] = (row, offset)`` of the ``k``-th sample in row order."""
+    ``rows[r]`` lists the token ids of the samples packed into row ``r``. ``cached[r][s]``: how many tokens sample
+    ``s`` of row ``r`` continues from a KV cache (default none); the caller lays those caches out, row by row, in
+    sample order ahead of the row's new tokens (the first ``past width`` key columns, the rest padding).
+    ``positions`` gives the new tokens' position ids (default: ``cached, cached + 1, ...`` for each sample).
+
+    ``mask`` is boolean, ``(rows, 1, width, past width + width)``: a token attends to its own sample's cached tokens
+    and its own new tokens up to itself, except the ones named in ``hidden_keys[r][s]`` (an offset within sample
+    ``s``'s new tokens, or -1 for none), which nobody attends to, and none more than ``sliding_window`` tokens back.
+    The short tail of a row attends only within the tail (never read). ``starts[k] = (row, offset)`` of the
+    ``k``-th sample's new tokens in row order."""
     width = max(sum(map(len, row)) for row in rows)
+    past = cached if cached is not None else [[0] * len(row) for row in rows]
+    past_width = max(sum(p) for p in past)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
-    seg = torch.full((len(rows), width), -1, dtype=torch.long)
-    key_ok = torch.ones((len(rows), width), dtype=torch.bool)
+    # per token: its sample (-1 a row's tail, -2 a past column no sample fills) and its order within the sample
+    # (cached tokens -1: before every new one); a query sees a key of its own sample no later than itself
+    q_seg = torch.full((len(rows), width), -1, dtype=torch.long)
+    k_seg = torch.full((len(rows), past_width + width), -2, dtype=torch.long)
+    order = torch.arange(width).repeat(len(rows), 1)
+    k_order = torch.cat([torch.full((len(rows), past_width), -1, dtype=torch.long), order.clone()], dim=1)
+    key_ok = torch.ones((len(rows), past_width + width), dtype=torch.bool)
     starts: list[tuple[int, int]] = []
     for r, row in enumerate(rows):
-        at = 0
+        at = cache_at = 0
         for s, seq in enumerate(row):
-            n = len(seq)
+            n, p = len(seq), past[r][s]
             ids[r, at:at + n] = torch.tensor(seq, dtype=torch.long)
-            pos[r, at:at + n] = torch.tensor(positions[r][s]) if positions is not None else torch.arange(n)
-            seg[r, at:at + n] = s
+            pos[r, at:at + n] = torch.tensor(positions[r][s]) if positions is not None else torch.arange(p, p + n)
+            q_seg[r, at:at + n] = s
+            order[r, at:at + n] = torch.arange(n)
+            k_seg[r, cache_at:cache_at + p] = s
+            k_seg[r, past_width + at:past_width + at + n] = s
+            k_order[r, past_width + at:past_width + at + n] = torch.arange(n)
             if hidden_keys is not None and hidden_keys[r][s] >= 0:
-                key_ok[r, at + hidden_keys[r][s]] = False
+                key_ok[r, past_width + at + hidden_keys[r][s]] = False
             starts.append((r, at))
             at += n
-    causal = torch.ones((width, width), dtype=torch.bool).tril()
-    mask = (seg[:, :, None] == seg[:, None, :]) & causal & key_ok[:, None, :]
+            cache_at += p
+        k_seg[r, past_width + at:] = -1
+    visible = k_order[:, None, :] <= order[:, :, None]
     if sliding_window is not None:
-        mask &= (pos[:, :, None] - pos[:, None, :]) < sliding_window
+        visible &= order[:, :, None] - k_order[:, None, :] < sliding_window
+    mask = (q_seg[:, :, None] == k_seg[:, None, :]) & visible & key_ok[:, None, :]
     return ids.to(device), pos.to(device), mask[:, None].to(device), starts
 
 

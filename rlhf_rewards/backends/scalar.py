@@ -107,8 +107,8 @@ class ScalarRewardModel(ScalarModelBase):
                      for row in rows]
         hidden_keys = [[len(ids) if pos_id is not None else -1 for ids, _, pos_id in row] for row in rows]
         window = getattr(self.backbone.config, "sliding_window", None)
-        input_ids, position_ids, mask, starts = packed_inputs(seqs, self.pad_id, self.device, positions, hidden_keys,
-                                                              window)
+        input_ids, position_ids, mask, starts = packed_inputs(seqs, self.pad_id, self.device, positions=positions,
+                                                              hidden_keys=hidden_keys, sliding_window=window)
         attention = None
         if not is_varlen(self.attn_implementation):
             attention = packed_mask(mask, self.attn_implementation, self.backbone.dtype)
