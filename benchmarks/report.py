@@ -91,10 +91,6 @@ def section_notes(section: Section) -> list[str]:
         share = card.counts.head_seconds / card.counts.model_seconds
         if section.preset == "rlhflow-pair-pm-llama3-8b":
             notes.append(f"card: the full-vocabulary LM head took {share:.1%} of its model time")
-    plain = section.get("ours, no prefix reuse")
-    if plain is not None and ours is not None:
-        notes.append(f"prefix reuse alone: {plain.seconds / ours.seconds:.2f}x faster; computed tokens "
-                     f"{plain.counts.computed} -> {ours.counts.computed}")
     if len(section.measurements) == 1 and ours is not None:
         notes.append("only ours runs on this workload (the other methods would add minutes): without prefix reuse "
                      "every input is computed whole (computed / real tokens >= 1.000), as the card does")

@@ -36,7 +36,8 @@ def _scalar_sections(scale: Scale, runner: Runner, root: str, seed: int, presets
         section = Section(preset, preset, "mixed", real, len(conversations),
                           runner.run(rm, methods, probe, warmup_for(rm.backbone)))
         # as a user's process runs: ours and the floor, and on the first preset ours at each budget of the sweep
-        jobs = [PlainJob(scale, seed, preset, directory, name, None, runner.threads) for name in ("ours", "floor")]
+        jobs = [PlainJob(scale, seed, preset, directory, name, None, runner.threads) for name in ("ours", "floor")
+                if k < scale.plain_presets]
         if k == 0:
             jobs += [PlainJob(scale, seed, preset, directory, "ours", budget, runner.threads)
                      for budget in scale.budgets]

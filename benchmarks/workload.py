@@ -49,6 +49,7 @@ class Scale:
         budgets: ``max_batch_tokens`` values for the budget sweep (first scalar preset): peak memory in the tuned
             process, time in a plain one.
         warm_heap_gb: memory each measuring process faults in before timing (see :func:`_child_setup`).
+        plain_presets: how many scalar presets (first ones) also run ours and the floor in a plain process.
     """
 
     conversations: int
@@ -64,6 +65,7 @@ class Scale:
     sizes: dict[str, ModelSize]
     budgets: tuple[int, ...]
     warm_heap_gb: float
+    plain_presets: int
 
 
 FULL = Scale(
@@ -84,6 +86,7 @@ FULL = Scale(
     },
     budgets=(1024, 2048, 4096, 8192, 16384),
     warm_heap_gb=1.0,
+    plain_presets=4,
 )
 """The full benchmark: minutes on two CPU cores."""
 
@@ -98,8 +101,9 @@ SMOKE = Scale(
         "rlhflow-pair-pm-llama3-8b": ModelSize(16, 1, 2, 1, 32, 128256),
         "pairrm": ModelSize(16, 1, 2, 2, 32, 128100),
     },
-    budgets=(256, 1024),
+    budgets=(),
     warm_heap_gb=0.0,
+    plain_presets=1,
 )
 """The smoke benchmark: every method on a few tiny inputs, seconds."""
 
