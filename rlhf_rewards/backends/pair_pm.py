@@ -9,9 +9,15 @@ Prefix reuse: the sequences of one call share long token prefixes (every compari
 template and the context; in a group compared against one baseline, the order (baseline, completion) also shares the
 baseline). The sequences are arranged in a prefix tree over their full tokenizations, so every split falls on a
 token boundary of each sequence's own tokenization (pieces are never tokenized separately: BPE merges across a
-boundary would change the ids). Each shared stretch runs once, batch size 1, extending its parent's KV cache; the
-sequences' remaining tokens then run batched on top of that cache. Causal attention makes this exact: a token's
-hidden state depends only on the tokens before it, and those are the same ids at the same positions.
+boundary would change the ids). Each shared stretch runs once, extending its parent's KV cache; the sequences'
+remaining tokens run on top of the cache of the deepest stretch they share. Causal attention makes this exact: a
+token's hidden state depends only on the tokens before it, and those are the same ids at the same positions.
+
+Batching: the tree is walked level by level, so the stretches of one level run together across all the prompts of a
+call (a batch of GRPO groups shares one pass per level, not one per group), and the sequences' own tokens run
+together under the same token budget, each row on its own cached prefix: rows of different prefixes are stacked into
+one cache (padded columns masked; position ids continue each row's own prefix). With ``packing``, several sequences
+share a row, each seeing only its own prefix and itself through a block mask.
 """
 
 from __future__ import annotations
