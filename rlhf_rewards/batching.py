@@ -78,8 +78,9 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_size: 
 def plan_packed(lengths: Sequence[int], max_batch_tokens: int, cached: Optional[Sequence[int]] = None
                 ) -> list[list[list[int]]]:
     """Batches of rows of sample indices for padding-free scoring: samples packed first-fit, longest first, into rows
-    as wide as the longest sample (or the budget, if smaller), then rows grouped under ``max_batch_tokens``
-    (``rows x widest row``). Only the last row of a batch is short, so nearly every computed token is real.
+    as wide as the longest sample (or the budget, if smaller), then rows grouped as :func:`plan_batches` groups
+    samples (under ``max_batch_tokens`` counting ``rows x widest row``, and the padding cap). First-fit leaves only
+    the last rows short, and those run with each other, so nearly every computed token is real.
     ``cached``: per sample, tokens it continues from a KV cache; a row holds its samples' caches too, so they count
     in its width."""
     if max_batch_tokens < 1:
@@ -98,7 +99,8 @@ def plan_packed(lengths: Sequence[int], max_batch_tokens: int, cached: Optional[
             slot = len(rows) - 1
         rows[slot].append(i)
         fills[slot] += size[i]
-    return [[rows[r] for r in batch] for batch in plan_batches(fills, max_batch_tokens, max_padding=None)]
+    # rows of similar fill together: a short last row goes with its like, not padded to a full row's width
+    return [[rows[r] for r in batch] for batch in plan_batches(fills, max_batch_tokens)]
 
 
 def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
