@@ -128,15 +128,14 @@ PLAIN_TEMPLATE = (
 PAIR_TEMPLATE = "[CONTEXT] {context} [RESPONSE A] {response_A} [RESPONSE B] {response_B} \n"
 
 
-def pair_pm_methods(rm: Any, items: Sequence[tuple[list[Message], str, str]], *, ours_only: bool = False,
-                    full: bool = True) -> list[Method]:
+def pair_pm_methods(rm: Any, items: Sequence[tuple[list[Message], str, str]], *, default: bool,
+                    ours_only: bool = False, full: bool = True) -> list[Method]:
     """Card 003's loop, ours (with the other packing choice beside it), and with ``full`` the floor: the same token
     ids, shared prefixes once, every other token at batch size 1 (``ours_only``: ours alone). Prefix reuse's own gain
     (``prefix_reuse=False``) was measured before and is left out to keep the run short."""
     prompts, a, b = ([x[k] for x in items] for k in range(3))
     sequences = [ids for p, x, y in items for ids in
                  (rm.tokenizer.encode(text, add_special_tokens=False) for text in rm.format(p, x, y))]
-    default = rm.packing
 
     def floor() -> list[float]:
         logits = rm.logits_ab(sequences)

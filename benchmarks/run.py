@@ -54,6 +54,7 @@ def _pairwise_sections(scale: Scale, runner: Runner, root: str, seed: int, famil
     preset = "rlhflow-pair-pm-llama3-8b" if family == "pair-pm" else "pairrm"
     runner.log(f"{preset}: building")
     rm: Any = build_model(preset, scale.sizes[preset], os.path.join(root, preset), seed)
+    default = rm.packing
     writer = Writer(rm.tokenizer, words)
     counts = scale.pair_pm_groups if family == "pair-pm" else scale.pairrm_groups
     # (label, comparison mode, groups, title detail)
@@ -66,7 +67,7 @@ def _pairwise_sections(scale: Scale, runner: Runner, root: str, seed: int, famil
     for label, mode, chosen, shape in workloads:
         items = comparisons(writer, chosen, mode)
         if family == "pair-pm":
-            methods = pair_pm_methods(rm, items, ours_only=mode == "round-robin", full=not shape)
+            methods = pair_pm_methods(rm, items, default=default, ours_only=mode == "round-robin", full=not shape)
             real = sum(len(rm.tokenizer.encode(t, add_special_tokens=False)) for p, x, y in items
                        for t in rm.format(p, x, y))
             probe, warmup = Probe(rm.backbone, [rm.model.get_output_embeddings()]), warmup_for(rm.backbone)

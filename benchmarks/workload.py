@@ -84,7 +84,7 @@ FULL = Scale(
         # DeBERTa-v3-large's head size (64) and MLP ratio (4x), its vocabulary (128100)
         "pairrm": ModelSize(128, 2, 2, 2, 512, 128100),
     },
-    budgets=(1024, 2048, 4096, 8192, 16384),
+    budgets=(2048, 4096, 8192, 16384),
     warm_heap_gb=1.0,
     plain_presets=4,
 )

@@ -239,7 +239,7 @@ def packed_mask(mask: torch.Tensor, implementation: Optional[str], dtype: torch.
     raise ValueError(f"packed scoring has no mask for attention implementation {implementation!r}")
 
 
-def choose_packing(requested: "bool | str", implementation: Optional[str], device: torch.device,
+def choose_packing(requested: "bool | str", implementation: Optional[str],
                    blocker: Optional[str] = None) -> tuple[bool, str]:
     """``(pack, reason)`` for ``packing="auto" | True | False``. ``blocker`` names why this model cannot pack with
     this implementation (``None``: it can); asking for ``True`` then raises."""
@@ -258,9 +258,7 @@ def choose_packing(requested: "bool | str", implementation: Optional[str], devic
         return True, "packing=True"
     if varlen:
         return True, f"auto: {implementation} runs packed rows in variable-length kernels (no padding, no mask)"
-    if device.type == "cpu":
-        return True, (f"auto: on CPU with {implementation}, packed rows (block-diagonal mask) ran faster than "
-                      "padded batches in the benchmark")
-    return False, (f"auto: {implementation} on {device.type} computes a packed row's full block mask; padded "
-                   "batches with the causal fast path are faster (load with attn_implementation="
-                   "'flash_attention_2' to pack)")
+    # a dense block mask turns off the fused causal kernel: every row pays its full width squared in attention,
+    # which cost more than the padding it saves (CPU, sdpa: packed 1.8x the time of padded in the benchmark)
+    return False, (f"auto: {implementation} with a block mask computes each packed row's full attention, slower "
+                   "than padded batches on the causal kernel (pack with attn_implementation='flash_attention_2')")

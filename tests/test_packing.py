@@ -52,16 +52,19 @@ def test_row_mates_do_not_leak_into_each_other(tiny_dir, preset):
     packed longest first, the short sample sits after its row-mate and would see it through a plain causal mask):
     changing the row-mate must not change the short sample's score."""
     rm = load_reward_model(tiny_dir(preset), preset=preset, device="cpu", packing=True, max_batch_tokens=4096)
-    seen = []
-    handle = rm.backbone.register_forward_pre_hook(lambda m, a, k: seen.append(k["input_ids"].shape[0]),
+    rows = []
+    handle = rm.backbone.register_forward_pre_hook(lambda m, a, k: rows.append(k["input_ids"].shape[0]),
                                                    with_kwargs=True)
     long_answer = "A much longer answer that sets the width of every row, " * 8
+    scores = []
     try:
-        scores = [rm.score(["Hello!", mate, "Write a lot."], ["Hi there.", "Sure, here it is: " * 3, long_answer])[0]
-                  for mate in ("What is the capital of France?", "Tell me a joke about ducks, please.")]
+        for mate in ("What is the capital of France?", "Tell me a joke about ducks, please."):
+            scores.append(rm.score(["Hello!", mate, "Write a lot."], ["Hi there.", "Sure, here it is: " * 3,
+                                                                     long_answer])[0])
+            assert sum(rows) == 2  # three samples, two rows: the short one and its row-mate share one
+            rows.clear()
     finally:
         handle.remove()
-    assert seen == [2, 2]  # three samples, two rows: the short one and its row-mate share one
     assert scores[0] == pytest.approx(scores[1], abs=1e-6)
     alone = rm.score(["Hello!"], ["Hi there."])[0]
     assert scores[0] == pytest.approx(alone, abs=1e-5)

@@ -167,7 +167,7 @@ class PairPMRewardModel(PairwiseRewardModel):
         blocker = None
         if is_varlen(self.attn_implementation):
             blocker = "each sequence continues its own cached prefix, which variable-length kernels do not take"
-        self.packing, self.packing_reason = choose_packing(packing, self.attn_implementation, self.device, blocker)
+        self.packing, self.packing_reason = choose_packing(packing, self.attn_implementation, blocker)
 
     def _context(self, messages: list[Message], where: str) -> str:
         try:

@@ -47,7 +47,7 @@ class ScalarRewardModel(ScalarModelBase):
             card_pad = self.tokenizer(self.tokenizer.pad_token)["input_ids"][0]
         self.card_pad_id = card_pad
         self.attn_implementation = getattr(getattr(backbone, "config", None), "_attn_implementation", None)
-        self.packing, self.packing_reason = choose_packing(packing, self.attn_implementation, self.device,
+        self.packing, self.packing_reason = choose_packing(packing, self.attn_implementation,
                                                            self._packing_blocker())
 
     def _packing_blocker(self) -> Optional[str]:
