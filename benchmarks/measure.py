@@ -275,11 +275,15 @@ class Runner:
     warm_heap_gb: float
     timeout: float
     log: Callable[[str], None]
+    only: tuple[str, ...] = ()
 
     def run(self, rm: RewardModel, methods: Sequence[Method], probe: Probe, warmup: Callable[[], None]
             ) -> list[Measurement]:
+        """Each method (only those named in ``only``, if any) measured in turn."""
         out = []
         for method in methods:
+            if self.only and method.name not in self.only:
+                continue
             self.log(f"  {method.name} ...")
             if self.isolate:
                 m = run_isolated(method, rm, probe, warmup, threads=self.threads, memory_cap_gb=self.memory_cap_gb,

@@ -50,7 +50,7 @@ def _scalar_sections(scale: Scale, runner: Runner, root: str, seed: int, presets
 
 
 def _pairwise_sections(scale: Scale, runner: Runner, root: str, seed: int, family: str, groups: Sequence[Group],
-                       words: Sequence[str]) -> list[Section]:
+                       words: Sequence[str], workload_filter: Sequence[str] = ()) -> list[Section]:
     preset = "rlhflow-pair-pm-llama3-8b" if family == "pair-pm" else "pairrm"
     runner.log(f"{preset}: building")
     rm: Any = build_model(preset, scale.sizes[preset], os.path.join(root, preset), seed)
@@ -65,6 +65,8 @@ def _pairwise_sections(scale: Scale, runner: Runner, root: str, seed: int, famil
                              f" (contexts ~{scale.short_context} tokens, responses ~{scale.short_response})"))
     sections = []
     for label, mode, chosen, shape in workloads:
+        if workload_filter and label not in workload_filter:
+            continue
         items = comparisons(writer, chosen, mode)
         if family == "pair-pm":
             methods = pair_pm_methods(rm, items, default=default, ours_only=mode == "round-robin", full=not shape)
@@ -84,13 +86,14 @@ def _pairwise_sections(scale: Scale, runner: Runner, root: str, seed: int, famil
 
 def run(scale: Scale, *, scale_name: str = "custom", seed: int = 0, families: Sequence[str] = FAMILIES,
         presets: Sequence[str] = SCALAR_PRESETS, isolate: bool = True, threads: Optional[int] = None,
-        memory_cap_gb: float = 12.0, timeout: float = 900.0, log: Callable[[str], None] = lambda s: None
-        ) -> Report:
+        memory_cap_gb: float = 12.0, timeout: float = 900.0, log: Callable[[str], None] = lambda s: None,
+        workloads: Sequence[str] = (), methods: Sequence[str] = ()) -> Report:
     """Build the workload and models, run every method, return the :class:`Report`.
 
     ``isolate``: each method in a forked child with a warm, caching heap (``scale.warm_heap_gb``) and at most
     ``memory_cap_gb`` of memory (see :func:`run_isolated`); only from a process that has not run multi-threaded
-    torch work. ``threads``: torch threads for the methods (default: the CPU count)."""
+    torch work. ``threads``: torch threads for the methods (default: the CPU count). ``workloads``, ``methods``:
+    only the pairwise workloads (labels such as ``"baseline, short contexts"``) and methods so named (default: all)."""
     start, host = time.perf_counter(), machine()
     threads = threads or os.cpu_count() or 1
     if isolate:
@@ -98,7 +101,7 @@ def run(scale: Scale, *, scale_name: str = "custom", seed: int = 0, families: Se
     else:
         torch.set_num_threads(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # a tokenizer thread pool would not survive a fork
-    runner = Runner(isolate, threads, memory_cap_gb, scale.warm_heap_gb, timeout, log)
+    runner = Runner(isolate, threads, memory_cap_gb, scale.warm_heap_gb, timeout, log, tuple(methods))
     conversations, groups = make_workload(scale, seed)
     words = corpus_words()
     sections: list[Section] = []
@@ -109,7 +112,7 @@ def run(scale: Scale, *, scale_name: str = "custom", seed: int = 0, families: Se
             sections += _scalar_sections(scale, runner, root, seed, presets, conversations, words)
         for family in ("pair-pm", "pairrm"):
             if family in families:
-                sections += _pairwise_sections(scale, runner, root, seed, family, groups, words)
+                sections += _pairwise_sections(scale, runner, root, seed, family, groups, words, workloads)
     notes = [f"{name}: hidden {size.hidden}, {size.layers} layers, {size.heads} heads ({size.kv_heads} key/value), "
              f"MLP {size.intermediate}, vocabulary {size.vocab}" for name, size in scale.sizes.items()
              if name in {s.preset for s in sections}]
@@ -134,6 +137,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--no-isolate", action="store_true",
                         help="run methods one after another in this process (no fork; allocator state and "
                              "model settings carry over between methods)")
+    parser.add_argument("--workloads", default="", help="only these pairwise workloads (labels: "
+                        "baseline | baseline, short contexts | round-robin; separate several with ';')")
+    parser.add_argument("--methods", default="", help="only these methods, ';'-separated (e.g. 'card;ours')")
     parser.add_argument("--markdown", help="also write the report to this file")
     parser.add_argument("--json", help="write the numbers as JSON to this file")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -148,7 +154,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report = run(SMOKE if args.smoke else FULL, scale_name="smoke" if args.smoke else "full", seed=args.seed,
                  families=families, presets=presets,
                  isolate=not args.no_isolate, threads=args.threads, memory_cap_gb=args.memory_cap_gb,
-                 log=lambda s: print(s, file=sys.stderr, flush=True))
+                 log=lambda s: print(s, file=sys.stderr, flush=True),
+                 workloads=[w for w in args.workloads.split(";") if w], methods=[m for m in args.methods.split(";") if m])
     text = report.markdown()
     print(text)
     if args.markdown:

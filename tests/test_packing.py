@@ -5,7 +5,6 @@ off); here: the packed path against the padded one, batch invariance, no attenti
 from __future__ import annotations
 
 import pytest
-import torch
 
 from rlhf_rewards import load_reward_model
 from rlhf_rewards.batching import choose_packing, plan_batches, plan_packed
@@ -72,10 +71,10 @@ def test_row_mates_do_not_leak_into_each_other(tiny_dir, preset):
 
 def test_choice_and_reason_are_visible(tiny_dir):
     rm = load_reward_model(tiny_dir("starling-rm-34b"), device="cpu")
-    assert rm.packing is True and "auto" in rm.packing_reason  # CPU with sdpa
-    assert f"packing=True ({rm.packing_reason})" in repr(rm)
-    off = load_reward_model(tiny_dir("starling-rm-34b"), device="cpu", packing=False)
-    assert off.packing is False and "packing=False" in repr(off)
+    assert rm.packing is False and "auto: sdpa" in rm.packing_reason  # CPU with sdpa: padded batches are faster
+    assert f"packing=False ({rm.packing_reason})" in repr(rm)
+    on = load_reward_model(tiny_dir("starling-rm-34b"), device="cpu", packing=True)
+    assert on.packing is True and "packing=True (packing=True)" in repr(on)
     with pytest.raises(ValueError, match="packing must be"):
         load_reward_model(tiny_dir("starling-rm-34b"), device="cpu", packing="yes")
 
@@ -87,14 +86,16 @@ def test_pairrm_refuses_packing(tiny_dir):
 
 
 def test_flash_attention_packs_except_where_the_card_pad_cannot_be_hidden():
-    cuda = torch.device("cuda")
-    pack, reason = choose_packing("auto", "flash_attention_2", cuda)
+    pack, reason = choose_packing("auto", "flash_attention_2")
     assert pack and "variable-length" in reason
     blocker = "the card's appended pad must be hidden as a key"
-    assert choose_packing("auto", "flash_attention_2", cuda, blocker) == (False, f"auto: {blocker}")
+    assert choose_packing("auto", "flash_attention_2", blocker) == (False, f"auto: {blocker}")
     with pytest.raises(ValueError, match="appended pad"):
-        choose_packing(True, "flash_attention_2", cuda, blocker)
-    assert choose_packing("auto", "sdpa", cuda)[0] is False  # a dense block mask on a GPU: padded batches
+        choose_packing(True, "flash_attention_2", blocker)
+    assert choose_packing("auto", "sdpa")[0] is False  # a dense block mask: padded batches on the causal kernel
+    assert choose_packing(True, "eager") == (True, "packing=True")
+    with pytest.raises(ValueError, match="neither packed position ids nor a block mask"):
+        choose_packing(True, "flex_attention")
 
 
 def test_plan_packed_fills_rows_and_keeps_the_budget():

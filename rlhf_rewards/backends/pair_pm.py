@@ -22,6 +22,7 @@ share a row, each seeing only its own prefix and itself through a block mask.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from collections.abc import Sequence
@@ -164,6 +165,9 @@ class PairPMRewardModel(PairwiseRewardModel):
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.sliding_window = getattr(model.config.get_text_config(), "sliding_window", None)
         self.attn_implementation = getattr(self.backbone.config, "_attn_implementation", None)
+        # transformers 5.24 renamed the forward's and the output's `past_key_values` to `cache` (the old name warns)
+        self._cache_name = "cache" if "cache" in inspect.signature(self.backbone.forward).parameters \
+            else "past_key_values"
         blocker = None
         if is_varlen(self.attn_implementation):
             blocker = "each sequence continues its own cached prefix, which variable-length kernels do not take"
@@ -224,7 +228,7 @@ class PairPMRewardModel(PairwiseRewardModel):
         if cache is None and want:
             cache = DynamicCache(config=self.model.config)
         out = self.backbone(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
-                            past_key_values=cache, use_cache=want)
+                            use_cache=want, **{self._cache_name: cache})
         jobs = [job for row in rows for job in row]
         r = torch.tensor([row for row, _ in starts], device=self.device)
         c = torch.tensor([at + len(job.tokens) - 1 for (_, at), job in zip(starts, jobs)], device=self.device)
@@ -240,7 +244,7 @@ class PairPMRewardModel(PairwiseRewardModel):
                                     layer.keys[row:row + 1, :, width + at:width + at + len(job.tokens)]], dim=2),
                          torch.cat([layer.values[row:row + 1, :, :job.past_length],
                                     layer.values[row:row + 1, :, width + at:width + at + len(job.tokens)]], dim=2))
-                        for layer in out.past_key_values.layers]
+                        for layer in getattr(out, self._cache_name).layers]
             results.append((tuple(pair), kept))
         return results
 
