@@ -104,7 +104,8 @@ def section_notes(section: Section) -> list[str]:
     packed = [m for m in section.measurements if m.name.startswith("ours, packing=")]
     if packed and ours is not None:
         other = packed[0]
-        notes.append(f"ours packs (packing={other.name.endswith('False')}) by default here; {other.name}: "
+        default = "packs" if other.name.endswith("False") else "does not pack"
+        notes.append(f"ours {default} by default here (packing='auto'); {other.name}: "
                      f"{other.seconds / ours.seconds:.2f}x the time of ours")
     if section.preset in ("ray2333-mistral-7b", "sequence-classifier"):
         notes.append("TRL's path is one forward of every input right-padded to the longest")
