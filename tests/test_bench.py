@@ -50,7 +50,7 @@ def test_smoke_benchmark_counts_tokens(smoke):
     assert starling["floor"]["computed_per_real"] == pytest.approx(1.0)
     assert starling["floor"]["padded"] == 0.0
     # packed rows: no padding, only each batch's short last row
-    assert starling["ours"]["computed_per_real"] <= starling["ours, packing=False"]["computed_per_real"]
+    assert starling["ours, packing=True"]["computed_per_real"] <= starling["ours"]["computed_per_real"]
     plain = rows(smoke, "ray2333-mistral-7b")
     for name in ("ours, plain process", "floor, plain process"):  # a fresh interpreter each, as users run
         assert plain[name]["seconds"] > 0 and plain[name]["max_diff"] < 1e-4
@@ -60,9 +60,9 @@ def test_smoke_benchmark_counts_tokens(smoke):
     assert set(rows(smoke, "rlhflow-pair-pm-llama3-8b, 1 group(s) of 3, round")) == {"ours"}
     assert pm["card"]["calls"] == 2 * 3 and pm["card"]["computed_per_real"] == pytest.approx(1.0)
     assert pm["ours"]["computed_per_real"] < 1  # shared prefixes ran once
-    assert pm["ours, packing=False"]["computed_per_real"] < 1
+    assert pm["ours, packing=True"]["computed_per_real"] < 1
     short = rows(smoke, "rlhflow-pair-pm-llama3-8b, 2 group(s) of 3 (contexts ~15 tokens, responses ~30), each")
-    assert {"card", "ours", "ours, packing=False"} <= set(short)
+    assert {"card", "ours", "ours, packing=True"} <= set(short)
     assert pm["floor"]["computed_per_real"] < 1  # the shared context ran once
     blender = rows(smoke, "pairrm, 2 group(s)")
     assert blender["llm-blender"]["calls"] == 2 * 2  # 6 comparisons: batches of 4 and 2, one forward per order
