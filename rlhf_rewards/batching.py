@@ -259,6 +259,6 @@ def choose_packing(requested: "bool | str", implementation: Optional[str],
     if varlen:
         return True, f"auto: {implementation} runs packed rows in variable-length kernels (no padding, no mask)"
     # a dense block mask turns off the fused causal kernel: every row pays its full width squared in attention,
-    # which cost more than the padding it saves (CPU, sdpa: packed 1.8x the time of padded in the benchmark)
+    # which cost more than the padding it saves (CPU, sdpa: packed 1.45-2.85x the time of padded in the benchmark)
     return False, (f"auto: {implementation} with a block mask computes each packed row's full attention, slower "
                    "than padded batches on the causal kernel (pack with attn_implementation='flash_attention_2')")
