@@ -46,6 +46,7 @@ def load_reward_model(
     quantization: Optional[Literal["8bit", "4bit"]] = None,
     adapter: Optional[str] = None,
     parse_templates: bool = True,
+    packing: Union[bool, Literal["auto"]] = "auto",
 ) -> RewardModel:
     """Load a reward model exactly as its model card does, on its own device.
 
@@ -70,6 +71,10 @@ def load_reward_model(
             Llama-3 headers, ...) back into messages before the model renders them in its own format, as
             ``RewardFunction`` does (see ``RewardModel.parse_templates``); ``False`` scores such text as one user
             turn, markup included.
+        packing: score decoder reward models padding-free, several samples packed into each row (``True``), padded
+            to each batch's longest (``False``), or whichever the attention implementation runs faster (``"auto"``).
+            The choice and its reason are ``rm.packing`` and ``rm.packing_reason`` (also in the repr); results are
+            the same either way, to float rounding.
 
     Returns:
         A :class:`~rlhf_rewards.backends.base.RewardModel`: ``kind == "scalar"`` models have ``score``;
@@ -99,6 +104,6 @@ def load_reward_model(
         adapter = locate(adapter, "adapter")
     model = loader(source, preset=chosen, tokenizer=tokenizer, device=dev, dtype=weights_dtype,
                    max_length=max_length, max_batch_tokens=max_batch_tokens, quantization=quantization,
-                   adapter=adapter)
+                   adapter=adapter, packing=packing)
     model.parse_templates = parse_templates
     return model

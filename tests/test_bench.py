@@ -12,8 +12,10 @@ import sys
 import pytest
 import torch
 
+from benchmarks.report import section_rows, targets
+from benchmarks.run import main, run
+from benchmarks.workload import FULL, LLAMA3_8B, SMOKE, Writer, corpus_words, lm_head_share, make_workload
 from rlhf_rewards import load_reward_model
-from rlhf_rewards.bench import FULL, LLAMA3_8B, SMOKE, Writer, lm_head_share, main, make_workload, run, targets
 
 from cases import CONVERSATIONS
 
@@ -24,7 +26,6 @@ def smoke():
 
 
 def rows(report, title_start: str) -> dict[str, dict]:
-    from rlhf_rewards.bench import section_rows
 
     section = next(s for s in report.sections if s.title.startswith(title_start))
     return {r["method"]: r for r in section_rows(section)}
@@ -34,7 +35,7 @@ def test_smoke_benchmark_runs_every_method_with_card_exact_results(smoke):
     titles = [s.title for s in smoke.sections]
     for preset in ("ray2333-mistral-7b", "starling-rm-34b", "starling-rm-7b-alpha", "sequence-classifier"):
         assert preset in titles
-    assert sum(t.startswith("rlhflow-pair-pm-llama3-8b") for t in titles) == 2
+    assert sum(t.startswith("rlhflow-pair-pm-llama3-8b") for t in titles) == 3
     assert sum(t.startswith("pairrm") for t in titles) == 2
     for section in smoke.sections:
         assert all(m.error is None for m in section.measurements), section.title
@@ -48,12 +49,20 @@ def test_smoke_benchmark_counts_tokens(smoke):
     assert starling["card"]["computed_per_real"] > 5  # every input padded to 2048
     assert starling["floor"]["computed_per_real"] == pytest.approx(1.0)
     assert starling["floor"]["padded"] == 0.0
+    # packed rows: no padding, only each batch's short last row
+    assert starling["ours, packing=True"]["computed_per_real"] <= starling["ours"]["computed_per_real"]
+    plain = rows(smoke, "ray2333-mistral-7b")
+    for name in ("ours, plain process", "floor, plain process"):  # a fresh interpreter each, as users run
+        assert plain[name]["seconds"] > 0 and plain[name]["max_diff"] < 1e-4
     trl = rows(smoke, "sequence-classifier")["TRL"]
     assert trl["calls"] == 1 and trl["padded"] > 0  # one forward, right-padded to the longest
     pm = rows(smoke, "rlhflow-pair-pm-llama3-8b, 1 group(s) of 3, each")
     assert set(rows(smoke, "rlhflow-pair-pm-llama3-8b, 1 group(s) of 3, round")) == {"ours"}
     assert pm["card"]["calls"] == 2 * 3 and pm["card"]["computed_per_real"] == pytest.approx(1.0)
-    assert pm["ours"]["computed_per_real"] < pm["ours, no prefix reuse"]["computed_per_real"]
+    assert pm["ours"]["computed_per_real"] < 1  # shared prefixes ran once
+    assert pm["ours, packing=True"]["computed_per_real"] < 1
+    short = rows(smoke, "rlhflow-pair-pm-llama3-8b, 2 group(s) of 3 (contexts ~15 tokens, responses ~30), each")
+    assert {"card", "ours", "ours, packing=True"} <= set(short)
     assert pm["floor"]["computed_per_real"] < 1  # the shared context ran once
     blender = rows(smoke, "pairrm, 2 group(s)")
     assert blender["llm-blender"]["calls"] == 2 * 2  # 6 comparisons: batches of 4 and 2, one forward per order
@@ -99,10 +108,9 @@ def test_workload_lengths_and_structure():
 
 
 def test_writer_hits_target_lengths_in_each_tokenizers_tokens(tiny_dir):
-    from rlhf_rewards.bench import _corpus_words
 
     conversations, _ = make_workload(FULL, seed=0)
-    words = _corpus_words()
+    words = corpus_words()
     for preset in ("starling-rm-34b", "rlhflow-pair-pm-llama3-8b"):
         tokenizer = load_reward_model(tiny_dir(preset), device="cpu").tokenizer
         writer = Writer(tokenizer, words)

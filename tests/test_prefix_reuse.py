@@ -86,13 +86,41 @@ def make(path: str, *, prefix_reuse: bool = True, **kwargs) -> PairPMRewardModel
     return rm
 
 
-def test_group_against_baseline_matches_the_card(path, oracle):
-    rm = make(path)
+@pytest.mark.parametrize("packing", [False, True])
+def test_group_against_baseline_matches_the_card(path, oracle, packing):
+    rm = make(path, packing=packing)
+    assert rm.packing is packing
     ours = rm.compare([LONG_PROMPT] * len(GROUP), GROUP, [BASELINE] * len(GROUP))
     card = [oracle.prob(LONG_PROMPT, c, BASELINE) for c in GROUP]
     assert ours == pytest.approx(card, abs=1e-4)
     # the context and the (baseline, completion) order's baseline ran once: fewer tokens computed than read
     assert rm.stats.computed_tokens < rm.stats.real_tokens
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_groups_of_several_prompts_share_their_forward_passes(path, oracle, packing):
+    """GRPO batches hold several prompts' groups: each level of shared stretches runs once for all of them, so
+    three groups take about as many forward passes as one (not three times as many: the padding cap may split a
+    level whose stretches differ in length), and each comparison is still the card's."""
+    prompts = ["Name a colour and say why.", "Why is the sea salty?", "Write one line about the wind."]
+    group, baseline = GROUP[:4], BASELINE
+
+    def run(chosen: list[str]) -> tuple[list[float], int]:
+        rm = make(path, packing=packing, max_batch_tokens=100_000)
+        calls = []
+        handle = rm.backbone.register_forward_pre_hook(lambda *args: calls.append(1))
+        try:
+            out = rm.compare([p for p in chosen for _ in group], group * len(chosen), [baseline] * len(group) * len(chosen))
+        finally:
+            handle.remove()
+        return out, len(calls)
+
+    one, calls_one = run(prompts[:1])
+    three, calls_three = run(prompts)
+    assert calls_three < 1.5 * calls_one
+    assert three[:len(group)] == pytest.approx(one, abs=1e-5)
+    card = [oracle.prob(p, c, baseline) for p in prompts for c in group]
+    assert three == pytest.approx(card, abs=1e-4)
 
 
 def test_round_robin_matches_the_card_and_the_unshared_path(path, oracle):
@@ -129,7 +157,7 @@ def test_batches_stay_within_the_token_budget_counting_the_prefix(path):
 
     def record(module, args, kwargs):
         rows, width = kwargs["input_ids"].shape
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         seen.append((rows, width + (cache.get_seq_length() if cache is not None else 0)))
 
     handle = rm.backbone.register_forward_pre_hook(record, with_kwargs=True)

@@ -58,9 +58,10 @@ def card001_reward(model_dir: str, conversation: list[dict]) -> float:
         return model(input_ids, attention_mask=attention_mask).logits.reshape(-1).item()
 
 
-def test_ray2333_matches_card(tiny_dir):
+@pytest.mark.parametrize("packing", [True, False])
+def test_ray2333_matches_card(tiny_dir, packing):
     path = tiny_dir("ray2333-mistral-7b")
-    rm = load_reward_model(path, preset="ray2333-mistral-7b", device="cpu")
+    rm = load_reward_model(path, preset="ray2333-mistral-7b", device="cpu", packing=packing)
     assert rm.kind == "scalar"
     prompts = [p for p, _ in CONVERSATIONS]
     completions = [c for _, c in CONVERSATIONS]
@@ -125,12 +126,13 @@ def yi_text(conversation):
     return "\n".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>" for m in conversation)
 
 
-def test_starling_34b_matches_card(tiny_dir):
+@pytest.mark.parametrize("packing", [True, False])
+def test_starling_34b_matches_card(tiny_dir, packing):
     path = tiny_dir("starling-rm-34b")
     model, tokenizer = load_card_starling_34b(path)
     long_prompt = " ".join(["word"] * 3000)  # longer than 2048 tokens: left truncation on both sides
     cases = CONVERSATIONS + [(long_prompt, "the end")]
-    rm = load_reward_model(path, device="cpu")
+    rm = load_reward_model(path, device="cpu", packing=packing)
     assert rm.preset.name == "starling-rm-34b"
     ours = rm.score([p for p, _ in cases], [c for _, c in cases])
     card = card_get_reward(model, tokenizer, [yi_text(messages_of(p, c)) for p, c in cases])
@@ -178,13 +180,14 @@ def starling_7b_text(conversation):
     return out
 
 
-def test_starling_7b_matches_card(tiny_dir):
+@pytest.mark.parametrize("packing", [True, False])
+def test_starling_7b_matches_card(tiny_dir, packing):
     path = tiny_dir("starling-rm-7b-alpha")
     model, tokenizer = load_card_starling_7b(path)
     assert model.PAD_ID == 1  # BOS, as REFERENCE.md found for the real Llama-2 tokenizer
     long_prompt = " ".join(["word"] * 3000)
     cases = CONVERSATIONS + [(long_prompt, "the end")]
-    rm = load_reward_model(path, preset="starling-rm-7b-alpha", device="cpu")
+    rm = load_reward_model(path, preset="starling-rm-7b-alpha", device="cpu", packing=packing)
     ours = rm.score([p for p, _ in cases], [c for _, c in cases])
     card = card_get_reward(model, tokenizer, [starling_7b_text(messages_of(p, c)) for p, c in cases])
     assert ours == pytest.approx(card, abs=TOL)
@@ -193,12 +196,13 @@ def test_starling_7b_matches_card(tiny_dir):
 
 # ---- generic sequence classifier ---------------------------------------------------------------------------------
 
-def test_sequence_classifier_matches_transformers(tiny_dir):
+@pytest.mark.parametrize("packing", [True, False])
+def test_sequence_classifier_matches_transformers(tiny_dir, packing):
     """TRL-style reference: the RM tokenizer's chat template, then the model's own forward and pooling."""
     path = tiny_dir("sequence-classifier")
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1).eval()
-    rm = load_reward_model(path, preset="sequence-classifier", device="cpu")
+    rm = load_reward_model(path, preset="sequence-classifier", device="cpu", packing=packing)
     ours = rm.score([p for p, _ in CONVERSATIONS], [c for _, c in CONVERSATIONS])
     for (p, c), r in zip(CONVERSATIONS, ours):
         text = tokenizer.apply_chat_template(messages_of(p, c), tokenize=False)

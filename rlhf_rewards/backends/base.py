@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal, Optional, TypeVar, Union
 
 import torch
 
-from ..batching import DEFAULT_MAX_BATCH_TOKENS
+from ..batching import default_max_batch_tokens
 from ..chat_parsing import completion_text, prompt_messages
 from ..conversation import CompletionInput, Message, PromptInput, SampleError, check_same_length
 from ..presets import Preset
@@ -73,7 +73,9 @@ class RewardModel:
         tokenizer: the reward model's own tokenizer (never the policy's).
         device: where the model's weights live; inputs are moved there and rewards come back as Python floats.
         max_length: the per-input token limit; longer inputs are truncated on ``preset.truncation_side`` and counted.
-        max_batch_tokens: the token budget of one forward pass (batch size x padded length).
+        max_batch_tokens: the token budget of one forward pass (batch size x padded length, or rows x row width when
+            packed); the default depends on the device (see :func:`rlhf_rewards.batching.default_max_batch_tokens`).
+        packing: whether samples are packed into rows without padding; ``packing_reason`` says why (both in the repr).
         parse_templates: a text prompt already rendered in a chat template (``<|im_start|>``, ``[INST]``,
             Llama-3 headers, ...; see :mod:`rlhf_rewards.chat_parsing`) is parsed back into its messages before
             the model renders it in its own format, and the policy's end-of-turn markers are stripped from the end
@@ -83,6 +85,8 @@ class RewardModel:
     """
 
     kind: ClassVar[Literal["scalar", "pairwise"]]
+    packing: bool = False
+    packing_reason: str = "this backend pads its batches"
 
     def __init__(self, *, preset: Preset, tokenizer: Any, device: torch.device, max_length: Optional[int],
                  max_batch_tokens: Optional[int], parse_templates: bool = True):
@@ -90,7 +94,7 @@ class RewardModel:
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.max_length = max_length
-        self.max_batch_tokens = max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS
+        self.max_batch_tokens = max_batch_tokens or default_max_batch_tokens(self.device)
         self.parse_templates = parse_templates
         self.stats = RewardStats()
         self._prefix, self._suffix = _special_affixes(tokenizer, preset.add_special_tokens)
@@ -100,7 +104,8 @@ class RewardModel:
         self._depth = 0
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(preset={self.preset.name!r}, device={str(self.device)!r})"
+        return (f"{type(self).__name__}(preset={self.preset.name!r}, device={str(self.device)!r}, "
+                f"max_batch_tokens={self.max_batch_tokens}, packing={self.packing!r} ({self.packing_reason}))")
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of ``texts`` as the card tokenizes them, truncated to ``max_length`` (counted in ``stats``)."""

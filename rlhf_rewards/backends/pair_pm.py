@@ -9,58 +9,58 @@ Prefix reuse: the sequences of one call share long token prefixes (every compari
 template and the context; in a group compared against one baseline, the order (baseline, completion) also shares the
 baseline). The sequences are arranged in a prefix tree over their full tokenizations, so every split falls on a
 token boundary of each sequence's own tokenization (pieces are never tokenized separately: BPE merges across a
-boundary would change the ids). Each shared stretch runs once, batch size 1, extending its parent's KV cache; the
-sequences' remaining tokens then run batched on top of that cache. Causal attention makes this exact: a token's
-hidden state depends only on the tokens before it, and those are the same ids at the same positions.
+boundary would change the ids). Each shared stretch runs once, extending its parent's KV cache; the sequences'
+remaining tokens run on top of the cache of the deepest stretch they share. Causal attention makes this exact: a
+token's hidden state depends only on the tokens before it, and those are the same ids at the same positions.
+
+Batching: the tree is walked level by level, so the stretches of one level run together across all the prompts of a
+call (a batch of GRPO groups shares one pass per level, not one per group), and the sequences' own tokens run
+together under the same token budget, each row on its own cached prefix: rows of different prefixes are stacked into
+one cache (padded columns masked; position ids continue each row's own prefix). With ``packing``, several sequences
+share a row, each seeing only its own prefix and itself through a block mask.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Optional, Union
 
 import torch
 from torch import nn
 from transformers import DynamicCache
 
-from ..batching import pad_right, run_batched
+from ..batching import choose_packing, is_varlen, packed_inputs, packed_mask, run_batched
 from ..conversation import CompletionInput, Message, PromptInput, SampleError
 from ..rendering import render_rlhflow_context, render_rlhflow_pair
 from .base import PairwiseRewardModel, TooLongError
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
-"""Per layer, the keys and values of one row, ``(1, kv_heads, tokens, head_dim)`` each."""
+"""Per layer, the keys and values of one sequence, ``(1, kv_heads, tokens, head_dim)`` each."""
+
+
+@dataclass
+class _Job:
+    """Tokens to run on top of a cached past: a sequence's own remaining tokens (``sequence`` its index) or a shared
+    stretch whose cache the stretches and sequences below it continue (``keep_cache``)."""
+
+    tokens: list[int]
+    past: Optional[KVCache]
+    past_length: int
+    keep_cache: bool
+    sequence: int
 
 PREFIX_MIN_SAVED_TOKENS = 64
 """A shared stretch gets its own forward pass only if that saves at least this many token computations
 (``(sharers - 1) * stretch length``): below that, the extra pass and its cache cost more than they save."""
 
-MAX_PADDING = 0.1
-"""Sequences that run together are padded to the longest of them; a run of similar lengths closes before its padding
-passes this share of its computed tokens. Few sequences share one prefix (a GRPO group's eight), too few for length
-sorting alone to even out their batches. A CPU pays for every padded token whatever the batch size; on a GPU the
-extra, smaller batches are the price (large batches gain little once the GPU is busy)."""
-
-
-def similar_lengths(lengths: Sequence[int], max_padding: float) -> list[list[int]]:
-    """Indices grouped, longest first, into runs of similar length: padding every member of a run to its first
-    (longest) keeps the run's padding within ``max_padding`` of its computed tokens."""
-    runs: list[list[int]] = []
-    total = 0
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        if runs:
-            n, width = len(runs[-1]) + 1, lengths[runs[-1][0]]
-            if n * width - (total + lengths[i]) <= max_padding * n * width:
-                runs[-1].append(i)
-                total += lengths[i]
-                continue
-        runs.append([i])
-        total = lengths[i]
-    return runs
+PREFIX_CACHE_BUDGETS = 4
+"""Shared stretches of one call run level by level, many at once; the caches of one level are held until their
+continuations have run. Each round of stretches is cut to produce at most this many token budgets' worth of cache, so a
+call's memory stays bounded whatever its size."""
 
 
 @dataclass
@@ -122,6 +122,11 @@ def build_prefix_tree(sequences: Sequence[list[int]], min_saved: int = PREFIX_MI
     return root
 
 
+def _cache_tokens(node: _PrefixNode) -> int:
+    """Cached tokens the stretches below ``node`` produce (each holds its whole sequence so far)."""
+    return sum(child.end for child in node.children)
+
+
 class PairPMRewardModel(PairwiseRewardModel):
     """RLHFlow's preference model, read as its model card does: ``P(A better) = softmax(logit_A, logit_B)[A]`` at
     the last position (with ``temperature``), averaged over the orders (A, B) and (B, A) as the card does; exactly
@@ -131,10 +136,14 @@ class PairPMRewardModel(PairwiseRewardModel):
         prefix_reuse: run token prefixes shared by several sequences of a call once, through the KV cache (see the
             module docstring); ``False`` runs every sequence whole (the same numbers, to float rounding). Off for
             sliding-window models.
-        max_batch_size: at most this many sequences per forward pass (``None``: only ``max_batch_tokens`` limits).
+        max_batch_size: at most this many sequences per padded forward pass (``None``: only ``max_batch_tokens``
+            limits).
+        packing: whether each sequence's own remaining tokens run packed into rows (several per row, each on its
+            own cached prefix, under a block mask) rather than padded; ``packing_reason`` says why.
     """
 
-    def __init__(self, *, model: nn.Module, temperature: float = 1.0, prefix_reuse: bool = True, **kwargs):
+    def __init__(self, *, model: nn.Module, temperature: float = 1.0, prefix_reuse: bool = True,
+                 packing: "bool | str" = "auto", **kwargs):
         super().__init__(**kwargs)
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
@@ -155,6 +164,15 @@ class PairPMRewardModel(PairwiseRewardModel):
         self.ab_weight = head.weight[self.token_ids].detach()
         self.ab_bias = head.bias[self.token_ids].detach() if getattr(head, "bias", None) is not None else None
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.sliding_window = getattr(model.config.get_text_config(), "sliding_window", None)
+        self.attn_implementation = getattr(self.backbone.config, "_attn_implementation", None)
+        # transformers 5.24 renamed the forward's and the output's `past_key_values` to `cache` (the old name warns)
+        self._cache_name = "cache" if "cache" in inspect.signature(self.backbone.forward).parameters \
+            else "past_key_values"
+        blocker = None
+        if is_varlen(self.attn_implementation):
+            blocker = "each sequence continues its own cached prefix, which variable-length kernels do not take"
+        self.packing, self.packing_reason = choose_packing(packing, self.attn_implementation, blocker)
 
     def _context(self, messages: list[Message]) -> str:
         try:
@@ -210,86 +228,116 @@ class PairPMRewardModel(PairwiseRewardModel):
         self.stats.truncated_tokens += excess
         return ids
 
-    def _cache(self, past: Optional[KVCache], rows: int) -> DynamicCache:
-        """A fresh cache holding ``past`` repeated for ``rows`` rows. The forward pass appends to its cache, so
-        every use gets its own; ``past`` itself is never modified."""
-        if past is None:
-            return DynamicCache(config=self.model.config)
-        return DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in past],
-                            config=self.model.config)
-
     @torch.inference_mode()
-    def _logits_ab(self, batch: list[list[int]], past: Optional[KVCache] = None, start: int = 0
-                   ) -> list[tuple[float, float]]:
-        """``(logit_A, logit_B)`` at the last token of each sequence of ``batch``; with ``past``, the KV cache of
-        their shared first ``start`` tokens, only the tokens from ``start`` on run."""
-        suffixes = [ids[start:] for ids in batch]
-        input_ids, mask = pad_right(suffixes, self.pad_id, self.device)
-        cache = None
-        if past is not None:
-            cache = self._cache(past, len(batch))
-            mask = torch.cat([mask.new_ones(len(batch), start), mask], dim=1)
-        hidden = self.backbone(input_ids=input_ids, attention_mask=mask, past_key_values=cache,
-                               use_cache=cache is not None).last_hidden_state
-        last = torch.tensor([len(ids) - 1 for ids in suffixes], device=self.device)
-        h = hidden[torch.arange(len(batch), device=self.device), last]
+    def _run(self, rows: list[list[_Job]]) -> list[tuple[tuple[float, float], Optional[KVCache]]]:
+        """One forward over ``rows`` of jobs (one job a row when padded, several when packed): for each job in row
+        order, ``(logit_A, logit_B)`` at its last token and, if it asked for one, the KV cache of its whole
+        sequence so far (its past and its new tokens)."""
+        packed = any(len(row) > 1 for row in rows)
+        tokens = [[job.tokens for job in row] for row in rows]
+        past = [[job.past_length for job in row] for row in rows]
+        input_ids, position_ids, mask, starts = packed_inputs(tokens, self.pad_id, self.device, cached=past,
+                                                              sliding_window=self.sliding_window)
+        width = max(map(sum, past))
+        cache = self._stack([[job.past for job in row] for row in rows], width)
+        if packed:
+            attention = packed_mask(mask, self.attn_implementation, self.backbone.dtype)
+        else:  # one job a row: a 2D mask (cached columns then new tokens) keeps the attention's fast paths
+            attention = mask[:, 0].any(dim=1).long()  # the columns some query of the row sees
+        want = any(job.keep_cache for row in rows for job in row)
+        if cache is None and want:
+            cache = DynamicCache(config=self.model.config)
+        out = self.backbone(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
+                            use_cache=want, **{self._cache_name: cache})
+        jobs = [job for row in rows for job in row]
+        r = torch.tensor([row for row, _ in starts], device=self.device)
+        c = torch.tensor([at + len(job.tokens) - 1 for (_, at), job in zip(starts, jobs)], device=self.device)
+        h = out.last_hidden_state[r, c]
         logits = h @ self.ab_weight.to(h.dtype).T
         if self.ab_bias is not None:
             logits = logits + self.ab_bias.to(h.dtype)
-        return [tuple(row) for row in logits.float().cpu().tolist()]
+        results = []
+        for k, (pair, job, (row, at)) in enumerate(zip(logits.float().cpu().tolist(), jobs, starts)):
+            kept = None
+            if job.keep_cache:  # copies, so the batch's cache is freed with the batch
+                kept = [(torch.cat([layer.keys[row:row + 1, :, :job.past_length],
+                                    layer.keys[row:row + 1, :, width + at:width + at + len(job.tokens)]], dim=2),
+                         torch.cat([layer.values[row:row + 1, :, :job.past_length],
+                                    layer.values[row:row + 1, :, width + at:width + at + len(job.tokens)]], dim=2))
+                        for layer in getattr(out, self._cache_name).layers]
+            results.append((tuple(pair), kept))
+        return results
 
-    @torch.inference_mode()
-    def _extend(self, past: Optional[KVCache], tokens: list[int]) -> KVCache:
-        """The KV cache of ``past`` followed by ``tokens`` (one row)."""
-        input_ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
-        out = self.backbone(input_ids=input_ids, past_key_values=self._cache(past, 1), use_cache=True)
-        return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    def _stack(self, pasts: list[list[Optional[KVCache]]], width: int) -> Optional[DynamicCache]:
+        """A cache holding, in each row, its jobs' pasts one after another (zeros after them up to ``width``, masked);
+        ``None`` when no job has a past. Every forward gets its own cache (the forward appends to it)."""
+        if width == 0:
+            return None
+        first = next(p for row in pasts for p in row if p is not None)
+        cache = DynamicCache(config=self.model.config)
+        for layer, (k0, v0) in enumerate(first):
+            keys = k0.new_zeros((len(pasts), k0.shape[1], width, k0.shape[3]))
+            values = v0.new_zeros((len(pasts), v0.shape[1], width, v0.shape[3]))
+            for r, row in enumerate(pasts):
+                at = 0
+                for p in row:
+                    if p is not None:
+                        n = p[layer][0].shape[2]
+                        keys[r, :, at:at + n] = p[layer][0][0]
+                        values[r, :, at:at + n] = p[layer][1][0]
+                        at += n
+            cache.update(keys, values, layer)
+        return cache
 
-    def _batched(self, sequences: list[list[int]], past: Optional[KVCache] = None, start: int = 0
-                 ) -> list[tuple[float, float]]:
-        out: list[tuple[float, float]] = [(0.0, 0.0)] * len(sequences)
-        for chunk in similar_lengths([len(s) - start for s in sequences], MAX_PADDING):
-            # lengths include the shared prefix: a row's cost (its keys, its cache copy) grows with it, so the token
-            # budget, and with it peak memory, counts it
-            rows = [sequences[i] for i in chunk]
-            results = run_batched(rows, [len(s) for s in rows], partial(self._logits_ab, past=past, start=start),
-                                  max_batch_tokens=self.max_batch_tokens, stats=self.stats,
-                                  max_batch_size=self.max_batch_size)
-            for i, r in zip(chunk, results):
-                out[i] = r
-        # only the tokens from `start` on were computed; run_batched counted whole rows
-        self.stats.computed_tokens -= start * len(sequences)
-        return out
-
-    def _logits_shared(self, sequences: list[list[int]]) -> list[tuple[float, float]]:
-        """:meth:`logits_ab` with prefix reuse: each distinct sequence once, shared stretches once (depth first, so
-        only the caches of one path of the tree are held at a time)."""
-        distinct = list(dict.fromkeys(map(tuple, sequences)))
-        index = {seq: k for k, seq in enumerate(distinct)}
-        unique = [list(seq) for seq in distinct]
-        results: list[tuple[float, float]] = [(0.0, 0.0)] * len(unique)
-        stack: list[tuple[_PrefixNode, Optional[KVCache]]] = [(build_prefix_tree(unique), None)]
-        while stack:
-            node, past = stack.pop()
-            if node.end > node.start:
-                past = self._extend(past, unique[node.member][node.start:node.end])
-                self.stats.batches += 1
-                self.stats.computed_tokens += node.end - node.start
-            if node.leaves:
-                for i, r in zip(node.leaves, self._batched([unique[i] for i in node.leaves], past, node.end)):
-                    results[i] = r
-            stack += [(child, past) for child in node.children]
-        # a repeated sequence was computed once; each occurrence counts as a real input
-        self.stats.real_tokens += sum(map(len, sequences)) - sum(map(len, unique))
-        return [results[index[tuple(s)]] for s in sequences]
+    def _run_jobs(self, jobs: list[_Job], packed: bool) -> list[tuple[tuple[float, float], Optional[KVCache]]]:
+        """:meth:`_run` over ``jobs`` in token-budgeted batches (each job's cached past counted in the budget)."""
+        lengths = [len(job.tokens) for job in jobs]
+        forward = self._run if packed else (lambda batch: self._run([[job] for job in batch]))
+        return run_batched(jobs, lengths, forward, max_batch_tokens=self.max_batch_tokens, stats=self.stats,
+                           max_batch_size=self.max_batch_size, packed=packed,
+                           cached=[job.past_length for job in jobs])
 
     def logits_ab(self, sequences: Sequence[list[int]]) -> list[tuple[float, float]]:
-        """``(logit_A, logit_B)`` at the last position of each token sequence, batched by length (sharing token
-        prefixes through the KV cache when ``prefix_reuse`` is on)."""
+        """``(logit_A, logit_B)`` at the last position of each token sequence.
+
+        Each distinct sequence runs once. With ``prefix_reuse``, the shared stretches of the prefix tree run level
+        by level, the stretches of one level (across all prompts of the call) batched together on top of their
+        parents' caches, and every sequence's own remaining tokens run batched (packed when ``packing``) on top of
+        the cache of the deepest stretch it shares."""
         sequences = [list(s) for s in sequences]
-        out = self._logits_shared(sequences) if self.prefix_reuse else self._batched(sequences)
+        distinct = list(dict.fromkeys(map(tuple, sequences)))
+        unique = [list(seq) for seq in distinct]
+        real_before = self.stats.real_tokens
+        results: list[tuple[float, float]] = [(0.0, 0.0)] * len(unique)
+        if self.prefix_reuse:
+            root = build_prefix_tree(unique)
+        else:
+            root = _PrefixNode(0, 0, len(unique), 0, leaves=list(range(len(unique))))
+        cap = PREFIX_CACHE_BUDGETS * self.max_batch_tokens
+        pending: list[list[tuple[_PrefixNode, Optional[KVCache]]]] = [[(root, None)]]
+        while pending:  # depth first over rounds, so only a bounded number of caches is held at once
+            level = pending.pop()
+            rounds, produced = [], 0
+            while level and (not rounds or produced + _cache_tokens(level[0][0]) <= cap):
+                node, past = level.pop(0)
+                rounds.append((node, past))
+                produced += _cache_tokens(node)
+            if level:
+                pending.append(level)
+            leaves = [_Job(unique[i][node.end:], past, node.end, False, i) for node, past in rounds
+                      for i in node.leaves]
+            for job, (pair, _) in zip(leaves, self._run_jobs(leaves, self.packing)):
+                results[job.sequence] = pair
+            stretches = [(child, _Job(unique[child.member][child.start:child.end], past, node.end, True, -1))
+                         for node, past in rounds for child in node.children]
+            if stretches:
+                done = self._run_jobs([job for _, job in stretches], False)
+                pending.append([(child, cache) for (child, _), (_, cache) in zip(stretches, done)])
+        # every occurrence of every sequence counts as read; shared and repeated tokens were computed once
+        self.stats.real_tokens = real_before + sum(map(len, sequences))
         self.stats.samples += len(sequences)
-        return out
+        index = {seq: k for k, seq in enumerate(distinct)}
+        return [results[index[tuple(s)]] for s in sequences]
 
     def _slot_probs(self, logit_a: float, logit_b: float) -> tuple[float, float]:
         """The card's softmax over the two logits at ``temperature``: the probabilities that the response in slot
@@ -333,7 +381,7 @@ class PairPMRewardModel(PairwiseRewardModel):
 
 
 def load_pair_pm(name_or_path: str, *, preset, tokenizer, device, dtype, max_length, max_batch_tokens,
-                 quantization, adapter, temperature: float = 1.0) -> PairPMRewardModel:
+                 quantization, adapter, temperature: float = 1.0, packing="auto") -> PairPMRewardModel:
     """Loading as RLHFlow's model card does: ``AutoModelForCausalLM`` (bf16 on GPU), the repository's own tokenizer."""
     from transformers import AutoModelForCausalLM
 
@@ -346,4 +394,4 @@ def load_pair_pm(name_or_path: str, *, preset, tokenizer, device, dtype, max_len
     model = apply_adapter(model, adapter, quantized=quantization is not None)
     limit = max_length or preset.max_length or getattr(model.config, "max_position_embeddings", None)
     return PairPMRewardModel(model=model, temperature=temperature, preset=preset, tokenizer=tokenizer,
-                             device=device, max_length=limit, max_batch_tokens=max_batch_tokens)
+                             device=device, max_length=limit, max_batch_tokens=max_batch_tokens, packing=packing)

@@ -191,9 +191,14 @@ def _faithful_tokenizer(tokenizer: Any, name_or_path: str) -> Any:
 
 def load_pairrm_reward_model(name_or_path: str, *, preset, tokenizer: Any, device: torch.device,
                              dtype: torch.dtype, max_length: Optional[int], max_batch_tokens: Optional[int],
-                             quantization: Optional[str], adapter: Optional[str]) -> PairRMRewardModel:
+                             quantization: Optional[str], adapter: Optional[str], packing: Any = "auto"
+                             ) -> PairRMRewardModel:
     """The ``"pairrm"`` backend's loader: PairRM's tokenizer (see :func:`_faithful_tokenizer`), the model
-    (:func:`load_pairrm`), an optional PEFT adapter, and the :class:`PairRMRewardModel` around them."""
+    (:func:`load_pairrm`), an optional PEFT adapter, and the :class:`PairRMRewardModel` around them. PairRM's
+    encoder reads marker positions of one padded row per comparison: ``packing=True`` is refused."""
+    if packing is True:
+        raise ValueError("packing=True is not possible: PairRM's encoder pads its rows (packing applies to decoder "
+                         "reward models)")
     tokenizer = _faithful_tokenizer(tokenizer, name_or_path)
     model = load_pairrm(name_or_path, tokenizer, device=device, dtype=dtype, quantization=quantization)
     model = apply_adapter(model, adapter, quantized=quantization is not None)

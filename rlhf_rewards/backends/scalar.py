@@ -14,8 +14,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..batching import pad_right, run_batched
+from ..batching import choose_packing, is_varlen, packed_inputs, packed_mask, pad_right, run_batched
 from .base import ScalarModelBase
+
+_Item = tuple[list[int], int, Optional[int]]
+"""A tokenized sample: ``(ids, index, position_id)`` as :meth:`ScalarRewardModel._read_position` gives them."""
 
 
 class ScalarRewardModel(ScalarModelBase):
@@ -23,10 +26,15 @@ class ScalarRewardModel(ScalarModelBase):
 
     ``score`` returns the card's reward for each completion: the head's output at the position the preset's
     ``reward_position`` rule names, as a Python float.
+
+    Attributes:
+        packing: whether samples are packed into rows without padding (each with its own position ids and a
+            block-diagonal mask, or flash-attention's variable-length kernels) rather than padded to a batch's longest.
+        packing_reason: why ``packing`` is what it is (also in the repr).
     """
 
     def __init__(self, *, backbone: nn.Module, head: nn.Module, model: nn.Module, config_pad_id: Optional[int],
-                 **kwargs):
+                 packing: "bool | str" = "auto", **kwargs):
         super().__init__(**kwargs)
         self.model = model
         self.backbone = backbone
@@ -38,6 +46,15 @@ class ScalarRewardModel(ScalarModelBase):
             # the card computes tokenizer(tokenizer.pad_token)["input_ids"][0]: BOS when the tokenizer adds one
             card_pad = self.tokenizer(self.tokenizer.pad_token)["input_ids"][0]
         self.card_pad_id = card_pad
+        self.attn_implementation = getattr(getattr(backbone, "config", None), "_attn_implementation", None)
+        self.packing, self.packing_reason = choose_packing(packing, self.attn_implementation,
+                                                           self._packing_blocker())
+
+    def _packing_blocker(self) -> Optional[str]:
+        if self.preset.reward_position == "before-first-pad-id" and is_varlen(self.attn_implementation):
+            # the card reads a pad position that attends to the real tokens but not to itself
+            return "the card's appended pad must be hidden as a key, which variable-length kernels cannot express"
+        return None
 
     def _read_position(self, ids: list[int]) -> tuple[int, Optional[int]]:
         """``(index, position_id)``: where the reward is read in the unpadded ``ids``. ``index == len(ids)`` means
@@ -63,7 +80,7 @@ class ScalarRewardModel(ScalarModelBase):
         raise ValueError(f"unknown reward_position {rule!r}")
 
     @torch.inference_mode()
-    def _forward(self, batch: list[tuple[list[int], int, Optional[int]]]) -> list[float]:
+    def _forward(self, batch: list[_Item]) -> list[float]:
         seqs = [ids + [self.pad_id] if pos_id is not None else ids for ids, _, pos_id in batch]
         input_ids, mask = pad_right(seqs, self.pad_id, self.device)
         position_ids = None
@@ -77,10 +94,33 @@ class ScalarRewardModel(ScalarModelBase):
         # the card's appended pad (which must not attend to itself); without one the causal fast path runs
         hidden = self.backbone(input_ids=input_ids, attention_mask=mask if position_ids is not None else None,
                                position_ids=position_ids, use_cache=False).last_hidden_state
-        rows = torch.arange(len(batch), device=self.device)
-        cols = torch.tensor([index for _, index, _ in batch], device=self.device)
-        picked = hidden[rows, cols]
-        rewards = self.head(picked.to(self._head_dtype())).float().reshape(len(batch), -1)[:, 0]
+        return self._read(hidden, list(range(len(batch))), [index for _, index, _ in batch])
+
+    @torch.inference_mode()
+    def _forward_packed(self, rows: list[list[_Item]]) -> list[float]:
+        """Rewards of packed rows, in row order: each sample at position ids 0, 1, ... (the card's appended pad at its
+        own position id, hidden as a key), attending only within itself."""
+        if is_varlen(self.attn_implementation):
+            rows = [[item for row in rows for item in row]]  # variable-length kernels take one row
+        seqs = [[ids + [self.pad_id] if pos_id is not None else ids for ids, _, pos_id in row] for row in rows]
+        positions = [[list(range(len(ids))) + ([pos_id] if pos_id is not None else []) for ids, _, pos_id in row]
+                     for row in rows]
+        hidden_keys = [[len(ids) if pos_id is not None else -1 for ids, _, pos_id in row] for row in rows]
+        window = getattr(self.backbone.config, "sliding_window", None)
+        input_ids, position_ids, mask, starts = packed_inputs(seqs, self.pad_id, self.device, positions=positions,
+                                                              hidden_keys=hidden_keys, sliding_window=window)
+        attention = None
+        if not is_varlen(self.attn_implementation):
+            attention = packed_mask(mask, self.attn_implementation, self.backbone.dtype)
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
+                               use_cache=False).last_hidden_state
+        items = [item for row in rows for item in row]
+        return self._read(hidden, [r for r, _ in starts], [at + index for (_, at), (_, index, _) in zip(starts, items)])
+
+    def _read(self, hidden: torch.Tensor, rows: list[int], cols: list[int]) -> list[float]:
+        """The head's output at ``hidden[rows[k], cols[k]]`` for each ``k``, as floats."""
+        picked = hidden[torch.tensor(rows, device=hidden.device), torch.tensor(cols, device=hidden.device)]
+        rewards = self.head(picked.to(self._head_dtype())).float().reshape(len(rows), -1)[:, 0]
         return rewards.cpu().tolist()
 
     def _head_dtype(self) -> torch.dtype:
@@ -94,8 +134,9 @@ class ScalarRewardModel(ScalarModelBase):
             index, pos_id = self._read_position(ids)
             items.append((ids, index, pos_id))
         lengths = [len(ids) + (pos_id is not None) for ids, _, pos_id in items]
-        rewards = run_batched(items, lengths, self._forward, max_batch_tokens=self.max_batch_tokens,
-                              stats=self.stats)
+        forward = self._forward_packed if self.packing else self._forward
+        rewards = run_batched(items, lengths, forward, max_batch_tokens=self.max_batch_tokens, stats=self.stats,
+                              packed=self.packing)
         self.stats.samples += len(items)
         return rewards
 
@@ -104,8 +145,11 @@ class FullModelRewardModel(ScalarRewardModel):
     """Fallback for sequence-classification models without a separable decoder backbone and ``score`` head
     (e.g. encoders with a pooler): the whole model runs and its own pooling picks the position."""
 
+    def _packing_blocker(self) -> Optional[str]:
+        return "the model's own pooling reads one position per row"
+
     @torch.inference_mode()
-    def _forward(self, batch: list[tuple[list[int], int, Optional[int]]]) -> list[float]:
+    def _forward(self, batch: list[_Item]) -> list[float]:
         input_ids, mask = pad_right([ids for ids, _, _ in batch], self.pad_id, self.device)
         logits = self.model(input_ids=input_ids, attention_mask=mask).logits
         return logits.float().reshape(len(batch), -1)[:, 0].cpu().tolist()
@@ -116,9 +160,8 @@ def _max_length(requested: Optional[int], preset_limit: Optional[int], config) -
 
 
 def load_sequence_classifier(name_or_path: str, *, preset, tokenizer, device, dtype, max_length, max_batch_tokens,
-                             quantization, adapter) -> ScalarRewardModel:
-    """A transformers ``AutoModelForSequenceClassification`` reward model with one label (loaded as Ray2333's
-    model card does)."""
+                             quantization, adapter, packing="auto") -> ScalarRewardModel:
+    """A transformers ``AutoModelForSequenceClassification`` reward model with one label (loaded as Ray2333's model card does)."""
     from transformers import AutoModelForSequenceClassification
 
     from .weights import apply_adapter, from_pretrained_checked
@@ -134,11 +177,11 @@ def load_sequence_classifier(name_or_path: str, *, preset, tokenizer, device, dt
     cls = ScalarRewardModel if isinstance(head, nn.Linear) and backbone is not None else FullModelRewardModel
     return cls(model=model, backbone=backbone, head=head, config_pad_id=model.config.pad_token_id, preset=preset,
                tokenizer=tokenizer, device=device, max_length=_max_length(max_length, preset.max_length, model.config),
-               max_batch_tokens=max_batch_tokens)
+               max_batch_tokens=max_batch_tokens, packing=packing)
 
 
 def load_value_head(name_or_path: str, *, preset, tokenizer, device, dtype, max_length, max_batch_tokens,
-                    quantization, adapter) -> ScalarRewardModel:
+                    quantization, adapter, packing="auto") -> ScalarRewardModel:
     """A Starling value-head model: ``from_pretrained`` files (Starling-RM-34B), or a plain state dict over a
     Llama config (Starling-RM-7B-alpha, whose config comes from its base model when its repository has none)."""
     from transformers import AutoConfig
@@ -166,4 +209,4 @@ def load_value_head(name_or_path: str, *, preset, tokenizer, device, dtype, max_
     return ScalarRewardModel(model=model, backbone=model.transformer, head=model.v_head, config_pad_id=None,
                              preset=preset, tokenizer=tokenizer, device=device,
                              max_length=_max_length(max_length, preset.max_length, model.config),
-                             max_batch_tokens=max_batch_tokens)
+                             max_batch_tokens=max_batch_tokens, packing=packing)
