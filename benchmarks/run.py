@@ -124,9 +124,10 @@ def run(scale: Scale, *, scale_name: str = "custom", seed: int = 0, families: Se
     return Report(scale_name, seed, threads, host, time.perf_counter() - start, sections, notes)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m benchmarks``: run the benchmark, print the markdown report, optionally write it and a JSON."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=DOC.split("\n\n")[0].replace("``", ""))
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m benchmarks") -> int:
+    """``python -m benchmarks``: run the benchmark, print the markdown report, optionally write it and a JSON.
+    ``prog`` is the command name the help shows (``rlhf-rewards bench`` from the command line)."""
+    parser = argparse.ArgumentParser(prog=prog, description=DOC.split("\n\n")[0].replace("``", ""))
     parser.add_argument("--smoke", action="store_true", help="tiny models and inputs: seconds, for tests")
     parser.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated subset of {FAMILIES}")
     parser.add_argument("--presets", default=",".join(SCALAR_PRESETS), help="scalar presets to run")

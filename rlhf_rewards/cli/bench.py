@@ -27,4 +27,4 @@ def run(args: argparse.Namespace) -> int:
         print("rlhf-rewards bench: the benchmark lives in the source checkout's benchmarks/ folder, which is not "
               "installed with the package; run it from the checkout's root (python -m benchmarks).", file=sys.stderr)
         return 2
-    return bench.main(args.rest + (["--help"] if args.help else []))
+    return bench.main(args.rest + (["--help"] if args.help else []), prog="rlhf-rewards bench")
