@@ -1,7 +1,7 @@
 """Ray Serve replicas vs the plain server, on one machine, in one run (docs/ray.md has the last run's numbers).
 
-    python benchmarks/ray_serve.py            # about 4-6 minutes on 2 CPU cores
-    python benchmarks/ray_serve.py --smoke    # a tiny model and stream: about 2 minutes (mostly Ray start-up)
+    python -m benchmarks.ray_serve            # about 4-6 minutes on 2 CPU cores
+    python -m benchmarks.ray_serve --smoke    # a tiny model and stream: about 2 minutes (mostly Ray start-up)
 
 The same stream of requests (``--senders`` concurrent OpenRLHF-style clients, each sending ``--requests`` requests
 of ``--samples`` samples to ``/v1/rewards``) goes to, in turn:
@@ -149,7 +149,8 @@ def plain_server(model_dir: str, stream, warmup, max_wait_ms: float) -> tuple[fl
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from rlhf_rewards.bench import ModelSize, build_model, machine
+    from benchmarks.report import machine
+    from benchmarks.workload import ModelSize, build_model
     from rlhf_rewards.serving import ray as ray_serving
 
     info = machine()
