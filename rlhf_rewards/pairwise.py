@@ -86,19 +86,26 @@ def _preference_samples(model, items: Sequence[tuple[list[Message], str, str]]
                         ) -> list[Union[float, SampleError]]:
     """``P(a better than b)`` or the :class:`SampleError` (no location) per validated ``(messages, a, b)``: a
     pairwise model's comparison; for a scalar model, the Bradley-Terry probability ``sigmoid(r(a) - r(b))``."""
-    n = len(items)
     if not hasattr(model, "_compare_prepared" if model.kind == "pairwise" else "_score_prepared"):
         # a model of the caller's own with only the public methods: its errors raise
         messages, a, b = [m for m, _, _ in items], [x for _, x, _ in items], [y for _, _, y in items]
         return preferences(model, messages, a, b)
     if model.kind == "pairwise":
         return model._compare_prepared(items)
-    rewards = model._score_prepared([(m, a, None) for m, a, _ in items] + [(m, b, None) for m, _, b in items])
+    # each distinct (prompt, text) is scored once: a group's round robin names every text n - 1 times
+    index: dict[tuple[int, str], int] = {}
+    unique: list[tuple[list[Message], str, None]] = []
+    for m, a, b in items:
+        for text in (a, b):
+            if (id(m), text) not in index:
+                index[id(m), text] = len(unique)
+                unique.append((m, text, None))
+    rewards = model._score_prepared(unique)
     out: list[Union[float, SampleError]] = []
-    for k in range(n):
-        ra, rb = rewards[k], rewards[n + k]
+    for m, a, b in items:
+        ra, rb = rewards[index[id(m), a]], rewards[index[id(m), b]]
         bad = next((r for r in (ra, rb) if isinstance(r, SampleError)), None)
-        out.append(SampleError(k, str(bad), "pair" if bad.about != "prompt" else "prompt") if bad
+        out.append(SampleError(len(out), str(bad), "pair" if bad.about != "prompt" else "prompt") if bad
                    else _sigmoid(ra - rb))
     return out
 

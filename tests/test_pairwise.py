@@ -162,3 +162,18 @@ def test_duplicates_get_exactly_equal_values_and_keep_index_order(model):
     assert anchor[0] == anchor[4] == 0.0 and anchor[2] == anchor[5]
     # a conversational completion is the same text as its string
     assert rank(model, ["p"], [["aa", [{"role": "assistant", "content": "aa"}], "a"]]) == [[0, 1, 2]]
+
+
+def test_scalar_model_in_a_round_robin_scores_each_distinct_text_once(tiny_dir):
+    from rlhf_rewards import load_reward_model
+
+    rm = load_reward_model(tiny_dir("starling-rm-7b-alpha"), device="cpu")
+    texts = ["Paris.", "It is Paris, on the Seine.", "Marseille?", "Paris."]
+    direct = rm.score(["Capital of France?"] * 3, texts[:3])
+    before = rm.stats.samples
+    rewards = group_rewards(rm, ["Capital of France?"] * 4, texts, 4)
+    assert rm.stats.samples - before == 3  # three distinct texts, each once, not once per comparison
+    # Bradley-Terry oracle from the direct scores: mean over the other members of log-odds r_i - r_j
+    r = [direct[0], direct[1], direct[2], direct[0]]
+    expected = [sum(r[i] - r[j] for j in range(4) if j != i) / 3 for i in range(4)]
+    assert rewards == pytest.approx(expected, abs=1e-4)
