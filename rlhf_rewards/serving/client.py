@@ -18,7 +18,7 @@ from typing import Any, Optional, Union
 
 import httpx
 
-from ..trainers.inputs import call_baselines, check_options
+from ..trainers.inputs import call_baselines, set_options
 from ..trainers.reward_function import log_call_metrics
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,8 @@ class AsyncRemoteRewardFunction:
         for u in self.urls:
             if not u.startswith(("http://", "https://")):
                 raise ValueError(f"server URL {u!r} must start with http:// or https://")
-        check_options(pairing, baseline_column, group_size, group_mode, transform)
+        set_options(self, baseline_column=baseline_column, pairing=pairing, group_size=group_size,
+                    group_mode=group_mode, transform=transform, parse_templates=parse_templates)
         if timeout <= 0 or max_retries < 0 or backoff < 0 or (deadline is not None and deadline <= 0):
             raise ValueError("timeout and deadline must be positive, max_retries and backoff non-negative")
         self.api_key = api_key
@@ -77,12 +78,6 @@ class AsyncRemoteRewardFunction:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.max_shard_size = max_shard_size
-        self.baseline_column = baseline_column
-        self.pairing = pairing
-        self.group_size = group_size
-        self.group_mode = group_mode
-        self.transform = transform
-        self.parse_templates = parse_templates
         self.__name__ = name or "reward_remote"
 
     def __repr__(self) -> str:

@@ -31,9 +31,11 @@ class Sample(NamedTuple):
     baseline: Optional[str]
 
 
-def check_options(pairing: Optional[str], baseline_column: Optional[str], group_size: Optional[int],
-                  group_mode: str, transform: str) -> None:
-    """Reject reward-function options that do not go together, at construction rather than mid-training."""
+def set_options(target: Any, *, baseline_column: Optional[str], pairing: Optional[str], group_size: Optional[int],
+                group_mode: str, transform: str, parse_templates: bool) -> None:
+    """Check the reward-function options every reward function takes (in-process, remote, Ray) and set them as
+    ``target``'s attributes of the same names. Options that do not go together fail at construction rather than
+    mid-training."""
     from ..pairwise import apply_transform
 
     if pairing not in (None, "group", "halves"):
@@ -45,6 +47,12 @@ def check_options(pairing: Optional[str], baseline_column: Optional[str], group_
     if group_mode not in ("round-robin", "anchor"):
         raise ValueError(f"unknown group_mode {group_mode!r}; expected 'round-robin' or 'anchor'")
     apply_transform([0.5], transform)  # rejects an unknown transform
+    target.baseline_column = baseline_column
+    target.pairing = pairing
+    target.group_size = group_size
+    target.group_mode = group_mode
+    target.transform = transform
+    target.parse_templates = parse_templates
 
 
 def call_baselines(prompts: Sequence[Any], completions: Sequence[Any], baseline_column: Optional[str],

@@ -17,7 +17,7 @@ from ..backends.base import RewardModel
 from ..chat_parsing import completion_text, prompt_messages
 from ..conversation import SampleError
 from ..pairwise import GroupMode, Transform, apply_transform, rewards_within_groups
-from .inputs import Sample, call_baselines, check_options, model_lock
+from .inputs import Sample, call_baselines, model_lock, set_options
 
 logger = logging.getLogger(__name__)
 
@@ -62,19 +62,14 @@ class RewardFunction:
                  pairing: Optional[Pairing] = None, group_size: Optional[int] = None,
                  group_mode: GroupMode = "round-robin", transform: Transform = "logodds",
                  name: Optional[str] = None, parse_templates: bool = True):
-        check_options(pairing, baseline_column, group_size, group_mode, transform)
+        set_options(self, baseline_column=baseline_column, pairing=pairing, group_size=group_size,
+                    group_mode=group_mode, transform=transform, parse_templates=parse_templates)
         if model.kind == "pairwise" and pairing is None and baseline_column is None:
             raise ValueError(
                 f"{model.preset.name} is a pairwise model: it needs something to compare each completion with. "
                 "Pass baseline_column='<dataset column with a reference completion>', pairing='group' "
                 "(GRPO/RLOO groups) or pairing='halves' (online DPO)")
         self.model = model
-        self.baseline_column = baseline_column
-        self.pairing = pairing
-        self.group_size = group_size
-        self.group_mode = group_mode
-        self.transform = transform
-        self.parse_templates = parse_templates
         self.__name__ = name or "reward_" + model.preset.name.replace("-", "_")
         self._source: Optional[tuple[str, dict[str, Any]]] = None
 
