@@ -115,7 +115,7 @@ def same_rows(got_path, want_path) -> None:
         assert g["reward"] == pytest.approx(w["reward"], abs=1e-6)
 
 
-def test_score_resumes_after_sigkill_to_the_uninterrupted_result(tmp_path, tiny_dir):
+def test_score_resumes_after_sigkill_to_the_uninterrupted_result(tmp_path, tiny_dir, capsys):
     rows = generations(150)
     data = write_jsonl(tmp_path / "gen.jsonl", rows)
     model = ["--model", tiny_dir(SCALAR), "--preset", SCALAR, "--device", "cpu"]
@@ -142,15 +142,22 @@ def test_score_resumes_after_sigkill_to_the_uninterrupted_result(tmp_path, tiny_
     assert 6 <= killed.read_bytes().count(b"\n") < len(rows)
     with open(killed, "ab") as f:  # a row torn mid-write, as a kill inside write() leaves it
         f.write(b'{"id": "g999", "prompt": "Wh')
+    complete = killed.read_bytes().count(b"\n")
+    capsys.readouterr()
     assert main(["score", data, "--output", str(killed), "--resume", "--id-column", "id", *model]) == 0
     same_rows(killed, whole)
+    err = capsys.readouterr().err  # the torn line is dropped out loud: where, and counted in the summary
+    assert f"warning: {killed}:{complete + 1}: dropped its last line, cut short by an interrupted run (28 bytes" in err
+    assert "torn last line dropped from the output and its row scored again: 1" in err
 
-    # without --id-column, by row number
+    # without --id-column, by row number (the sidecar says what wrote the file)
     by_number = tmp_path / "by_number.jsonl"
     lines = whole.read_bytes().splitlines(keepends=True)
     by_number.write_bytes(b"".join(lines[:37]) + lines[37][:20])
+    (tmp_path / "by_number.jsonl.meta.json").write_bytes((tmp_path / "whole.jsonl.meta.json").read_bytes())
     assert main(["score", data, "--output", str(by_number), "--resume", *model]) == 0
     same_rows(by_number, whole)
+    assert f"{by_number}:38: dropped its last line" in capsys.readouterr().err
 
 
 # -- label -----------------------------------------------------------------------------------------------------------

@@ -1,18 +1,16 @@
-"""Dataset input and JSONL output for the dataset commands: files read with ``datasets``, every failure a
-:class:`~rlhf_rewards.cli.common.UsageError` naming the file (and the line, for JSONL), outputs checked before any
-scoring starts, and rows already written found again for ``--resume``."""
+"""Dataset input of the dataset commands: files read with ``datasets``, every failure a
+:class:`~rlhf_rewards.cli.common.UsageError` naming the file (and the line, for JSON and CSV), checked before any
+model loads. Output files are :mod:`rlhf_rewards.cli.outputs`'."""
 
 from __future__ import annotations
 
 import json
 import os
-import sys
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable
 from importlib import resources
-from typing import Any, Optional, TextIO
+from typing import Any, Optional
 
-from .common import UsageError, require
+from .common import UsageError, positive_int, require
 
 SAMPLE_PREFERENCES = "sample:preferences"
 """The name that stands for the preference file shipped with the package (RewardBench's layout, a few dozen rows
@@ -26,8 +24,42 @@ def sample_preferences_path() -> str:
     return str(resources.files("rlhf_rewards") / "data" / "preferences.jsonl")
 
 
-def _first_bad_json_line(path: str) -> Optional[str]:
-    """``"path:line: message"`` for the first line of a JSON Lines file that is not one JSON object."""
+_KINDS = ((bool, "a boolean"), ((int, float), "a number"), (str, "a string"), (list, "a list"), (dict, "an object"))
+
+
+def _kind(value: Any) -> Optional[str]:
+    return next((name for types, name in _KINDS if isinstance(value, types)), None)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+class _ColumnKinds:
+    """The first JSON type seen in each column, to refuse a column that mixes types: ``datasets`` reads a column as
+    one type and silently changes values to fit (the id ``"1"`` reads back as ``1``, and then equals the id 1)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.first: dict[str, tuple[str, str, Any]] = {}
+
+    def add(self, row: dict, where: str) -> None:
+        for name, value in row.items():
+            kind = _kind(value)
+            if kind is None:  # null fits any type
+                continue
+            seen = self.first.setdefault(name, (kind, where, value))
+            if seen[0] != kind:
+                raise UsageError(f"{self.path}: column {name!r} holds {kind} {_short(value)} at {where} and "
+                                 f"{seen[0]} {_short(seen[2])} at {seen[1]}; give every row's {name!r} the same "
+                                 "type (datasets would convert one to the other)")
+
+
+def _check_json_lines(path: str) -> None:
+    """Every non-blank line one JSON object, columns of one type each, at least one row: else name the line."""
+    kinds = _ColumnKinds(path)
+    rows = 0
     with open(path, encoding="utf-8", errors="strict") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -35,10 +67,68 @@ def _first_bad_json_line(path: str) -> Optional[str]:
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as err:
-                return f"{path}:{number}: malformed JSON ({err.msg} at column {err.colno})"
+                hint = "" if number > 1 or path.endswith(".jsonl") else \
+                    " (a .json file holds one array of objects, or one object per line)"
+                raise UsageError(f"{path}:{number}: malformed JSON ({err.msg} at column {err.colno}){hint}") from None
             if not isinstance(value, dict):
-                return f"{path}:{number}: expected a JSON object per line, got {type(value).__name__}"
-    return None
+                raise UsageError(f"{path}:{number}: expected a JSON object per line, got {type(value).__name__}")
+            kinds.add(value, f"line {number}")
+            rows += 1
+    if rows == 0:
+        raise UsageError(f"{path}: has no rows (only blank lines)")
+
+
+def _check_json_array(path: str) -> None:
+    """A ``.json`` file holding one array: of objects, columns of one type each, not empty."""
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            items = json.load(f)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+    kinds = _ColumnKinds(path)
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise UsageError(f"{path}: item {index} of the array is {type(item).__name__}, expected an object")
+        kinds.add(item, f"item {index}")
+    if not items:
+        raise UsageError(f"{path}: has no rows (an empty array)")
+
+
+def _check_json(path: str, ext: str) -> None:
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if ext == ".json" and head.startswith(b"["):
+        _check_json_array(path)
+    else:
+        _check_json_lines(path)
+
+
+def _bad_csv_line(path: str) -> Optional[str]:
+    """Why pandas could not read a CSV file, as ``"path:line: reason"`` for the first record it cannot read (more
+    fields than the header, or a quote never closed), or ``"path: has no rows"``; ``None`` when the csv module
+    finds nothing wrong."""
+    import csv
+
+    with open(path, encoding="utf-8", errors="strict", newline="") as f:
+        reader = csv.reader(f, strict=True)
+        start = 1
+        try:
+            header = next(reader, None)
+            records = 0
+            for record in reader:
+                if len(record) > len(header):
+                    return (f"{path}:{start + 1}: {len(record)} fields where the header (line 1) has "
+                            f"{len(header)}")
+                start = reader.line_num
+                records += 1
+        except csv.Error as err:
+            return f"{path}:{start + 1}: {err} (the record starting on this line)"
+    return f"{path}: has no rows (only a header line)" if records == 0 else None
+
+
+def input_path(data: str) -> str:
+    """The file or directory ``DATA`` stands for (``sample:preferences`` is the shipped file)."""
+    return sample_preferences_path() if data == SAMPLE_PREFERENCES else data
 
 
 def read_rows(path: str, split: Optional[str] = None):
@@ -47,8 +137,7 @@ def read_rows(path: str, split: Optional[str] = None):
     datasets = require("datasets")
     require("tqdm")  # the progress bar's: checked here, before any work is done
     datasets.disable_progress_bars()  # stderr carries the command's own progress bar
-    if path == SAMPLE_PREFERENCES:
-        path = sample_preferences_path()
+    path = input_path(path)
     if os.path.isdir(path):
         try:
             data = datasets.load_from_disk(path)
@@ -60,7 +149,7 @@ def read_rows(path: str, split: Optional[str] = None):
             if split not in data:
                 raise UsageError(f"{path}: holds splits {', '.join(data)}; choose one with --split")
             data = data[split]
-        return data
+        return _not_empty(data, path)
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no such file or directory")
     if not os.access(path, os.R_OK):
@@ -69,18 +158,42 @@ def read_rows(path: str, split: Optional[str] = None):
     if ext not in _BUILDERS:
         raise UsageError(f"{path}: unknown file type {ext or '(none)'}; expected .jsonl, .json, .csv, .parquet "
                          "or a save_to_disk directory")
-    if ext == ".jsonl":
-        # datasets' own error does not say where: find the line first
+    if os.path.getsize(path) == 0:
+        raise UsageError(f"{path}: is empty (no rows)")
+    if _BUILDERS[ext] == "json":
+        # datasets' own errors do not say where, and it changes values to fit mixed columns: check first
         try:
-            bad = _first_bad_json_line(path)
+            _check_json(path, ext)
         except (OSError, UnicodeDecodeError) as err:
             raise UsageError(f"{path}: cannot read ({err})") from None
-        if bad:
-            raise UsageError(bad)
     try:
-        return datasets.load_dataset(_BUILDERS[ext], data_files=path, split=split or "train")
+        data = _quietly(datasets, lambda: datasets.load_dataset(_BUILDERS[ext], data_files=path,
+                                                                split=split or "train"))
     except Exception as err:  # arrow/pandas/json errors differ by format; all mean the same to the user
-        raise UsageError(f"{path}: cannot read as {_BUILDERS[ext]} ({type(err).__name__}: {err})") from None
+        try:
+            where = _bad_csv_line(path) if ext == ".csv" else None
+        except (OSError, UnicodeDecodeError):
+            where = None
+        cause = err.__cause__ or err
+        raise UsageError(where or f"{path}: cannot read as {_BUILDERS[ext]} ({type(cause).__name__}: {cause})"
+                         ) from None
+    return _not_empty(data, path)
+
+
+def _quietly(datasets, load):
+    """Run ``load`` with datasets' own error log off: the command reports the failure itself, naming the line."""
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL + 1)
+    try:
+        return load()
+    finally:
+        datasets.logging.set_verbosity(level)
+
+
+def _not_empty(data, path: str):
+    if len(data) == 0:
+        raise UsageError(f"{path}: has no rows")
+    return data
 
 
 def require_columns(data, path: str, columns: Iterable[Optional[str]]) -> None:
@@ -88,27 +201,6 @@ def require_columns(data, path: str, columns: Iterable[Optional[str]]) -> None:
     for name in columns:
         if name is not None and name not in data.column_names:
             raise UsageError(f"{path}: no column {name!r}; the columns are: {', '.join(data.column_names)}")
-
-
-def check_output(path: Optional[str], *, resume: bool = False) -> None:
-    """Refuse an output that exists (unless resuming) or cannot be written, before any scoring starts."""
-    if path is None:
-        if resume:
-            raise UsageError("--resume needs --output (the file to complete)")
-        return
-    if os.path.isdir(path):
-        raise UsageError(f"{path}: is a directory, not a file to write")
-    if os.path.exists(path):
-        if not resume:
-            raise UsageError(f"{path}: already exists; pass --resume to complete it, or choose another --output")
-        if not os.access(path, os.R_OK | os.W_OK):
-            raise UsageError(f"{path}: cannot be read and written (permission denied)")
-        return
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise UsageError(f"{path}: cannot be written: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"{path}: cannot be written: directory {parent} is not writable")
 
 
 def check_output_dir(path: str) -> None:
@@ -121,64 +213,24 @@ def check_output_dir(path: str) -> None:
         raise UsageError(f"{path}: the output directory is not writable")
 
 
-def read_written(path: str) -> list[dict]:
-    """The complete rows of a JSONL output being resumed. A last line cut short (no newline, or not valid JSON,
-    as a killed process leaves it) is removed from the file; a bad line before the last is an error."""
-    rows: list[dict] = []
-    keep = 0  # byte length of the file's complete lines
-    with open(path, "rb") as f:
-        lines = f.readlines()
-    for number, raw in enumerate(lines, start=1):
-        last = number == len(lines)
-        try:
-            row = json.loads(raw) if raw.endswith(b"\n") else None
-        except json.JSONDecodeError:
-            row = None
-        if not isinstance(row, dict):
-            if last:
-                break
-            raise UsageError(f"{path}:{number}: not a row this command wrote; cannot resume this file")
-        rows.append(row)
-        keep += len(raw)
-    if keep < sum(len(raw) for raw in lines):
-        with open(path, "r+b") as f:
-            f.truncate(keep)
-    return rows
-
-
-@contextmanager
-def open_output(path: Optional[str], *, append: bool = False) -> Iterator[TextIO]:
-    """The output file, created (or with ``append``, appended to); stdout when ``path`` is ``None``."""
-    if path is None:
-        yield sys.stdout
-        return
-    with open(path, "a" if append else "x", encoding="utf-8") as f:
-        yield f
-
-
-def write_rows(out: TextIO, rows: Sequence[dict]) -> None:
-    """Append ``rows`` as JSON lines and flush, so a crash loses none of them."""
-    out.write("".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
-    out.flush()
-
-
-def add_data_arguments(parser, *, prompt_column: bool = True) -> None:
-    """The dataset input options the commands share."""
+def add_data_arguments(parser, *, prompt_column: bool = True, resumable: bool = True) -> None:
+    """The dataset input options the commands share; ``resumable`` for the commands that write as they go and
+    have ``--resume``."""
     parser.add_argument("data", metavar="DATA",
                         help=f"JSONL, JSON, CSV or Parquet file, a save_to_disk directory, or {SAMPLE_PREFERENCES}")
     parser.add_argument("--split", help="the split to read from a saved DatasetDict")
     if prompt_column:
         parser.add_argument("--prompt-column", default="prompt",
                             help="column of prompts: text, or a list of messages (default: prompt)")
-    parser.add_argument("--id-column", help="column of unique row ids, carried to the output (and used by --resume)")
-    parser.add_argument("--chunk-size", type=int, default=64,
-                        help="rows scored and written together; a crash loses at most one chunk (default: 64)")
+    parser.add_argument("--id-column", help="column of unique row ids, carried to the output"
+                        + (" (and used by --resume)" if resumable else ""))
+    parser.add_argument("--chunk-size", type=positive_int, default=64,
+                        help="rows scored together (default: 64)" if not resumable else
+                        "rows scored and written together; a crash loses at most one chunk (default: 64)")
 
 
 def chunks(data, size: int) -> Iterable[tuple[int, list[dict]]]:
     """``(first row number, rows as dicts)`` for consecutive slices of ``data`` of ``size`` rows."""
-    if size < 1:
-        raise UsageError(f"--chunk-size must be positive, got {size}")
     for start in range(0, len(data), size):
         columns = data[start:start + size]
         names = list(columns)

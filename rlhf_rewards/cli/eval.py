@@ -13,7 +13,8 @@ from collections import defaultdict
 
 from .common import (Progress, UsageError, add_model_arguments, check_preset, load_model, model_specs,
                      reports_usage_errors, require)
-from .data_io import add_data_arguments, check_output_dir, chunks, read_rows, require_columns, write_rows
+from .data_io import add_data_arguments, check_output_dir, chunks, read_rows, require_columns
+from .outputs import write_rows
 
 HELP = "preference accuracy on a RewardBench-layout file (prompt, chosen, rejected, subset), per subset and section"
 
@@ -23,7 +24,7 @@ MARGIN_UNITS = {"scalar": "reward(chosen) - reward(rejected)",
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_data_arguments(parser)
+    add_data_arguments(parser, resumable=False)
     parser.add_argument("--chosen-column", default="chosen", help="column of preferred completions (default: chosen)")
     parser.add_argument("--rejected-column", default="rejected",
                         help="column of dispreferred completions (default: rejected)")
@@ -161,18 +162,52 @@ def plots(results: list[dict], margins: list[list[tuple]], out_dir: str) -> None
     fig.savefig(os.path.join(out_dir, "margins.png"), dpi=100)
     plt.close(fig)
 
-    subsets = list(results[0]["subsets"])
-    fig, ax = plt.subplots(figsize=(7, 0.35 * len(subsets) * len(results) + 1.5))
+    _subsets_plot(plt, names, results, out_dir)
+
+
+def _sectioned(subsets: list[str]) -> list[tuple[str, list[str]]]:
+    """The subsets under their RewardBench section headings, in RewardBench's order; others last."""
+    from ..rewardbench import SECTIONS
+
+    groups = [(section, [s for s in members if s in subsets]) for section, members in SECTIONS.items()]
+    known = {s for _, members in groups for s in members}
+    groups.append(("Other subsets", [s for s in subsets if s not in known]))
+    return [(section, members) for section, members in groups if members]
+
+
+def _subsets_plot(plt, names: list[str], results: list[dict], out_dir: str) -> None:
+    """``subsets.png``: one bar per model and subset, grouped by section, each labelled with its accuracy (so a 0%
+    bar is seen), the 50% chance line named in the legend, the legend above the bars."""
+    groups = _sectioned(list(results[0]["subsets"]))
+    labels: list[tuple[str, bool]] = []  # (text, is a section heading)
+    for section, members in groups:
+        labels.append((section, True))
+        labels += [(s, False) for s in members]
     height = 0.8 / len(results)
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(labels) * max(1, len(results) * 0.7) + 2.2))
     for k, (name, r) in enumerate(zip(names, results)):
-        acc = [100 * (r["subsets"][s]["accuracy"] or 0.0) for s in subsets]
-        ax.barh([i + k * height for i in range(len(subsets))], acc, height=height, label=name)
-    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(subsets))], subsets, fontsize=8)
+        rows = [(i, r["subsets"][text]) for i, (text, heading) in enumerate(labels) if not heading]
+        ys = [i + (k - (len(results) - 1) / 2) * height for i, _ in rows]
+        acc = [100 * (c["accuracy"] or 0.0) for _, c in rows]
+        bars = ax.barh(ys, acc, height=height * 0.95, label=name)
+        for y, (_, c), bar in zip(ys, rows, bars):
+            text = "no rows scored" if c["accuracy"] is None else f"{100 * c['accuracy']:.0f}% of {c['n']}"
+            ax.text(bar.get_width() + 1, y, text, va="center", fontsize=7)
+    ax.set_yticks(range(len(labels)), [t for t, _ in labels])
+    for tick, (_, heading) in zip(ax.get_yticklabels(), labels):
+        tick.set_fontweight("bold" if heading else "normal")
+        tick.set_fontsize(9 if heading else 8)
+    for i, (_, heading) in enumerate(labels):
+        if heading and i:
+            ax.axhline(i - 0.5, color="lightgrey", linewidth=0.8)
     ax.invert_yaxis()
-    ax.axvline(50.0, color="grey", linestyle="--", linewidth=1)
-    ax.set_xlim(0, 100)
-    ax.set_xlabel("accuracy % (chosen strictly above rejected)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.axvline(50.0, color="grey", linestyle="--", linewidth=1, label="50%: chance (a coin flip)")
+    ax.set_xlim(0, 118)
+    ax.set_xticks(range(0, 101, 20))
+    ax.set_xlabel("accuracy % (chosen strictly above rejected; ties count as wrong)")
+    ax.set_title("Preference accuracy per subset, by RewardBench section", fontsize=11, pad=28)
+    ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=min(4, len(results) + 1),
+              frameon=False)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "subsets.png"), dpi=100)
     plt.close(fig)

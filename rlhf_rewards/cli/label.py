@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections import Counter
-from contextlib import nullcontext
 
-from .common import Progress, add_model_arguments, check_preset, load_model, reports_usage_errors
-from .data_io import (add_data_arguments, check_output, chunks, open_output, read_rows, require_columns, unique_ids,
-                      write_rows)
+from .common import Progress, UsageError, add_model_arguments, check_preset, load_model, reports_usage_errors, warn
+from .data_io import add_data_arguments, chunks, input_path, read_rows, require_columns, unique_ids
+from .outputs import check_outputs, check_record, describe_run, open_outputs, read_record, write_record, write_rows
 
 HELP = "turn n candidate completions per prompt into DPO pairs (chosen = best, rejected = worst)"
 
@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skipped-output",
                         help="JSONL file listing the rows that gave no pair, with the reason (always counted in "
                              "the summary)")
+    parser.add_argument("--resume", action="store_true",
+                        help="complete an existing --output (and --skipped-output) from the last chunk it finished; "
+                             "refused unless the same model, options and input wrote it")
     add_model_arguments(parser)
 
 
@@ -46,6 +49,9 @@ def distinct(candidates, where: str) -> list:
             text = normalize_completion(c, f"{where}[{j}]")
         except ValueError as err:
             raise Skip("invalid candidates", str(err)) from None
+        if not text.strip():
+            # usually a failed generation: whether "" should be the rejected answer is the user's call, not ours
+            raise Skip("empty candidate", f"candidate {j} is {'empty' if not text else 'only whitespace'}")
         if text not in seen:
             seen.add(text)
             out.append(c)
@@ -135,41 +141,120 @@ def label_chunk(scorer, make_pairs, first: int, rows: list[dict], args: argparse
     return pairs, skips
 
 
+def _resume_point(args: argparse.Namespace, record: dict) -> tuple[dict, int]:
+    """The progress an interrupted run recorded after its last complete chunk, with the outputs cut back to what it
+    had written then (rows of a chunk in flight are labelled again; a warning says what was dropped)."""
+    old = read_record(args.output)
+    check_record(args.output, old, record)
+    progress = old["progress"]
+    dropped_in_all = 0
+    for flag, path in (("--output", args.output), ("--skipped-output", args.skipped_output)):
+        if path is None:
+            continue
+        size, lines = progress["files"][flag]
+        have = os.path.getsize(path)
+        if have < size:
+            raise UsageError(f"{path}: is shorter than the {size} bytes its last completed chunk left (changed since "
+                             "it was written?); cannot resume it: write a new --output")
+        if have > size:
+            with open(path, "rb") as f:
+                f.seek(size)
+                tail = f.read()
+            dropped = tail.count(b"\n") + (not tail.endswith(b"\n"))
+            warn("label", f"{path}:{lines + 1}: dropped {dropped} line(s) ({have - size} bytes"
+                          + (", the last one torn" if not tail.endswith(b"\n") else "") + ") an interrupted run "
+                          f"wrote after its last completed chunk; input rows from {progress['rows']} on are labelled "
+                          "again")
+            os.truncate(path, size)
+            dropped_in_all += dropped
+    return progress, dropped_in_all
+
+
+def _checkpoint(args: argparse.Namespace, record: dict, progress: dict, files: list) -> None:
+    """Record, after a chunk's rows are all written, how far the outputs go: a resume starts from here."""
+    for flag, path, f in zip(("--output", "--skipped-output"), (args.output, args.skipped_output), files):
+        if path is not None:
+            lines = progress["files"][flag][1]
+            progress["files"][flag] = [os.fstat(f.fileno()).st_size, lines]
+    write_record(args.output, {**record, "progress": progress})
+
+
 @reports_usage_errors("label")
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    check_preset(args.model, args.preset)
-    check_output(args.output)
-    check_output(args.skipped_output)
+    preset = check_preset(args.model, args.preset)
+    check_outputs({"--output": args.output, "--skipped-output": args.skipped_output}, input_path(args.data),
+                  resume=args.resume)
     data = read_rows(args.data, args.split)
     require_columns(data, args.data, (args.prompt_column, args.candidates_column, args.id_column))
     unique_ids(data, args.data, args.id_column)
+    record = describe_run("label", args, preset, input_path(args.data), **{
+        "--prompt-column": args.prompt_column, "--candidates-column": args.candidates_column,
+        "--id-column": args.id_column,
+        "--skipped-output": None if args.skipped_output is None else os.path.abspath(args.skipped_output)})
+    resuming = args.resume and os.path.exists(args.output)
+    if args.resume and not resuming and args.skipped_output and os.path.exists(args.skipped_output):
+        raise UsageError(f"{args.skipped_output}: exists but --output {args.output} does not, so nothing says how "
+                         "far it goes; remove it or choose another --skipped-output")
+    outputs = [args.output] + ([args.skipped_output] if args.skipped_output else [])
+    with open_outputs(outputs, append=args.resume) as files:
+        dropped = 0
+        if resuming:
+            progress, dropped = _resume_point(args, record)
+        else:
+            progress = {"rows": 0, "pairs": 0, "reasons": {},
+                        "files": {flag: [0, 0] for flag in ("--output", "--skipped-output")}}
+            if args.output is not None:
+                _checkpoint(args, record, progress, files)
+        resumed = progress["rows"]
+        skipped: list[dict] = []
+        model = None
+        if resumed < len(data):
+            from .scoring import RowScorer
 
-    from .scoring import RowScorer
+            model = load_model(args, args.model, args.preset, args.tokenizer)
+            scorer = RowScorer(model)
+            make_pairs = pairwise_pairs if model.kind == "pairwise" else scalar_pairs
+            with Progress(len(data), "label", model, initial=resumed) as progress_bar:
+                for first, rows in chunks(data, args.chunk_size):
+                    end = first + len(rows)
+                    if end <= resumed:
+                        continue
+                    rows = rows[max(first, resumed) - first:]
+                    pairs, skips = label_chunk(scorer, make_pairs, max(first, resumed), rows, args)
+                    write_rows(files[0], pairs)
+                    if args.skipped_output:
+                        write_rows(files[1], skips)
+                    skipped += skips
+                    progress["rows"] = end
+                    progress["pairs"] += len(pairs)
+                    for s in skips:
+                        progress["reasons"][s["reason"]] = progress["reasons"].get(s["reason"], 0) + 1
+                    progress["files"]["--output"][1] += len(pairs)
+                    progress["files"]["--skipped-output"][1] += len(skips)
+                    if args.output is not None:
+                        _checkpoint(args, record, progress, files)
+                    progress_bar.update(len(rows))
+    _report(args, data, progress, skipped, resumed, dropped, model, time.perf_counter() - start)
+    return 0
 
-    model = load_model(args, args.model, args.preset, args.tokenizer)
-    scorer = RowScorer(model)
-    make_pairs = pairwise_pairs if model.kind == "pairwise" else scalar_pairs
-    skipped: list[dict] = []
-    written = 0
-    with open_output(args.output) as out, open_output(args.skipped_output) if args.skipped_output else \
-            nullcontext() as skipped_out, Progress(len(data), "label", model) as progress:
-        for first, rows in chunks(data, args.chunk_size):
-            pairs, skips = label_chunk(scorer, make_pairs, first, rows, args)
-            write_rows(out, pairs)
-            if skipped_out is not None:
-                write_rows(skipped_out, skips)
-            written += len(pairs)
-            skipped += skips
-            progress.update(len(rows))
-    reasons = Counter(s["reason"] for s in skipped)
-    print(f"rows: {len(data)}  DPO pairs written: {written}  rows without a pair: {len(skipped)}", file=sys.stderr)
-    for reason, count in reasons.most_common():
+
+def _report(args: argparse.Namespace, data, progress: dict, skipped: list[dict], resumed: int, dropped: int,
+            model, seconds: float) -> None:
+    """The summary on stderr: pairs and rows without a pair (by reason) over the whole file, the first few of this
+    run's rows without a pair, truncations and time."""
+    without = sum(progress["reasons"].values())
+    print(f"rows: {len(data)}" + (f" ({resumed} labelled by an earlier run)" if resumed else "")
+          + f"  DPO pairs written: {progress['pairs']}  rows without a pair: {without}", file=sys.stderr)
+    if dropped:
+        print(f"  lines an interrupted run wrote after its last completed chunk, dropped (rows labelled again): "
+              f"{dropped}", file=sys.stderr)
+    for reason, count in Counter(progress["reasons"]).most_common():
         print(f"  {count} x {reason}", file=sys.stderr)
     for s in skipped[:10]:
         print(f"  row {s['row']}: {s['detail']}", file=sys.stderr)
     if len(skipped) > 10:
         print(f"  ... {len(skipped) - 10} more" + (f" in {args.skipped_output}" if args.skipped_output else
                                                    " (list them all with --skipped-output)"), file=sys.stderr)
-    print(f"truncated inputs: {model.stats.truncated}  time: {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    return 0
+    truncated = model.stats.truncated if model is not None else 0
+    print(f"truncated inputs (this run): {truncated}  time: {seconds:.1f} s", file=sys.stderr)

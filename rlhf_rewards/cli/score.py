@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
-import statistics
 import sys
 import time
 
-from .common import Progress, UsageError, add_model_arguments, check_preset, load_model, reports_usage_errors
-from .data_io import (add_data_arguments, check_output, chunks, id_key, open_output, read_rows, read_written,
-                      require_columns, unique_ids, write_rows)
+from .common import (Progress, UsageError, add_model_arguments, check_preset, field_name, load_model,
+                     reports_usage_errors)
+from .data_io import add_data_arguments, chunks, id_key, input_path, read_rows, require_columns, unique_ids
+from .outputs import (WrittenRows, check_outputs, check_record, describe_run, open_outputs, read_record,
+                      write_record, write_rows)
 
 HELP = "add a reward to every row of a dataset (JSONL out, resumable)"
 
@@ -24,47 +26,98 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "better than baseline)); a scalar model's is r(completion) - r(baseline)")
     parser.add_argument("--transform", default="logodds", choices=("logodds", "centered", "probability"),
                         help="pairwise models: how P becomes a reward (default: logodds)")
-    parser.add_argument("--reward-column", default="reward", help="name of the added field (default: reward)")
+    parser.add_argument("--reward-column", default="reward", type=field_name,
+                        help="name of the added field (default: reward)")
     parser.add_argument("--output", help="JSONL file to write (default: stdout)")
     parser.add_argument("--resume", action="store_true",
-                        help="complete an existing --output: skip its rows (by --id-column, else by row number)")
+                        help="complete an existing --output: skip its rows (by --id-column, else by row number); "
+                             "refused unless the same model, options and input wrote it")
     add_model_arguments(parser)
 
 
-def _already_done(args: argparse.Namespace, data) -> tuple[list[dict], set[str] | int]:
-    """The rows an output being resumed holds, and which input rows they are: a set of id keys, or (without
-    ``--id-column``) the number of leading input rows."""
-    written = read_written(args.output) if args.resume and args.output and os.path.exists(args.output) else []
-    if args.id_column is None:
-        if len(written) > len(data):
-            raise UsageError(f"{args.output}: holds {len(written)} rows, more than the {len(data)} of {args.data}; "
-                             "not an output of this input")
-        columns = [c for c in (args.prompt_column, args.completion_column) if c]
-        for number, (row, source) in enumerate(zip(written, data.select(range(len(written)))), start=1):
-            if any(id_key(row.get(c)) != id_key(source[c]) for c in columns):
+class RunningStats:
+    """Count, mean, sample sd, min and max of the rewards, updated row by row (a resumed file is never held)."""
+
+    def __init__(self) -> None:
+        self.rows = self.scored = 0
+        self.mean = self._m2 = 0.0
+        self.min = self.max = math.nan
+
+    def add(self, value) -> None:
+        self.rows += 1
+        if value is None:
+            return
+        self.scored += 1
+        delta = value - self.mean
+        self.mean += delta / self.scored
+        self._m2 += delta * (value - self.mean)
+        self.min = value if self.scored == 1 else min(self.min, value)
+        self.max = value if self.scored == 1 else max(self.max, value)
+
+    @property
+    def sd(self) -> float:
+        return math.sqrt(self._m2 / (self.scored - 1)) if self.scored > 1 else 0.0
+
+
+_COMPARE_ROWS = 1024
+"""Rows of a resumed output compared with the input at a time (without --id-column)."""
+
+
+def _done_by_number(args: argparse.Namespace, data, written: WrittenRows, stats: RunningStats) -> int:
+    """How many leading input rows the output holds, each checked against its input row."""
+    columns = [c for c in (args.prompt_column, args.completion_column) if c]
+    count = 0
+    pending: list[tuple[int, dict]] = []
+
+    def compare() -> None:
+        source = data[count:count + len(pending)]
+        for k, (number, row) in enumerate(pending):
+            if any(id_key(row.get(c)) != id_key(source[c][k]) for c in columns):
                 raise UsageError(f"{args.output}:{number}: differs from row {number - 1} of {args.data}; not an "
                                  "output of this input (or the input changed): resume by --id-column instead")
-        return written, len(written)
+
+    for number, row in written:
+        if number > len(data):
+            raise UsageError(f"{args.output}: holds more rows than the {len(data)} of {args.data}; not an output "
+                             "of this input")
+        pending.append((number, row))
+        stats.add(row.get(args.reward_column))
+        if len(pending) == _COMPARE_ROWS:
+            compare()
+            count += len(pending)
+            pending = []
+    compare()
+    return count + len(pending)
+
+
+def _done_by_id(args: argparse.Namespace, data, written: WrittenRows, stats: RunningStats) -> set[str]:
+    """The ids the output holds; each must be an input id, once."""
     input_ids = {id_key(v) for v in data[args.id_column]}
-    done = set()
-    for number, row in enumerate(written, start=1):
-        if args.id_column not in row or id_key(row[args.id_column]) not in input_ids:
+    done: dict[str, int] = {}
+    for number, row in written:
+        key = id_key(row.get(args.id_column))
+        if args.id_column not in row or key not in input_ids:
             raise UsageError(f"{args.output}:{number}: its {args.id_column!r} is not an id of {args.data}; "
                              "not an output of this input")
-        done.add(id_key(row[args.id_column]))
-    return written, done
+        if key in done:
+            raise UsageError(f"{args.output}:{number}: repeats the {args.id_column!r} {row[args.id_column]!r} of "
+                             f"line {done[key]} (two runs wrote this file at once?); cannot resume it: keep one "
+                             "row per id, or score into a new --output")
+        done[key] = number
+        stats.add(row.get(args.reward_column))
+    return set(done)
 
 
-def summary(rewards: list, reward_column: str, truncated: int, seconds: float, resumed: int) -> str:
+def summary(stats: RunningStats, reward_column: str, truncated: int, seconds: float, resumed: int, torn: int) -> str:
     """The end-of-run summary: rows, reward statistics, truncations, unscored rows, time."""
-    scored = [r for r in rewards if r is not None]
-    lines = [f"rows: {len(rewards)}" + (f" ({resumed} already in the output, {len(rewards) - resumed} scored now)"
-                                        if resumed else "")]
-    if scored:
-        sd = statistics.stdev(scored) if len(scored) > 1 else 0.0
-        lines.append(f"{reward_column}: mean {statistics.fmean(scored):.4f}  sd {sd:.4f}  min {min(scored):.4f}  "
-                     f"max {max(scored):.4f}")
-    lines.append(f"unscored rows ({reward_column} null, see reward_error): {len(rewards) - len(scored)}")
+    lines = [f"rows: {stats.rows}" + (f" ({resumed} already in the output, {stats.rows - resumed} scored now)"
+                                      if resumed else "")]
+    if torn:
+        lines.append(f"torn last line dropped from the output and its row scored again: {torn}")
+    if stats.scored:
+        lines.append(f"{reward_column}: mean {stats.mean:.4f}  sd {stats.sd:.4f}  min {stats.min:.4f}  "
+                     f"max {stats.max:.4f}")
+    lines.append(f"unscored rows ({reward_column} null, see {reward_column}_error): {stats.rows - stats.scored}")
     lines.append(f"truncated inputs (this run): {truncated}")
     lines.append(f"time: {seconds:.1f} s")
     return "\n".join(lines)
@@ -77,46 +130,59 @@ def run(args: argparse.Namespace) -> int:
     if preset.kind == "pairwise" and args.baseline_column is None:
         raise UsageError(f"{args.model} is a pairwise model ({preset.name}): it scores a completion against a "
                          "baseline; pass --baseline-column")
-    check_output(args.output, resume=args.resume)
+    check_outputs({"--output": args.output}, input_path(args.data), resume=args.resume)
     data = read_rows(args.data, args.split)
     require_columns(data, args.data, (args.prompt_column, args.completion_column, args.baseline_column,
                                       args.id_column))
-    if args.reward_column in data.column_names:
-        raise UsageError(f"{args.data}: already has a column {args.reward_column!r}; name the added field with "
-                         "--reward-column")
-    unique_ids(data, args.data, args.id_column)
-    written, done = _already_done(args, data)
-    rewards = [row.get(args.reward_column) for row in written]
-
-    if len(written) == len(data):
-        print(summary(rewards, args.reward_column, 0, time.perf_counter() - start, len(written)), file=sys.stderr)
-        return 0  # nothing left to score: no need to load the model
-
-    from .scoring import RowScorer
-
-    model = load_model(args, args.model, args.preset, args.tokenizer)
-    scorer = RowScorer(model)
     error_field = f"{args.reward_column}_error"
-    with open_output(args.output, append=args.resume) as out, \
-            Progress(len(data), "score", model, initial=len(written)) as progress:
-        for first, rows in chunks(data, args.chunk_size):
-            if isinstance(done, int):
-                rows = rows[max(0, done - first):]
-            else:
-                rows = [r for r in rows if id_key(r[args.id_column]) not in done]
-            if not rows:
-                continue
-            results = scorer.against([r[args.prompt_column] for r in rows],
-                                     [r[args.completion_column] for r in rows],
-                                     None if args.baseline_column is None
-                                     else [r[args.baseline_column] for r in rows], args.transform)
-            for row, (value, error) in zip(rows, results):
-                row[args.reward_column] = value
-                if error is not None:
-                    row[error_field] = error
-                rewards.append(value)
-            write_rows(out, rows)
-            progress.update(len(rows))
-    print(summary(rewards, args.reward_column, model.stats.truncated, time.perf_counter() - start, len(written)),
+    for field in (args.reward_column, error_field):
+        if field in data.column_names:
+            raise UsageError(f"{args.data}: already has a column {field!r}; name the added field with "
+                             "--reward-column")
+    unique_ids(data, args.data, args.id_column)
+    record = describe_run("score", args, preset, input_path(args.data), **{
+        "--prompt-column": args.prompt_column, "--completion-column": args.completion_column,
+        "--baseline-column": args.baseline_column, "--transform": args.transform,
+        "--reward-column": args.reward_column})
+    resuming = args.resume and os.path.exists(args.output)
+    stats = RunningStats()
+    with open_outputs([args.output], append=args.resume) as (out,):
+        done: set[str] | int = 0 if args.id_column is None else set()
+        written = WrittenRows(args.output, "score") if resuming else None
+        if written is not None:
+            check_record(args.output, read_record(args.output), record)
+            done = (_done_by_number if args.id_column is None else _done_by_id)(args, data, written, stats)
+        elif args.output is not None:
+            write_record(args.output, record)
+        resumed = stats.rows
+        torn = written.torn if written is not None else 0
+        if resumed == len(data):
+            print(summary(stats, args.reward_column, 0, time.perf_counter() - start, resumed, torn), file=sys.stderr)
+            return 0  # nothing left to score: no need to load the model
+
+        from .scoring import RowScorer
+
+        model = load_model(args, args.model, args.preset, args.tokenizer)
+        scorer = RowScorer(model)
+        with Progress(len(data), "score", model, initial=resumed) as progress:
+            for first, rows in chunks(data, args.chunk_size):
+                if isinstance(done, int):
+                    rows = rows[max(0, done - first):]
+                else:
+                    rows = [r for r in rows if id_key(r[args.id_column]) not in done]
+                if not rows:
+                    continue
+                results = scorer.against([r[args.prompt_column] for r in rows],
+                                         [r[args.completion_column] for r in rows],
+                                         None if args.baseline_column is None
+                                         else [r[args.baseline_column] for r in rows], args.transform)
+                for row, (value, error) in zip(rows, results):
+                    row[args.reward_column] = value
+                    if error is not None:
+                        row[error_field] = error
+                    stats.add(value)
+                write_rows(out, rows)
+                progress.update(len(rows))
+    print(summary(stats, args.reward_column, model.stats.truncated, time.perf_counter() - start, resumed, torn),
           file=sys.stderr)
     return 0
