@@ -21,25 +21,6 @@ CompletionInput = Union[str, Sequence[Mapping[str, str]]]
 ROLES = ("system", "user", "assistant")
 
 
-class SampleError(ValueError):
-    """Why one sample (one completion, or one comparison) could not be scored.
-
-    The per-sample entry points (``score_samples``, ``compare_samples``) return it in that sample's place instead
-    of raising, so one bad sample never costs the others their rewards; ``str(error)`` names the input and index,
-    e.g. ``"prompts[3]: ..."``. ``index`` is the sample's position in the call; ``about`` what the error concerns:
-    ``"prompt"``, ``"completion"`` or ``"pair"`` (two completions together, e.g. too long for the model).
-    """
-
-    def __init__(self, index: int, message: str, about: str = "prompt"):
-        super().__init__(message)
-        self.index = index
-        self.about = about
-
-    def at(self, index: int, where: str) -> SampleError:
-        """The same error for sample ``index``, its message prefixed with the location ``where``."""
-        return type(self)(index, f"{where}: {self}", self.about)
-
-
 def _not_bytes(value: object, where: str, what: str) -> None:
     if isinstance(value, (bytes, bytearray, memoryview)):
         raise ValueError(f"{where}: expected {what}, got {type(value).__name__} (decode it first, e.g. "

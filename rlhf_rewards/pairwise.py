@@ -11,46 +11,15 @@ values and keep their index order.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Union
 
-from .backends.base import raise_first
-from .conversation import (CompletionInput, Message, PromptInput, SampleError, check_same_length, normalize_completion,
-                           normalize_prompt)
-
-Transform = Literal["probability", "centered", "logodds"]
-
-LOGODDS_BOUND = 10.0
-"""``"logodds"`` rewards are clipped to ``[-LOGODDS_BOUND, LOGODDS_BOUND]`` (P within about 4.5e-5 of 0 or 1), so a
-saturated preference cannot dominate a batch of advantages."""
+from .conversation import CompletionInput, Message, PromptInput, check_same_length, normalize_completion, normalize_prompt
+from .errors import SampleError, raise_first
+from .transforms import Transform, apply_transform, logit, sigmoid
 
 GroupMode = Literal["round-robin", "anchor"]
-
-
-def apply_transform(probabilities: Sequence[float], transform: Transform = "logodds", *,
-                    bound: float = LOGODDS_BOUND) -> list[float]:
-    """Turn preferences ``P`` into rewards.
-
-    ``"probability"``: ``P`` in [0, 1]; ``"centered"``: ``2P - 1`` in [-1, 1]; ``"logodds"`` (default):
-    ``log(P / (1 - P))`` clipped to ``[-bound, bound]``, the Bradley-Terry reward difference implied by ``P``.
-    """
-    if transform == "probability":
-        return [float(p) for p in probabilities]
-    if transform == "centered":
-        return [2.0 * p - 1.0 for p in probabilities]
-    if transform == "logodds":
-        out = []
-        for p in probabilities:
-            if p <= 0.0:
-                out.append(-bound)
-            elif p >= 1.0:
-                out.append(bound)
-            else:
-                out.append(max(-bound, min(bound, math.log(p) - math.log1p(-p))))
-        return out
-    raise ValueError(f"unknown transform {transform!r}; expected 'probability', 'centered' or 'logodds'")
 
 
 def _prompt_of(model, prompt: PromptInput, where: str) -> tuple[list[Message], str]:
@@ -78,10 +47,6 @@ def _group_messages(model, prompts: Sequence[PromptInput], group_size: int) -> l
     return groups
 
 
-def _sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-max(-700.0, min(700.0, x))))
-
-
 def _preference_samples(model, items: Sequence[tuple[list[Message], str, str]]
                         ) -> list[Union[float, SampleError]]:
     """``P(a better than b)`` or the :class:`SampleError` (no location) per validated ``(messages, a, b)``: a
@@ -106,22 +71,8 @@ def _preference_samples(model, items: Sequence[tuple[list[Message], str, str]]
         ra, rb = rewards[index[id(m), a]], rewards[index[id(m), b]]
         bad = next((r for r in (ra, rb) if isinstance(r, SampleError)), None)
         out.append(SampleError(len(out), str(bad), "pair" if bad.about != "prompt" else "prompt") if bad
-                   else _sigmoid(ra - rb))
+                   else sigmoid(ra - rb))
     return out
-
-
-def _logit(p: float) -> float:
-    """``log(p / (1 - p))``; a saturated ``p`` (0 or 1 in float64) gives :data:`_SATURATED` with its sign."""
-    if p <= 0.0:
-        return -_SATURATED
-    if p >= 1.0:
-        return _SATURATED
-    return math.log(p) - math.log1p(-p)
-
-
-_SATURATED = 53 * math.log(2.0)
-"""The largest log-odds a float64 probability below 1 carries (``1 - P >= 2**-53``); saturated preferences count
-as this much in rankings, so ``rank`` never averages infinities."""
 
 
 @dataclass
@@ -191,7 +142,7 @@ def preferences(model, prompts: Sequence[PromptInput], completions_a: Sequence[C
     check_same_length(prompts=prompts, completions_a=completions_a, completions_b=completions_b)
     rewards = model.score(list(prompts) + list(prompts), list(completions_a) + list(completions_b))
     n = len(prompts)
-    return [_sigmoid(ra - rb) for ra, rb in zip(rewards[:n], rewards[n:])]
+    return [sigmoid(ra - rb) for ra, rb in zip(rewards[:n], rewards[n:])]
 
 
 def rewards_within_groups(model, prompts: Sequence[list[Message]], groups: Sequence[Sequence[str]], *,
@@ -354,4 +305,4 @@ def _log_odds_once(model, groups: Sequence[_Group], pairs: Sequence[tuple[int, i
     exact = getattr(model, "compare_log_odds", None)
     if exact is not None:
         return list(exact(*args))
-    return [_logit(p) for p in model.compare(*args)]
+    return [logit(p) for p in model.compare(*args)]

@@ -23,32 +23,16 @@ import torch
 
 from ..batching import default_max_batch_tokens
 from ..chat_parsing import completion_text, prompt_messages
-from ..conversation import CompletionInput, Message, PromptInput, SampleError, check_same_length
+from ..conversation import CompletionInput, Message, PromptInput, check_same_length
+from ..errors import SampleError, raise_first
 from ..presets import Preset
 from ..rendering import get_renderer
 from ..stats import RewardStats
+from ..transforms import apply_transform, check_transform
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-class TooLongError(SampleError):
-    """A sample that cannot fit ``max_length`` by any truncation its model card allows (e.g. two pair-PM responses
-    that alone exceed it); the message gives the token counts."""
-
-    def __init__(self, index: int, message: str, about: str = "pair"):
-        super().__init__(index, message, about)
-
-
-def raise_first(results: Sequence[Union[T, SampleError]]) -> list[T]:
-    """``results`` unchanged when none is a :class:`SampleError`; else raise the first, saying how many more
-    there are."""
-    errors = [r for r in results if isinstance(r, SampleError)]
-    if errors:
-        more = f" (and {len(errors) - 1} more samples that cannot be scored)" if len(errors) > 1 else ""
-        raise type(errors[0])(errors[0].index, f"{errors[0]}{more}", errors[0].about)
-    return list(results)
 
 
 def _special_affixes(tokenizer, add_special_tokens: bool) -> tuple[int, int]:
@@ -378,9 +362,7 @@ class PairwiseRewardModel(RewardModel):
         if baselines is None:
             raise ValueError("a pairwise model scores a completion against a baseline: pass baselines=[...] "
                              "(one reference completion per prompt), or use rlhf_rewards.pairwise.group_rewards")
-        from ..pairwise import apply_transform
-
-        apply_transform([0.5], transform)  # an unknown transform fails before any work
+        check_transform(transform)
         results = self.compare_samples(prompts, completions, baselines, names=("completions", "baselines"))
         probs = [r for r in results if not isinstance(r, SampleError)]
         values = iter(apply_transform(probs, transform))

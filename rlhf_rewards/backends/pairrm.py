@@ -42,7 +42,6 @@ Both store the weights under the same names (``pretrained_model.*``, ``head_laye
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -52,10 +51,12 @@ from torch import nn
 from transformers import DebertaV2Config, DebertaV2Model, DebertaV2PreTrainedModel
 
 from ..batching import pad_right, run_batched
-from ..conversation import CompletionInput, Message, PromptInput, SampleError, check_same_length
+from ..conversation import CompletionInput, Message, PromptInput, check_same_length
+from ..errors import SampleError, raise_first
+from ..transforms import sigmoid
 from ..chat_parsing import completion_text
 from ..rendering import check_alternation, fold_system
-from .base import PairwiseRewardModel, raise_first
+from .base import PairwiseRewardModel
 
 
 SOURCE_PREFIX = "<|source|>"
@@ -181,13 +182,6 @@ def splits_literal_unk_as_trained(tokenizer: Any) -> bool:
     tokenizer, where ``[UNK]`` is a normalized added token (see :func:`load_pairrm_tokenizer`)."""
     ids = tokenizer(f"x {tokenizer.unk_token}", add_special_tokens=False)["input_ids"]
     return tokenizer.convert_ids_to_tokens(ids[-2:]) == ["▁", tokenizer.unk_token]
-
-
-def _sigmoid(x: float) -> float:
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    z = math.exp(x)
-    return z / (1.0 + z)
 
 
 @dataclass
@@ -371,5 +365,5 @@ class PairRMRewardModel(PairwiseRewardModel):
                              ) -> list[Union[tuple[float, float, float], SampleError]]:
         """``(p_ab, p_ba, p)``: ``sigmoid(logit_AB)``, ``sigmoid(-logit_BA)`` and
         ``sigmoid((logit_AB - logit_BA) / 2)``, each the probability that A is better."""
-        return [r if isinstance(r, SampleError) else (_sigmoid(r[0]), _sigmoid(-r[1]), _sigmoid((r[0] - r[1]) / 2))
+        return [r if isinstance(r, SampleError) else (sigmoid(r[0]), sigmoid(-r[1]), sigmoid((r[0] - r[1]) / 2))
                 for r in self._logits(items)]

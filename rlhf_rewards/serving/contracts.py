@@ -6,7 +6,6 @@ Each function raises ``ValueError`` naming the field and index for input the mod
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, NamedTuple, Optional
 
 from ..backends.base import RewardModel
@@ -136,8 +135,3 @@ def score_located(model: RewardModel, samples: list[Scorable]) -> list[float]:
     if model.kind == "pairwise":
         return model.score(messages, responses, baselines=[s.reference for s in samples])
     return model.score(messages, responses)
-
-
-def sigmoid(values: list[float]) -> list[float]:
-    """vLLM's activation for a one-label classifier (``/classify`` with ``activation`` on)."""
-    return [1.0 / (1.0 + math.exp(-v)) if v >= 0 else math.exp(v) / (1.0 + math.exp(v)) for v in values]

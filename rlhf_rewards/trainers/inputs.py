@@ -10,6 +10,7 @@ from typing import Any, NamedTuple, Optional
 
 from ..backends.base import RewardModel
 from ..conversation import Message, check_same_length
+from ..transforms import check_transform
 
 _MODEL_LOCKS: weakref.WeakKeyDictionary[RewardModel, threading.Lock] = weakref.WeakKeyDictionary()
 _MODEL_LOCKS_GUARD = threading.Lock()
@@ -36,8 +37,6 @@ def set_options(target: Any, *, baseline_column: Optional[str], pairing: Optiona
     """Check the reward-function options every reward function takes (in-process, remote, Ray) and set them as
     ``target``'s attributes of the same names. Options that do not go together fail at construction rather than
     mid-training."""
-    from ..pairwise import apply_transform
-
     if pairing not in (None, "group", "halves"):
         raise ValueError(f"pairing must be None, 'group' or 'halves', got {pairing!r}")
     if pairing is not None and baseline_column is not None:
@@ -46,7 +45,7 @@ def set_options(target: Any, *, baseline_column: Optional[str], pairing: Optiona
         raise ValueError(f"group_size={group_size} needs pairing='group' and a positive size")
     if group_mode not in ("round-robin", "anchor"):
         raise ValueError(f"unknown group_mode {group_mode!r}; expected 'round-robin' or 'anchor'")
-    apply_transform([0.5], transform)  # rejects an unknown transform
+    check_transform(transform)
     target.baseline_column = baseline_column
     target.pairing = pairing
     target.group_size = group_size

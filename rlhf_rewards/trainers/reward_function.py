@@ -15,8 +15,9 @@ from typing import Any, Callable, Literal, Optional
 
 from ..backends.base import RewardModel
 from ..chat_parsing import completion_text, prompt_messages
-from ..conversation import SampleError
-from ..pairwise import GroupMode, Transform, apply_transform, rewards_within_groups
+from ..errors import SampleError
+from ..pairwise import GroupMode, rewards_within_groups
+from ..transforms import Transform, apply_transform
 from .inputs import Sample, call_baselines, model_lock, set_options
 
 logger = logging.getLogger(__name__)
