@@ -7,7 +7,7 @@ import math
 import pytest
 
 from rlhf_rewards import apply_transform, best_of_n, group_rewards, rank
-from rlhf_rewards.pairwise import LOGODDS_BOUND
+from rlhf_rewards.transforms import LOGODDS_BOUND
 
 
 class LengthJudge:
