@@ -1,7 +1,8 @@
 """Validation and normalisation of what callers pass in: prompts and completions.
 
-Every public entry point funnels its inputs through :func:`normalize_pairs` so that bad input fails in one
-place, with one style of message that names the argument and the index.
+Every entry point validates each prompt with :func:`normalize_prompt` and each completion with
+:func:`normalize_completion` (through :mod:`rlhf_rewards.chat_parsing`, which parses templated text first), so bad
+input fails in one place, with one style of message that names the argument and the index.
 """
 
 from __future__ import annotations
@@ -100,12 +101,3 @@ def check_same_length(**named: Sequence) -> int:
         raise ValueError("length mismatch: " + ", ".join(f"len({k})={v}" for k, v in lengths.items()))
     return next(iter(lengths.values()), 0)
 
-
-def normalize_pairs(prompts: Sequence[PromptInput], completions: Sequence[CompletionInput],
-                    completions_name: str = "completions") -> list[tuple[list[Message], str]]:
-    """Validate ``prompts``/``completions`` and return ``[(messages, completion_text), ...]`` in input order."""
-    check_same_length(prompts=prompts, **{completions_name: completions})
-    return [
-        (normalize_prompt(p, f"prompts[{i}]"), normalize_completion(c, f"{completions_name}[{i}]"))
-        for i, (p, c) in enumerate(zip(prompts, completions))
-    ]
