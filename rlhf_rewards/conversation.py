@@ -8,7 +8,7 @@ input fails in one place, with one style of message that names the argument and 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Union
+from typing import NamedTuple, Optional, Union
 
 Message = dict[str, str]
 """One chat message: ``{"role": "system" | "user" | "assistant", "content": str}``."""
@@ -20,6 +20,16 @@ CompletionInput = Union[str, Sequence[Mapping[str, str]]]
 """A completion: a string, or TRL's conversational form ``[{"role": "assistant", "content": ...}]``."""
 
 ROLES = ("system", "user", "assistant")
+
+
+class Sample(NamedTuple):
+    """One sample validated and ready for a reward model (what :meth:`RewardModel.prepare
+    <rlhf_rewards.backends.base.RewardModel.prepare>` returns): the prompt's messages, the completion's text, and
+    the text it is compared with (a scalar model's baseline, a pairwise model's other completion) or ``None``."""
+
+    messages: list[Message]
+    completion: str
+    other: Optional[str] = None
 
 
 def _not_bytes(value: object, where: str, what: str) -> None:

@@ -15,57 +15,54 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Union
 
-from .conversation import CompletionInput, Message, PromptInput, check_same_length, normalize_completion, normalize_prompt
+from .conversation import (CompletionInput, Message, PromptInput, Sample, check_same_length, normalize_completion,
+                           normalize_prompt)
 from .errors import SampleError, raise_first
+from .groups import check_group_size, group_bounds
 from .transforms import Transform, apply_transform, logit, sigmoid
 
 GroupMode = Literal["round-robin", "anchor"]
 
 
-def _prompt_of(model, prompt: PromptInput, where: str) -> tuple[list[Message], str]:
-    """The prompt's messages and chat format as ``model`` reads them (its ``parse_templates`` rule); any other
-    object with ``kind`` and ``compare``/``score`` gets the prompt validated as it is."""
-    parse = getattr(model, "_prompt", None)
-    return parse(prompt, where) if parse is not None else (normalize_prompt(prompt, where), "plain")
-
-
-def _group_messages(model, prompts: Sequence[PromptInput], group_size: int) -> list[list[Message]]:
-    """Each group's prompt as messages, every prompt validated (and parsed, when the model parses templated
-    prompts) once; raises unless each group's prompts are the same conversation."""
-    if group_size < 1:
-        raise ValueError(f"group_size must be positive, got {group_size}")
-    if len(prompts) % group_size:
-        raise ValueError(f"{len(prompts)} completions do not split into groups of {group_size}")
-    groups = []
-    for start in range(0, len(prompts), group_size):
-        first = _prompt_of(model, prompts[start], f"prompts[{start}]")[0]
-        for k in range(start + 1, start + group_size):
-            if _prompt_of(model, prompts[k], f"prompts[{k}]")[0] != first:
-                raise ValueError(f"prompts[{k}] differs from prompts[{start}], the first of its group of "
-                                 f"{group_size}: a group's completions must answer the same prompt")
-        groups.append(first)
-    return groups
+def _prepared(model, prompts: Sequence[PromptInput], completions: Sequence[CompletionInput]
+              ) -> list[Union[Sample, SampleError]]:
+    """Per completion its :class:`~rlhf_rewards.conversation.Sample` as ``model`` reads it (its
+    ``parse_templates`` rule: templated prompts parsed, end-of-turn markers stripped) or its error; a model of the
+    caller's own without :meth:`~rlhf_rewards.backends.base.RewardModel.prepare` gets the inputs validated as they
+    are."""
+    prepare = getattr(model, "prepare", None)
+    if prepare is not None:
+        return prepare(prompts, completions)
+    check_same_length(prompts=prompts, completions=completions)
+    out: list[Union[Sample, SampleError]] = []
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        try:
+            out.append(Sample(normalize_prompt(prompt, f"prompts[{i}]"),
+                              normalize_completion(completion, f"completions[{i}]")))
+        except ValueError as err:
+            out.append(SampleError(i, str(err)))
+    return out
 
 
 def _preference_samples(model, items: Sequence[tuple[list[Message], str, str]]
                         ) -> list[Union[float, SampleError]]:
     """``P(a better than b)`` or the :class:`SampleError` (no location) per validated ``(messages, a, b)``: a
     pairwise model's comparison; for a scalar model, the Bradley-Terry probability ``sigmoid(r(a) - r(b))``."""
-    if not hasattr(model, "_compare_prepared" if model.kind == "pairwise" else "_score_prepared"):
+    if getattr(model, "run", None) is None:
         # a model of the caller's own with only the public methods: its errors raise
         messages, a, b = [m for m, _, _ in items], [x for _, x, _ in items], [y for _, _, y in items]
         return preferences(model, messages, a, b)
     if model.kind == "pairwise":
-        return model._compare_prepared(items)
+        return model.run([Sample(m, a, b) for m, a, b in items])
     # each distinct (prompt, text) is scored once: a group's round robin names every text n - 1 times
     index: dict[tuple[int, str], int] = {}
-    unique: list[tuple[list[Message], str, None]] = []
+    unique: list[Sample] = []
     for m, a, b in items:
         for text in (a, b):
             if (id(m), text) not in index:
                 index[id(m), text] = len(unique)
-                unique.append((m, text, None))
-    rewards = model._score_prepared(unique)
+                unique.append(Sample(m, text))
+    rewards = model.run(unique)
     out: list[Union[float, SampleError]] = []
     for m, a, b in items:
         ra, rb = rewards[index[id(m), a]], rewards[index[id(m), b]]
@@ -161,8 +158,8 @@ def rewards_within_groups(model, prompts: Sequence[list[Message]], groups: Seque
     pairs = _distinct_pairs(distinct, mode)
     items = [(distinct[g].prompt, distinct[g].members[distinct[g].first[u]], distinct[g].members[distinct[g].first[v]])
              for g, u, v in pairs]
-    call = getattr(model, "_call", None)
-    with call("group comparison") if call is not None else contextlib.nullcontext():
+    session = getattr(model, "session", None)
+    with session("group comparison") if session is not None else contextlib.nullcontext():
         probs = _preference_samples(model, items) if items else []
     ok = [(pair, p) for pair, p in zip(pairs, probs) if not isinstance(p, SampleError)]
     forward = apply_transform([p for _, p in ok], transform)
@@ -211,11 +208,12 @@ def group_rewards(model, prompts: Sequence[PromptInput], completions: Sequence[C
     same reward: each distinct text is compared (or, for scalar models, scored) once. Raises ``ValueError`` naming
     the first completion that cannot be scored (see :func:`rewards_within_groups` for per-completion errors).
     """
-    check_same_length(prompts=prompts, completions=completions)
-    messages = _group_messages(model, prompts, group_size)
-    texts = [normalize_completion(c, f"completions[{i}]") for i, c in enumerate(completions)]
-    groups = [texts[g * group_size:(g + 1) * group_size] for g in range(len(messages))]
-    results = rewards_within_groups(model, messages, groups, mode=mode, transform=transform)
+    check_group_size(group_size)
+    samples = raise_first(_prepared(model, prompts, completions))
+    bounds = group_bounds([s.messages for s in samples], group_size)
+    results = rewards_within_groups(model, [samples[start].messages for start, _ in bounds],
+                                    [[samples[i].completion for i in range(start, end)] for start, end in bounds],
+                                    mode=mode, transform=transform)
     return raise_first([r.at(k, f"completions[{k}]") if isinstance(r, SampleError) else r
                         for k, r in enumerate(results)])
 

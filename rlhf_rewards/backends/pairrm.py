@@ -51,10 +51,9 @@ from torch import nn
 from transformers import DebertaV2Config, DebertaV2Model, DebertaV2PreTrainedModel
 
 from ..batching import pad_right, run_batched
-from ..conversation import CompletionInput, Message, PromptInput, check_same_length
+from ..conversation import CompletionInput, Message, PromptInput
 from ..errors import SampleError, raise_first
 from ..transforms import sigmoid
-from ..chat_parsing import completion_text
 from ..rendering import check_alternation, fold_system
 from .base import PairwiseRewardModel
 
@@ -344,13 +343,9 @@ class PairRMRewardModel(PairwiseRewardModel):
         """``(logit_AB, logit_BA)`` per comparison: the model's logit with ``completions_a[i]`` as candidate 1, and
         with ``completions_b[i]`` as candidate 1 (``> 0``: candidate 1 better). llm-blender's
         ``compare(..., return_logits=True)`` is ``logit_AB - logit_BA``."""
-        check_same_length(prompts=prompts, completions_a=completions_a, completions_b=completions_b)
-        with self._call("compare_logits"):
-            items = []
-            for i, (p, a, b) in enumerate(zip(prompts, completions_a, completions_b)):
-                messages, fmt = self._prompt(p, f"prompts[{i}]")
-                items.append((messages, completion_text(a, fmt, f"completions_a[{i}]"),
-                              completion_text(b, fmt, f"completions_b[{i}]")))
+        with self.session("compare_logits"):
+            items = raise_first(self.prepare(prompts, completions_a, completions_b,
+                                             names=("completions_a", "completions_b")))
             results = self._logits(items)
             return raise_first([SampleError(r.index, f"prompts[{r.index}]: {r}") if isinstance(r, SampleError)
                                 else r for r in results])

@@ -45,20 +45,9 @@ def rewards(model: RewardModel, body: RewardsRequest) -> RewardsResult:
     function = RewardFunction(model, baseline_column="baselines" if body.baselines is not None else None,
                               pairing=body.pairing, group_size=body.group_size, group_mode=body.group_mode,
                               transform=body.transform, parse_templates=body.parse_templates)
-    # RewardFunction reports why a sample is None only in its log; keep the list its preparation step fills.
-    captured: list[list[Optional[str]]] = []
-    prepare = function._prepare
-
-    def keep_reasons(*args: Any):
-        samples, reasons = prepare(*args)
-        captured.append(reasons)
-        return samples, reasons
-
-    function._prepare = keep_reasons
     columns = {"baselines": body.baselines} if body.baselines is not None else {}
-    values = function(body.prompts, body.completions, **columns)
-    errors = captured[0] if captured else [None] * len(values)
-    return RewardsResult(values, list(errors), model.stats.as_dict())
+    values, errors = function.rewards_with_reasons(body.prompts, body.completions, **columns)
+    return RewardsResult(values, errors, model.stats.as_dict())
 
 
 class Scorable(NamedTuple):
