@@ -124,10 +124,9 @@ def run(scale: Scale, *, scale_name: str = "custom", seed: int = 0, families: Se
     return Report(scale_name, seed, threads, host, time.perf_counter() - start, sections, notes)
 
 
-def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m benchmarks") -> int:
-    """``python -m benchmarks``: run the benchmark, print the markdown report, optionally write it and a JSON.
-    ``prog`` is the command name the help shows (``rlhf-rewards bench`` from the command line)."""
-    parser = argparse.ArgumentParser(prog=prog, description=DOC.split("\n\n")[0].replace("``", ""))
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m benchmarks``: run the benchmark, print the markdown report, optionally write it and a JSON."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=DOC.split("\n\n")[0].replace("``", ""))
     parser.add_argument("--smoke", action="store_true", help="tiny models and inputs: seconds, for tests")
     parser.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated subset of {FAMILIES}")
     parser.add_argument("--presets", default=",".join(SCALAR_PRESETS), help="scalar presets to run")
@@ -144,8 +143,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m benchmarks
     parser.add_argument("--markdown", help="also write the report to this file")
     parser.add_argument("--json", help="write the numbers as JSON to this file")
     argv = list(sys.argv[1:] if argv is None else argv)
-    # `rlhf-rewards bench -- --smoke`: the command line hands over everything after "bench", separator included
-    args = parser.parse_args(argv[1:] if argv[:1] == ["--"] else argv)
+    args = parser.parse_args(argv)
     families, presets = [f for f in args.families.split(",") if f], [p for p in args.presets.split(",") if p]
     unknown = sorted(set(families) - set(FAMILIES)) + sorted(set(presets) - set(SCALAR_PRESETS))
     if unknown:

@@ -9,31 +9,63 @@ The main entry points:
   group of completions into rewards.
 """
 
-from .backends.base import PairwiseRewardModel, RewardModel, ScalarModelBase, TooLongError
-from .conversation import SampleError
-from .trainers import PPORewardAdapter, RewardFunction
-from .loading import load_reward_model
-from .pairwise import apply_transform, best_of_n, group_rewards, rank
-from .presets import Preset, list_presets
-from .stats import RewardStats
+from importlib import import_module
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-_REMOTE = ("RemoteRewardFunction", "AsyncRemoteRewardFunction")
+# Names are imported on first use, so `import rlhf_rewards` (and `rlhf-rewards --help`) loads neither torch nor
+# transformers; each entry is the submodule that defines the name.
+_EXPORTS = {
+    "PairwiseRewardModel": ".backends.base",
+    "RewardModel": ".backends.base",
+    "ScalarModelBase": ".backends.base",
+    "SampleError": ".errors",
+    "TooLongError": ".errors",
+    "PPORewardAdapter": ".trainers",
+    "RewardFunction": ".trainers",
+    "load_reward_model": ".loading",
+    "best_of_n": ".pairwise",
+    "group_rewards": ".pairwise",
+    "rank": ".pairwise",
+    "apply_transform": ".transforms",
+    "Preset": ".presets",
+    "list_presets": ".presets",
+    "RewardStats": ".stats",
+    # the remote reward functions need httpx (the "serve" extra); the core install stays without it
+    "RemoteRewardFunction": ".serving.client",
+    "AsyncRemoteRewardFunction": ".serving.client",
+}
+
+if TYPE_CHECKING:
+    from .backends.base import PairwiseRewardModel, RewardModel, ScalarModelBase
+    from .errors import SampleError, TooLongError
+    from .loading import load_reward_model
+    from .pairwise import best_of_n, group_rewards, rank
+    from .presets import Preset, list_presets
+    from .serving.client import AsyncRemoteRewardFunction, RemoteRewardFunction
+    from .stats import RewardStats
+    from .trainers import PPORewardAdapter, RewardFunction
+    from .transforms import apply_transform
 
 
 def __getattr__(name: str):
-    # the remote reward functions need httpx (the "serve" extra); the core install stays without it
-    if name in _REMOTE:
-        from importlib import import_module
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        value = getattr(import_module(module, __name__), name)
+    except ImportError as err:
+        if module != ".serving.client":
+            raise
+        raise ImportError(f"rlhf_rewards.{name} needs the 'serve' extra: pip install -e \".[serve]\" in a "
+                          f"checkout ({err})") from err
+    globals()[name] = value
+    return value
 
-        try:
-            client = import_module(".serving.client", __name__)
-        except ImportError as err:
-            raise ImportError(f"rlhf_rewards.{name} needs the 'serve' extra: pip install \"rlhf-rewards[serve]\" "
-                              f"({err})") from err
-        return getattr(client, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
 
 
 __all__ = [

@@ -1,13 +1,14 @@
 """Validation and normalisation of what callers pass in: prompts and completions.
 
-Every public entry point funnels its inputs through :func:`normalize_pairs` so that bad input fails in one
-place, with one style of message that names the argument and the index.
+Every entry point validates each prompt with :func:`normalize_prompt` and each completion with
+:func:`normalize_completion` (through :mod:`rlhf_rewards.chat_parsing`, which parses templated text first), so bad
+input fails in one place, with one style of message that names the argument and the index.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Union
+from typing import NamedTuple, Optional, Union
 
 Message = dict[str, str]
 """One chat message: ``{"role": "system" | "user" | "assistant", "content": str}``."""
@@ -21,23 +22,14 @@ CompletionInput = Union[str, Sequence[Mapping[str, str]]]
 ROLES = ("system", "user", "assistant")
 
 
-class SampleError(ValueError):
-    """Why one sample (one completion, or one comparison) could not be scored.
+class Sample(NamedTuple):
+    """One sample validated and ready for a reward model (what :meth:`RewardModel.prepare
+    <rlhf_rewards.backends.base.RewardModel.prepare>` returns): the prompt's messages, the completion's text, and
+    the text it is compared with (a scalar model's baseline, a pairwise model's other completion) or ``None``."""
 
-    The per-sample entry points (``score_samples``, ``compare_samples``) return it in that sample's place instead
-    of raising, so one bad sample never costs the others their rewards; ``str(error)`` names the input and index,
-    e.g. ``"prompts[3]: ..."``. ``index`` is the sample's position in the call; ``about`` what the error concerns:
-    ``"prompt"``, ``"completion"`` or ``"pair"`` (two completions together, e.g. too long for the model).
-    """
-
-    def __init__(self, index: int, message: str, about: str = "prompt"):
-        super().__init__(message)
-        self.index = index
-        self.about = about
-
-    def at(self, index: int, where: str) -> SampleError:
-        """The same error for sample ``index``, its message prefixed with the location ``where``."""
-        return type(self)(index, f"{where}: {self}", self.about)
+    messages: list[Message]
+    completion: str
+    other: Optional[str] = None
 
 
 def _not_bytes(value: object, where: str, what: str) -> None:
@@ -119,12 +111,3 @@ def check_same_length(**named: Sequence) -> int:
         raise ValueError("length mismatch: " + ", ".join(f"len({k})={v}" for k, v in lengths.items()))
     return next(iter(lengths.values()), 0)
 
-
-def normalize_pairs(prompts: Sequence[PromptInput], completions: Sequence[CompletionInput],
-                    completions_name: str = "completions") -> list[tuple[list[Message], str]]:
-    """Validate ``prompts``/``completions`` and return ``[(messages, completion_text), ...]`` in input order."""
-    check_same_length(prompts=prompts, **{completions_name: completions})
-    return [
-        (normalize_prompt(p, f"prompts[{i}]"), normalize_completion(c, f"{completions_name}[{i}]"))
-        for i, (p, c) in enumerate(zip(prompts, completions))
-    ]

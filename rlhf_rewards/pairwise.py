@@ -11,117 +11,65 @@ values and keep their index order.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Union
 
-from .backends.base import raise_first
-from .conversation import (CompletionInput, Message, PromptInput, SampleError, check_same_length, normalize_completion,
+from .conversation import (CompletionInput, Message, PromptInput, Sample, check_same_length, normalize_completion,
                            normalize_prompt)
-
-Transform = Literal["probability", "centered", "logodds"]
-
-LOGODDS_BOUND = 10.0
-"""``"logodds"`` rewards are clipped to ``[-LOGODDS_BOUND, LOGODDS_BOUND]`` (P within about 4.5e-5 of 0 or 1), so a
-saturated preference cannot dominate a batch of advantages."""
+from .errors import SampleError, raise_first
+from .groups import check_group_size, group_bounds
+from .transforms import Transform, apply_transform, logit, sigmoid
 
 GroupMode = Literal["round-robin", "anchor"]
 
 
-def apply_transform(probabilities: Sequence[float], transform: Transform = "logodds", *,
-                    bound: float = LOGODDS_BOUND) -> list[float]:
-    """Turn preferences ``P`` into rewards.
-
-    ``"probability"``: ``P`` in [0, 1]; ``"centered"``: ``2P - 1`` in [-1, 1]; ``"logodds"`` (default):
-    ``log(P / (1 - P))`` clipped to ``[-bound, bound]``, the Bradley-Terry reward difference implied by ``P``.
-    """
-    if transform == "probability":
-        return [float(p) for p in probabilities]
-    if transform == "centered":
-        return [2.0 * p - 1.0 for p in probabilities]
-    if transform == "logodds":
-        out = []
-        for p in probabilities:
-            if p <= 0.0:
-                out.append(-bound)
-            elif p >= 1.0:
-                out.append(bound)
-            else:
-                out.append(max(-bound, min(bound, math.log(p) - math.log1p(-p))))
-        return out
-    raise ValueError(f"unknown transform {transform!r}; expected 'probability', 'centered' or 'logodds'")
-
-
-def _prompt_of(model, prompt: PromptInput, where: str) -> tuple[list[Message], str]:
-    """The prompt's messages and chat format as ``model`` reads them (its ``parse_templates`` rule); any other
-    object with ``kind`` and ``compare``/``score`` gets the prompt validated as it is."""
-    parse = getattr(model, "_prompt", None)
-    return parse(prompt, where) if parse is not None else (normalize_prompt(prompt, where), "plain")
-
-
-def _group_messages(model, prompts: Sequence[PromptInput], group_size: int) -> list[list[Message]]:
-    """Each group's prompt as messages, every prompt validated (and parsed, when the model parses templated
-    prompts) once; raises unless each group's prompts are the same conversation."""
-    if group_size < 1:
-        raise ValueError(f"group_size must be positive, got {group_size}")
-    if len(prompts) % group_size:
-        raise ValueError(f"{len(prompts)} completions do not split into groups of {group_size}")
-    groups = []
-    for start in range(0, len(prompts), group_size):
-        first = _prompt_of(model, prompts[start], f"prompts[{start}]")[0]
-        for k in range(start + 1, start + group_size):
-            if _prompt_of(model, prompts[k], f"prompts[{k}]")[0] != first:
-                raise ValueError(f"prompts[{k}] differs from prompts[{start}], the first of its group of "
-                                 f"{group_size}: a group's completions must answer the same prompt")
-        groups.append(first)
-    return groups
-
-
-def _sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-max(-700.0, min(700.0, x))))
+def _prepared(model, prompts: Sequence[PromptInput], completions: Sequence[CompletionInput]
+              ) -> list[Union[Sample, SampleError]]:
+    """Per completion its :class:`~rlhf_rewards.conversation.Sample` as ``model`` reads it (its
+    ``parse_templates`` rule: templated prompts parsed, end-of-turn markers stripped) or its error; a model of the
+    caller's own without :meth:`~rlhf_rewards.backends.base.RewardModel.prepare` gets the inputs validated as they
+    are."""
+    prepare = getattr(model, "prepare", None)
+    if prepare is not None:
+        return prepare(prompts, completions)
+    check_same_length(prompts=prompts, completions=completions)
+    out: list[Union[Sample, SampleError]] = []
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        try:
+            out.append(Sample(normalize_prompt(prompt, f"prompts[{i}]"),
+                              normalize_completion(completion, f"completions[{i}]")))
+        except ValueError as err:
+            out.append(SampleError(i, str(err)))
+    return out
 
 
 def _preference_samples(model, items: Sequence[tuple[list[Message], str, str]]
                         ) -> list[Union[float, SampleError]]:
     """``P(a better than b)`` or the :class:`SampleError` (no location) per validated ``(messages, a, b)``: a
     pairwise model's comparison; for a scalar model, the Bradley-Terry probability ``sigmoid(r(a) - r(b))``."""
-    if not hasattr(model, "_compare_prepared" if model.kind == "pairwise" else "_score_prepared"):
+    if getattr(model, "run", None) is None:
         # a model of the caller's own with only the public methods: its errors raise
         messages, a, b = [m for m, _, _ in items], [x for _, x, _ in items], [y for _, _, y in items]
         return preferences(model, messages, a, b)
     if model.kind == "pairwise":
-        return model._compare_prepared(items)
+        return model.run([Sample(m, a, b) for m, a, b in items])
     # each distinct (prompt, text) is scored once: a group's round robin names every text n - 1 times
     index: dict[tuple[int, str], int] = {}
-    unique: list[tuple[list[Message], str, None]] = []
+    unique: list[Sample] = []
     for m, a, b in items:
         for text in (a, b):
             if (id(m), text) not in index:
                 index[id(m), text] = len(unique)
-                unique.append((m, text, None))
-    rewards = model._score_prepared(unique)
+                unique.append(Sample(m, text))
+    rewards = model.run(unique)
     out: list[Union[float, SampleError]] = []
     for m, a, b in items:
         ra, rb = rewards[index[id(m), a]], rewards[index[id(m), b]]
         bad = next((r for r in (ra, rb) if isinstance(r, SampleError)), None)
         out.append(SampleError(len(out), str(bad), "pair" if bad.about != "prompt" else "prompt") if bad
-                   else _sigmoid(ra - rb))
+                   else sigmoid(ra - rb))
     return out
-
-
-def _logit(p: float) -> float:
-    """``log(p / (1 - p))``; a saturated ``p`` (0 or 1 in float64) gives :data:`_SATURATED` with its sign."""
-    if p <= 0.0:
-        return -_SATURATED
-    if p >= 1.0:
-        return _SATURATED
-    return math.log(p) - math.log1p(-p)
-
-
-_SATURATED = 53 * math.log(2.0)
-"""The largest log-odds a float64 probability below 1 carries (``1 - P >= 2**-53``); saturated preferences count
-as this much in rankings, so ``rank`` never averages infinities."""
 
 
 @dataclass
@@ -191,7 +139,7 @@ def preferences(model, prompts: Sequence[PromptInput], completions_a: Sequence[C
     check_same_length(prompts=prompts, completions_a=completions_a, completions_b=completions_b)
     rewards = model.score(list(prompts) + list(prompts), list(completions_a) + list(completions_b))
     n = len(prompts)
-    return [_sigmoid(ra - rb) for ra, rb in zip(rewards[:n], rewards[n:])]
+    return [sigmoid(ra - rb) for ra, rb in zip(rewards[:n], rewards[n:])]
 
 
 def rewards_within_groups(model, prompts: Sequence[list[Message]], groups: Sequence[Sequence[str]], *,
@@ -210,8 +158,8 @@ def rewards_within_groups(model, prompts: Sequence[list[Message]], groups: Seque
     pairs = _distinct_pairs(distinct, mode)
     items = [(distinct[g].prompt, distinct[g].members[distinct[g].first[u]], distinct[g].members[distinct[g].first[v]])
              for g, u, v in pairs]
-    call = getattr(model, "_call", None)
-    with call("group comparison") if call is not None else contextlib.nullcontext():
+    session = getattr(model, "session", None)
+    with session("group comparison") if session is not None else contextlib.nullcontext():
         probs = _preference_samples(model, items) if items else []
     ok = [(pair, p) for pair, p in zip(pairs, probs) if not isinstance(p, SampleError)]
     forward = apply_transform([p for _, p in ok], transform)
@@ -260,11 +208,12 @@ def group_rewards(model, prompts: Sequence[PromptInput], completions: Sequence[C
     same reward: each distinct text is compared (or, for scalar models, scored) once. Raises ``ValueError`` naming
     the first completion that cannot be scored (see :func:`rewards_within_groups` for per-completion errors).
     """
-    check_same_length(prompts=prompts, completions=completions)
-    messages = _group_messages(model, prompts, group_size)
-    texts = [normalize_completion(c, f"completions[{i}]") for i, c in enumerate(completions)]
-    groups = [texts[g * group_size:(g + 1) * group_size] for g in range(len(messages))]
-    results = rewards_within_groups(model, messages, groups, mode=mode, transform=transform)
+    check_group_size(group_size)
+    samples = raise_first(_prepared(model, prompts, completions))
+    bounds = group_bounds([s.messages for s in samples], group_size)
+    results = rewards_within_groups(model, [samples[start].messages for start, _ in bounds],
+                                    [[samples[i].completion for i in range(start, end)] for start, end in bounds],
+                                    mode=mode, transform=transform)
     return raise_first([r.at(k, f"completions[{k}]") if isinstance(r, SampleError) else r
                         for k, r in enumerate(results)])
 
@@ -354,4 +303,4 @@ def _log_odds_once(model, groups: Sequence[_Group], pairs: Sequence[tuple[int, i
     exact = getattr(model, "compare_log_odds", None)
     if exact is not None:
         return list(exact(*args))
-    return [_logit(p) for p in model.compare(*args)]
+    return [logit(p) for p in model.compare(*args)]

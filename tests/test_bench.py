@@ -19,6 +19,8 @@ from rlhf_rewards import load_reward_model
 
 from cases import CONVERSATIONS
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 @pytest.fixture(scope="module")
 def smoke():
@@ -80,8 +82,8 @@ def test_cli_runs_the_smoke_benchmark_isolated(tmp_path):
     """Through the command line in a fresh process: methods run in forked children that report peak memory."""
     out = tmp_path / "bench.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "rlhf_rewards", "bench", "--", "--smoke", "--families",
-                           "pairrm", "--json", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--families", "pairrm", "--json", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "### pairrm" in done.stdout
     data = json.loads(out.read_text())

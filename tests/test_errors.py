@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rlhf_rewards import RewardFunction, SampleError, best_of_n, group_rewards, load_reward_model
-from rlhf_rewards.backends.base import TooLongError
+from rlhf_rewards.errors import TooLongError
 
 PM = "rlhflow-pair-pm-llama3-8b"
 

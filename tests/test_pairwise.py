@@ -7,7 +7,7 @@ import math
 import pytest
 
 from rlhf_rewards import apply_transform, best_of_n, group_rewards, rank
-from rlhf_rewards.pairwise import LOGODDS_BOUND
+from rlhf_rewards.transforms import LOGODDS_BOUND
 
 
 class LengthJudge:
@@ -63,7 +63,7 @@ def test_anchor_group_rewards_are_linear():
 
 def test_group_checks():
     judge = LengthJudge()
-    with pytest.raises(ValueError, match="groups of 4"):
+    with pytest.raises(ValueError, match="groups of group_size=4"):
         group_rewards(judge, ["p"] * 6, ["a"] * 6, 4)
     with pytest.raises(ValueError, match=r"prompts\[1\] differs from prompts\[0\]"):
         group_rewards(judge, ["p", "q"], ["a", "b"], 2)

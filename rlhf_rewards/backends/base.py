@@ -13,42 +13,28 @@ extra: each input is rendered and tokenized once.
 
 from __future__ import annotations
 
+import copy
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, ClassVar, Literal, Optional, TypeVar, Union
+from typing import Any, Callable, ClassVar, Literal, Optional, TypeVar, Union
 
 import torch
 
 from ..batching import default_max_batch_tokens
 from ..chat_parsing import completion_text, prompt_messages
-from ..conversation import CompletionInput, Message, PromptInput, SampleError, check_same_length
+from ..conversation import CompletionInput, Message, PromptInput, Sample, check_same_length
+from ..errors import SampleError, raise_first
 from ..presets import Preset
 from ..rendering import get_renderer
 from ..stats import RewardStats
+from ..transforms import apply_transform, check_transform
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-class TooLongError(SampleError):
-    """A sample that cannot fit ``max_length`` by any truncation its model card allows (e.g. two pair-PM responses
-    that alone exceed it); the message gives the token counts."""
-
-    def __init__(self, index: int, message: str, about: str = "pair"):
-        super().__init__(index, message, about)
-
-
-def raise_first(results: Sequence[Union[T, SampleError]]) -> list[T]:
-    """``results`` unchanged when none is a :class:`SampleError`; else raise the first, saying how many more
-    there are."""
-    errors = [r for r in results if isinstance(r, SampleError)]
-    if errors:
-        more = f" (and {len(errors) - 1} more samples that cannot be scored)" if len(errors) > 1 else ""
-        raise type(errors[0])(errors[0].index, f"{errors[0]}{more}", errors[0].about)
-    return list(results)
 
 
 def _special_affixes(tokenizer, add_special_tokens: bool) -> tuple[int, int]:
@@ -82,6 +68,9 @@ class RewardModel:
             of completions, as ``RewardFunction`` does (default ``True``). ``False``: a text prompt is one user turn
             as it is, markup included. Parsed prompts are counted in ``stats.templated_prompts``.
         stats: a :class:`~rlhf_rewards.stats.RewardStats` of what was computed, truncated and split.
+        lock: the model's own re-entrant lock: callers that may share the model across threads (reward functions,
+            the server, the PPO adapter) score under it, so batches do not interleave and each call's share of
+            ``stats`` is its own.
     """
 
     kind: ClassVar[Literal["scalar", "pairwise"]]
@@ -102,6 +91,17 @@ class RewardModel:
             raise ValueError(f"max_length={max_length} leaves no room beside the {self._prefix + self._suffix} "
                              f"special tokens {preset.name}'s tokenizer adds to every input")
         self._depth = 0
+        self.lock = threading.RLock()
+        self._forward_via: Optional[Callable[[list[Any]], list[Any]]] = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        del state["lock"]  # a lock does not copy or pickle; the copy gets its own
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.RLock()
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(preset={self.preset.name!r}, device={str(self.device)!r}, "
@@ -130,8 +130,8 @@ class RewardModel:
         return ids[: self._prefix] + body + ids[body_end:]
 
     @contextmanager
-    def _call(self, what: str) -> Iterator[None]:
-        """One public scoring call: its wall time into ``stats``, and one warning when its inputs lost tokens to
+    def session(self, what: str) -> Iterator[None]:
+        """One scoring call: its wall time into ``stats``, and one warning when its inputs lost tokens to
         truncation (nested calls count once, in the outermost)."""
         self._depth += 1
         start = time.perf_counter()
@@ -153,12 +153,72 @@ class RewardModel:
         side = {"left": "start", "right": "end"}[self.preset.truncation_side]
         return f"cut from the {side} of the text, as the model card truncates"
 
-    def _prompt(self, prompt: object, where: str) -> tuple[list[Message], str]:
+    def _prompt(self, prompt: object, where: str, parse: Optional[bool] = None) -> tuple[list[Message], str]:
         """A caller's prompt as messages and its chat format (see ``parse_templates``); raises ``ValueError``."""
-        messages, fmt = prompt_messages(prompt, where, self.parse_templates)
+        messages, fmt = prompt_messages(prompt, where, self.parse_templates if parse is None else parse)
         if fmt != "plain":
             self.stats.templated_prompts += 1
         return messages, fmt
+
+    def prepare(self, prompts: Sequence[PromptInput], completions: Sequence[CompletionInput],
+                others: Optional[Sequence[CompletionInput]] = None, *,
+                names: tuple[str, str] = ("completions", "baselines"),
+                parse_templates: Optional[bool] = None) -> list[Union[Sample, SampleError]]:
+        """Per sample its validated :class:`~rlhf_rewards.conversation.Sample` or the
+        :class:`~rlhf_rewards.errors.SampleError` saying why there is none, named ``prompts[i]``, ``{names[0]}[i]``
+        or ``{names[1]}[i]``. Text prompts rendered in a policy chat template are parsed back into messages (with
+        ``parse_templates``) and the policy's end-of-turn markers stripped from the ends of ``completions`` and
+        ``others`` (a scalar model's baselines, a pairwise model's second completions); ``parse_templates``
+        overrides the model's setting for this call. Only arguments wrong as a whole (not lists, unequal lengths)
+        raise."""
+        lists = {"prompts": prompts, names[0]: completions}
+        if others is not None:
+            lists[names[1]] = others
+        n = check_same_length(**lists)
+        parse = self.parse_templates if parse_templates is None else parse_templates
+        out: list[Union[Sample, SampleError]] = []
+        for i in range(n):
+            try:
+                messages, fmt = self._prompt(prompts[i], f"prompts[{i}]", parse)
+                other = None if others is None else completion_text(others[i], fmt, f"{names[1]}[{i}]")
+                out.append(Sample(messages, completion_text(completions[i], fmt, f"{names[0]}[{i}]"), other))
+            except ValueError as err:
+                out.append(SampleError(i, str(err)))
+        return out
+
+    def run(self, samples: Sequence[Union[Sample, SampleError, None]]) -> list[Union[float, SampleError, None]]:
+        """Per prepared sample (anything but a :class:`~rlhf_rewards.conversation.Sample`, such as the error
+        :meth:`prepare` gave, is skipped and gets ``None``): a scalar model's reward (minus the
+        reward of ``other`` when set), a pairwise model's ``P(completion better than other)``, or the
+        :class:`~rlhf_rewards.errors.SampleError` saying why there is none (its message names no location: the
+        caller knows the sample's place). Call it inside :meth:`session`."""
+        raise NotImplementedError
+
+    def forward(self, items: list[Any]) -> list[Any]:
+        """The batched forward entry point :meth:`run` ends in (a scalar model: rendered texts -> rewards; a
+        pairwise model: ``(messages, a, b)`` -> ``(p_ab, p_ba, p)`` or an error), in input order. A :meth:`view`
+        sends these calls to its ``forward`` instead."""
+        if self._forward_via is not None:
+            return self._forward_via(items)
+        return self._forward_items(items)
+
+    def _forward_items(self, items: list[Any]) -> list[Any]:
+        raise NotImplementedError
+
+    def forward_chars(self, items: Sequence[Any]) -> int:
+        """How many characters of text one :meth:`forward` call on ``items`` reads: what a batcher in front of the
+        model can weigh without tokenizing."""
+        raise NotImplementedError
+
+    def view(self, forward: Callable[[list[Any]], list[Any]]) -> RewardModel:
+        """A shallow copy of the model (same weights and tokenizer; its own lock and ``stats``, starting at zero)
+        whose :meth:`forward` calls go to ``forward``: the server runs each request on one, so everything but the
+        forward pass runs in the request's thread with exactly the in-process code, while ``forward`` hands the
+        forward passes to the thread that owns the model (under the model's lock)."""
+        view = copy.copy(self)
+        view.stats = RewardStats()
+        view._forward_via = forward
+        return view
 
     def score(self, prompts: Sequence[PromptInput], completions: Sequence[CompletionInput], *,
               baselines: Optional[Sequence[CompletionInput]] = None) -> list[float]:
@@ -204,6 +264,12 @@ class ScalarModelBase(RewardModel):
         """Rewards of already-rendered texts, in input order (NaN where the model gave NaN)."""
         raise NotImplementedError
 
+    def _forward_items(self, items: list[Any]) -> list[Any]:
+        return self._forward_texts(items)
+
+    def forward_chars(self, items: Sequence[Any]) -> int:
+        return sum(len(text) for text in items)
+
     def score_texts(self, texts: Sequence[str]) -> list[float]:
         """Rewards of already-rendered texts (as :meth:`format` returns them), in input order."""
         rewards = self._forward_texts(texts)
@@ -226,35 +292,17 @@ class ScalarModelBase(RewardModel):
     def score_samples(self, prompts: Sequence[PromptInput], completions: Sequence[CompletionInput], *,
                       baselines: Optional[Sequence[CompletionInput]] = None
                       ) -> list[Union[float, SampleError]]:
-        names = {"prompts": prompts, "completions": completions}
-        if baselines is not None:
-            names["baselines"] = baselines
-        n = check_same_length(**names)
-        with self._call("score"):
-            pairs: list[Optional[tuple[list[Message], str, Optional[str]]]] = []
-            errors: list[Optional[SampleError]] = [None] * n
-            for i in range(n):
-                try:
-                    messages, fmt = self._prompt(prompts[i], f"prompts[{i}]")
-                    base = None if baselines is None else completion_text(baselines[i], fmt, f"baselines[{i}]")
-                    pairs.append((messages, completion_text(completions[i], fmt, f"completions[{i}]"), base))
-                except ValueError as err:
-                    errors[i] = SampleError(i, str(err))
-                    pairs.append(None)
-            results = self._score_prepared(pairs)
-            return [errors[i] or (r.at(i, f"{r.about}s[{i}]") if isinstance(r, SampleError) else r)
-                    for i, r in enumerate(results)]
+        with self.session("score"):
+            prepared = self.prepare(prompts, completions, baselines)
+            return _located(prepared, self.run(prepared), lambda i, r: f"{r.about}s[{i}]")
 
-    def _score_prepared(self, pairs: Sequence[Optional[tuple[list[Message], str, Optional[str]]]]
-                        ) -> list[Union[float, SampleError, None]]:
-        """Per validated ``(messages, completion, baseline or None)`` (``None`` for a sample to skip): its reward,
-        minus its baseline's when it has one, or its :class:`SampleError` (naming no location: callers add it)."""
-        results: list[Union[float, SampleError, None]] = [None] * len(pairs)
+    def run(self, samples: Sequence[Union[Sample, SampleError, None]]) -> list[Union[float, SampleError, None]]:
+        results: list[Union[float, SampleError, None]] = [None] * len(samples)
         texts: dict[int, tuple[str, Optional[str]]] = {}
-        for i, pair in enumerate(pairs):
-            if pair is None:
+        for i, sample in enumerate(samples):
+            if not isinstance(sample, Sample):
                 continue
-            messages, completion, baseline = pair
+            messages, completion, baseline = sample
             try:
                 text = self._render_at(messages, completion, "")
                 base = None if baseline is None else self._render_at(messages, baseline, "")
@@ -265,7 +313,7 @@ class ScalarModelBase(RewardModel):
         done = list(texts)
         # each distinct baseline once: a group's shared reference is scored once
         bases = list(dict.fromkeys(texts[i][1] for i in done if texts[i][1] is not None))
-        rewards = self._forward_texts([texts[i][0] for i in done] + bases) if done else []
+        rewards = self.forward([texts[i][0] for i in done] + bases) if done else []
         base_reward = dict(zip(bases, rewards[len(done):]))
         for i, r in zip(done, rewards):
             base = texts[i][1]
@@ -309,6 +357,13 @@ class PairwiseRewardModel(RewardModel):
         name no location: the caller adds it."""
         raise NotImplementedError
 
+    def _forward_items(self, items: list[Any]) -> list[Any]:
+        return self._compare_both_orders(items)
+
+    def forward_chars(self, items: Sequence[Any]) -> int:
+        # both orders read the conversation and both responses
+        return sum(2 * (sum(len(m["content"]) for m in messages) + len(a) + len(b)) for messages, a, b in items)
+
     def compare(self, prompts: Sequence[PromptInput], completions_a: Sequence[CompletionInput],
                 completions_b: Sequence[CompletionInput]) -> list[float]:
         """``P(completions_a[i] is better than completions_b[i])`` for ``prompts[i]``, in [0, 1], both orders
@@ -324,34 +379,21 @@ class PairwiseRewardModel(RewardModel):
         :class:`~rlhf_rewards.conversation.SampleError` saying why there is none (bad input, a conversation the
         format cannot hold, two responses too long for ``max_length``, NaN). ``names`` are the two completion
         arguments' names in error messages."""
-        n = check_same_length(prompts=prompts, **{names[0]: completions_a, names[1]: completions_b})
-        with self._call("compare"):
-            items: list[Optional[tuple[list[Message], str, str]]] = []
-            errors: list[Optional[SampleError]] = [None] * n
-            for i in range(n):
-                try:
-                    messages, fmt = self._prompt(prompts[i], f"prompts[{i}]")
-                    items.append((messages, completion_text(completions_a[i], fmt, f"{names[0]}[{i}]"),
-                                  completion_text(completions_b[i], fmt, f"{names[1]}[{i}]")))
-                except ValueError as err:
-                    errors[i] = SampleError(i, str(err))
-                    items.append(None)
-            results = self._compare_prepared(items)
-            return [errors[i] or (r.at(i, f"{names[0]}[{i}] and {names[1]}[{i}]" if r.about == "pair"
-                                       else f"prompts[{i}]") if isinstance(r, SampleError) else r)
-                    for i, r in enumerate(results)]
+        with self.session("compare"):
+            prepared = self.prepare(prompts, completions_a, completions_b, names=names)
+            return _located(prepared, self.run(prepared),
+                            lambda i, r: f"{names[0]}[{i}] and {names[1]}[{i}]" if r.about == "pair"
+                            else f"prompts[{i}]")
 
-    def _compare_prepared(self, items: Sequence[Optional[tuple[list[Message], str, str]]]
-                          ) -> list[Union[float, SampleError, None]]:
-        """``P`` or the :class:`SampleError` (naming no location: callers add it) per validated ``(messages, a, b)``
-        (``None`` for a comparison to skip)."""
+    def run(self, samples: Sequence[Union[Sample, SampleError, None]]) -> list[Union[float, SampleError, None]]:
+        items = [s if isinstance(s, Sample) else None for s in samples]
         results: list[Union[float, SampleError, None]] = [None] * len(items)
         # identical strings are a tie by definition; GRPO groups often hold duplicates
         todo = [k for k, item in enumerate(items) if item is not None and item[1] != item[2]]
         triples: dict[int, tuple[float, float, float]] = {k: (0.5, 0.5, 0.5) for k, item in enumerate(items)
                                                           if item is not None and item[1] == item[2]}
         if todo:
-            for k, r in zip(todo, self._compare_both_orders([items[k] for k in todo])):
+            for k, r in zip(todo, self.forward([items[k] for k in todo])):
                 if isinstance(r, SampleError):
                     results[k] = type(r)(k, str(r), r.about)
                 elif r[2] != r[2]:
@@ -378,10 +420,16 @@ class PairwiseRewardModel(RewardModel):
         if baselines is None:
             raise ValueError("a pairwise model scores a completion against a baseline: pass baselines=[...] "
                              "(one reference completion per prompt), or use rlhf_rewards.pairwise.group_rewards")
-        from ..pairwise import apply_transform
-
-        apply_transform([0.5], transform)  # an unknown transform fails before any work
+        check_transform(transform)
         results = self.compare_samples(prompts, completions, baselines, names=("completions", "baselines"))
         probs = [r for r in results if not isinstance(r, SampleError)]
         values = iter(apply_transform(probs, transform))
         return [r if isinstance(r, SampleError) else next(values) for r in results]
+
+
+def _located(prepared: Sequence[Union[Sample, SampleError]], results: Sequence[Union[T, SampleError, None]],
+             where: Callable[[int, SampleError], str]) -> list[Union[T, SampleError]]:
+    """Per sample: :meth:`RewardModel.prepare`'s error (already located), or :meth:`RewardModel.run`'s result, its
+    errors prefixed with the location ``where(i, error)``."""
+    return [p if isinstance(p, SampleError) else r.at(i, where(i, r)) if isinstance(r, SampleError) else r
+            for i, (p, r) in enumerate(zip(prepared, results))]

@@ -34,9 +34,10 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..batching import choose_packing, is_varlen, packed_inputs, packed_mask, run_batched
-from ..conversation import CompletionInput, Message, PromptInput, SampleError
+from ..conversation import CompletionInput, Message, PromptInput
+from ..errors import SampleError, TooLongError
 from ..rendering import render_rlhflow_context, render_rlhflow_pair
-from .base import PairwiseRewardModel, TooLongError
+from .base import PairwiseRewardModel
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 """Per layer, the keys and values of one sequence, ``(1, kv_heads, tokens, head_dim)`` each."""

@@ -42,7 +42,6 @@ Both store the weights under the same names (``pretrained_model.*``, ``head_laye
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -52,10 +51,11 @@ from torch import nn
 from transformers import DebertaV2Config, DebertaV2Model, DebertaV2PreTrainedModel
 
 from ..batching import pad_right, run_batched
-from ..conversation import CompletionInput, Message, PromptInput, SampleError, check_same_length
-from ..chat_parsing import completion_text
+from ..conversation import CompletionInput, Message, PromptInput
+from ..errors import SampleError, raise_first
+from ..transforms import sigmoid
 from ..rendering import check_alternation, fold_system
-from .base import PairwiseRewardModel, raise_first
+from .base import PairwiseRewardModel
 
 
 SOURCE_PREFIX = "<|source|>"
@@ -181,13 +181,6 @@ def splits_literal_unk_as_trained(tokenizer: Any) -> bool:
     tokenizer, where ``[UNK]`` is a normalized added token (see :func:`load_pairrm_tokenizer`)."""
     ids = tokenizer(f"x {tokenizer.unk_token}", add_special_tokens=False)["input_ids"]
     return tokenizer.convert_ids_to_tokens(ids[-2:]) == ["▁", tokenizer.unk_token]
-
-
-def _sigmoid(x: float) -> float:
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    z = math.exp(x)
-    return z / (1.0 + z)
 
 
 @dataclass
@@ -350,13 +343,9 @@ class PairRMRewardModel(PairwiseRewardModel):
         """``(logit_AB, logit_BA)`` per comparison: the model's logit with ``completions_a[i]`` as candidate 1, and
         with ``completions_b[i]`` as candidate 1 (``> 0``: candidate 1 better). llm-blender's
         ``compare(..., return_logits=True)`` is ``logit_AB - logit_BA``."""
-        check_same_length(prompts=prompts, completions_a=completions_a, completions_b=completions_b)
-        with self._call("compare_logits"):
-            items = []
-            for i, (p, a, b) in enumerate(zip(prompts, completions_a, completions_b)):
-                messages, fmt = self._prompt(p, f"prompts[{i}]")
-                items.append((messages, completion_text(a, fmt, f"completions_a[{i}]"),
-                              completion_text(b, fmt, f"completions_b[{i}]")))
+        with self.session("compare_logits"):
+            items = raise_first(self.prepare(prompts, completions_a, completions_b,
+                                             names=("completions_a", "completions_b")))
             results = self._logits(items)
             return raise_first([SampleError(r.index, f"prompts[{r.index}]: {r}") if isinstance(r, SampleError)
                                 else r for r in results])
@@ -371,5 +360,5 @@ class PairRMRewardModel(PairwiseRewardModel):
                              ) -> list[Union[tuple[float, float, float], SampleError]]:
         """``(p_ab, p_ba, p)``: ``sigmoid(logit_AB)``, ``sigmoid(-logit_BA)`` and
         ``sigmoid((logit_AB - logit_BA) / 2)``, each the probability that A is better."""
-        return [r if isinstance(r, SampleError) else (_sigmoid(r[0]), _sigmoid(-r[1]), _sigmoid((r[0] - r[1]) / 2))
+        return [r if isinstance(r, SampleError) else (sigmoid(r[0]), sigmoid(-r[1]), sigmoid((r[0] - r[1]) / 2))
                 for r in self._logits(items)]

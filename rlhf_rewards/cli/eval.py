@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def row_margins(model, scorer, rows: list[dict], args: argparse.Namespace) -> list[tuple]:
     """``(margin, error)`` per row: the chosen-minus-rejected reward of a scalar model, or the log-odds of a pairwise
     model's ``P(chosen better than rejected)`` (both orders, as the model combines them)."""
-    from ..pairwise import apply_transform
+    from ..transforms import apply_transform
 
     prompts = [r[args.prompt_column] for r in rows]
     chosen = [r[args.chosen_column] for r in rows]

@@ -96,7 +96,7 @@ def pairwise_pairs(scorer, prompts: list, groups: list[list]) -> list:
     """Like :func:`scalar_pairs` for a pairwise model: best by a knockout, worst by a reverse knockout (``n - 1``
     comparisons each); the rewards are the log-odds of the pair's own comparison, ``log P(chosen better) /
     P(rejected better)`` and its negative."""
-    from ..pairwise import apply_transform
+    from ..transforms import apply_transform
 
     ends = _knockouts(scorer.model, prompts, groups)
     live = [i for i, e in enumerate(ends) if not isinstance(e, Skip)]

@@ -90,7 +90,7 @@ class RowScorer:
                 baselines: Optional[Sequence[CompletionInput]], transform: str = "logodds") -> list[Result]:
         """Each row's reward as ``model.score`` defines it: a scalar model's reward (minus its baseline's when
         ``baselines`` is given); a pairwise model's ``transform(P(completion better than baseline))``."""
-        from ..pairwise import apply_transform
+        from ..transforms import apply_transform
 
         if self.model.kind == "pairwise":
             if baselines is None:

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
+from ..transforms import sigmoid
 from . import contracts
 from .batcher import QueueFull
 from .engine import RewardEngine
@@ -237,7 +238,7 @@ def build_app(engine: Optional[RewardEngine], settings: Optional[ServerSettings]
             values, tokens = await engine.run(run)
             activation = body.use_activation if body.use_activation is not None else body.activation
             if activation is None or activation:
-                values = contracts.sigmoid(values)
+                values = [sigmoid(v) for v in values]  # vLLM's activation for a one-label classifier
             label = engine.label()
             return {"id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
                     "model": engine.model_id,

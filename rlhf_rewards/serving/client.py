@@ -18,8 +18,7 @@ from typing import Any, Optional, Union
 
 import httpx
 
-from ..trainers.inputs import call_baselines, set_options
-from ..trainers.reward_function import log_call_metrics
+from ..reward_options import call_baselines, log_call_metrics, set_options
 
 logger = logging.getLogger(__name__)
 

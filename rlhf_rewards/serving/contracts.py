@@ -6,7 +6,6 @@ Each function raises ``ValueError`` naming the field and index for input the mod
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, NamedTuple, Optional
 
 from ..backends.base import RewardModel
@@ -46,20 +45,9 @@ def rewards(model: RewardModel, body: RewardsRequest) -> RewardsResult:
     function = RewardFunction(model, baseline_column="baselines" if body.baselines is not None else None,
                               pairing=body.pairing, group_size=body.group_size, group_mode=body.group_mode,
                               transform=body.transform, parse_templates=body.parse_templates)
-    # RewardFunction reports why a sample is None only in its log; keep the list its preparation step fills.
-    captured: list[list[Optional[str]]] = []
-    prepare = function._prepare
-
-    def keep_reasons(*args: Any):
-        samples, reasons = prepare(*args)
-        captured.append(reasons)
-        return samples, reasons
-
-    function._prepare = keep_reasons
     columns = {"baselines": body.baselines} if body.baselines is not None else {}
-    values = function(body.prompts, body.completions, **columns)
-    errors = captured[0] if captured else [None] * len(values)
-    return RewardsResult(values, list(errors), model.stats.as_dict())
+    values, errors = function.rewards_with_reasons(body.prompts, body.completions, **columns)
+    return RewardsResult(values, errors, model.stats.as_dict())
 
 
 class Scorable(NamedTuple):
@@ -136,8 +124,3 @@ def score_located(model: RewardModel, samples: list[Scorable]) -> list[float]:
     if model.kind == "pairwise":
         return model.score(messages, responses, baselines=[s.reference for s in samples])
     return model.score(messages, responses)
-
-
-def sigmoid(values: list[float]) -> list[float]:
-    """vLLM's activation for a one-label classifier (``/classify`` with ``activation`` on)."""
-    return [1.0 / (1.0 + math.exp(-v)) if v >= 0 else math.exp(v) / (1.0 + math.exp(v)) for v in values]

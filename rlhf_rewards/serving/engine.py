@@ -2,9 +2,9 @@
 
 Everything a request does besides the forward pass (parsing, validation, rendering in the model's format, the
 pairing logic of :class:`~rlhf_rewards.RewardFunction`) runs in the request's own thread on a *view* of the model:
-a shallow copy whose forward entry point (``_forward_texts`` for scalar models, ``_compare_both_orders`` for pairwise
-ones) hands its inputs to the batcher. So each request is scored by exactly the code that scores in-process, and
-only the forward passes of concurrent requests are merged. Each view has its own ``stats``: a request's metrics
+a shallow copy (:meth:`~rlhf_rewards.RewardModel.view`) whose forward entry point
+(:meth:`~rlhf_rewards.RewardModel.forward`) hands its inputs to the batcher. So each request is scored by exactly
+the code that scores in-process, and only the forward passes of concurrent requests are merged. Each view has its own ``stats``: a request's metrics
 are its own (forward counters of a merged call are split by input count).
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
 import math
 import threading
@@ -20,8 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
 from ..backends.base import RewardModel
-from ..stats import RewardStats
-from ..trainers.inputs import model_lock
 from .batcher import Batcher, Counters
 from .metrics import ServerMetrics
 
@@ -109,12 +106,9 @@ class RewardEngine:
     # -- the model thread -----------------------------------------------------------------------------------------
     def _forward(self, items: list[Any]) -> tuple[list[Any], Counters]:
         model = self.model
-        with model_lock(model):  # in-process RewardFunctions on the same model take turns with the server
+        with model.lock:  # in-process RewardFunctions on the same model take turns with the server
             before = model.stats.as_dict()
-            if model.kind == "scalar":
-                results = type(model)._forward_texts(model, items)
-            else:
-                results = type(model)._compare_both_orders(model, items)
+            results = model.forward(items)
             after = model.stats.as_dict()
         return results, {k: after[k] - before[k] for k in _FORWARD_COUNTERS}
 
@@ -122,24 +116,18 @@ class RewardEngine:
     def view(self, loop: asyncio.AbstractEventLoop) -> RewardModel:
         """A copy of the model for one request, used from a thread other than ``loop``'s: its forward passes go
         through the batcher running on ``loop``; its ``stats`` count this request's work only."""
-        view = copy.copy(self.model)
-        view.stats = RewardStats()
-
-        def submit(items: list[Any], cost: int) -> list[Any]:
+        def submit(items: list[Any]) -> list[Any]:
             self._count_preparing(-1)
             try:
-                results, counters = self.batcher.submit_from_thread(loop, items, cost)
+                results, counters = self.batcher.submit_from_thread(loop, list(items),
+                                                                    _cost(self.model.forward_chars(items)))
             finally:
                 self._count_preparing(+1)
             for name, value in counters.items():
                 setattr(view.stats, name, getattr(view.stats, name) + value)
             return results
 
-        if self.kind == "scalar":
-            view._forward_texts = lambda texts: submit(list(texts), _cost(sum(len(t) for t in texts)))
-        else:
-            view._compare_both_orders = lambda items: submit(list(items), _cost(sum(
-                2 * (sum(len(m["content"]) for m in messages) + len(a) + len(b)) for messages, a, b in items)))
+        view = self.model.view(submit)
         return view
 
     async def run(self, work: Callable[[RewardModel], T]) -> T:

@@ -11,7 +11,6 @@ from torch import nn
 from ..backends.base import RewardModel
 from ..chat_parsing import parse_chat, strip_completion
 from ..conversation import Message
-from .inputs import model_lock
 
 
 class _RewardBackbone(nn.Module):
@@ -106,7 +105,7 @@ class PPORewardAdapter(nn.Module):
             prompt, response = self.split(input_ids[row].cpu(), attention_mask[row].cpu())
             prompts.append(prompt)
             responses.append(response)
-        with model_lock(self.reward_model):
+        with self.reward_model.lock:
             rewards = self.reward_model.score(prompts, responses)
         return torch.tensor(rewards, dtype=torch.float32)
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Union
 
 from ..backends.base import RewardModel
-from ..chat_parsing import completion_text, prompt_messages
-from ..conversation import SampleError
-from ..pairwise import GroupMode, Transform, apply_transform, rewards_within_groups
-from .inputs import Sample, call_baselines, model_lock, set_options
+from ..conversation import Sample
+from ..errors import SampleError
+from ..groups import group_bounds, halves
+from ..pairwise import GroupMode, rewards_within_groups
+from ..reward_options import call_baselines, log_call_metrics, set_options
+from ..transforms import Transform, apply_transform
 
 logger = logging.getLogger(__name__)
 
@@ -106,27 +108,46 @@ class RewardFunction:
         how = f"pairing={self.pairing!r}" if self.baseline_column is None else f"baseline={self.baseline_column!r}"
         return f"RewardFunction({self.__name__}, model={self.model!r}, {how})"
 
-    # -- inputs ---------------------------------------------------------------------------------------------------
-    def _prepare(self, prompts: Sequence[Any], completions: Sequence[Any], baselines: Optional[Sequence[Any]]
-                 ) -> tuple[list[Optional[Sample]], list[Optional[str]]]:
-        """Per sample a :class:`Sample`, or ``None`` and the reason it cannot be scored. Each prompt is parsed and
-        validated here once; what the reward model cannot render is found where it renders (see ``_scored``)."""
-        samples: list[Optional[Sample]] = []
-        reasons: list[Optional[str]] = []
-        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
-            try:
-                messages, fmt = prompt_messages(prompt, f"prompts[{i}]", self.parse_templates)
-                text = completion_text(completion, fmt, f"completions[{i}]")
-                base = None
-                if baselines is not None:
-                    base = completion_text(baselines[i], fmt, f"{self.baseline_column}[{i}]")
-            except ValueError as err:
-                samples.append(None)
-                reasons.append(str(err))
-                continue
-            samples.append(Sample(messages, text, base))
-            reasons.append(None)
-        return samples, reasons
+    # -- the call -------------------------------------------------------------------------------------------------
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None,
+                 **kwargs: Any) -> list[Optional[float]]:
+        """Rewards for TRL: one float (or ``None``) per completion, in order. ``kwargs`` are the dataset columns
+        and the trainer's extras; ``log_metric``, when given, receives this call's metrics."""
+        return self.rewards_with_reasons(prompts, completions, **kwargs)[0]
+
+    def rewards_with_reasons(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any
+                             ) -> tuple[list[Optional[float]], list[Optional[str]]]:
+        """What a call returns, plus per sample the reason its reward is ``None`` (``None`` where it has one): the
+        server sends these reasons back to its clients."""
+        baselines = call_baselines(prompts, completions, self.baseline_column, kwargs)
+        start = time.perf_counter()
+        model = self.model
+        with model.lock:
+            before = model.stats.as_dict()
+            with model.session(self.__name__):
+                samples = model.prepare(prompts, completions, baselines, parse_templates=self.parse_templates,
+                                        names=("completions", self.baseline_column or "baselines"))
+                reasons = [str(s) if isinstance(s, SampleError) else None for s in samples]
+                if self.pairing is None:
+                    rewards = self._score_each(samples, reasons)
+                elif self.pairing == "halves":
+                    rewards = self._score_halves(prompts, samples, reasons)
+                else:
+                    rewards = self._score_groups(prompts, samples, reasons)
+            after = model.stats.as_dict()
+        unscored = [(i, reason) for i, reason in enumerate(reasons) if reason is not None]
+        for i, _ in unscored:
+            rewards[i] = None
+        if unscored:
+            # every reward lost would train on nothing: that is an error, not a warning
+            level = logging.ERROR if len(unscored) == len(rewards) else logging.WARNING
+            logger.log(level, "%s: %d of %d samples not scored:\n%s", self.__name__, len(unscored), len(rewards),
+                       "\n".join(f"  sample {i}: {reason}" for i, reason in unscored))
+        log_metric = kwargs.get("log_metric")
+        if log_metric is not None:
+            delta = {k: after[k] - before[k] for k in after}
+            self._log(log_metric, delta, time.perf_counter() - start, len(unscored) / max(len(rewards), 1))
+        return rewards, reasons
 
     @staticmethod
     def _scored(values: Sequence[Any], indices: Sequence[int], rewards: list[Optional[float]],
@@ -138,79 +159,42 @@ class RewardFunction:
             else:
                 rewards[i] = v
 
-    # -- the call -------------------------------------------------------------------------------------------------
-    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None,
-                 **kwargs: Any) -> list[Optional[float]]:
-        """Rewards for TRL: one float (or ``None``) per completion, in order. ``kwargs`` are the dataset columns
-        and the trainer's extras; ``log_metric``, when given, receives this call's metrics."""
-        baselines = call_baselines(prompts, completions, self.baseline_column, kwargs)
-        start = time.perf_counter()
-        samples, reasons = self._prepare(prompts, completions, baselines)
-        with model_lock(self.model):
-            before = self.model.stats.as_dict()
-            with self.model._call(self.__name__):
-                if self.pairing is None:
-                    rewards = self._score_each(samples, reasons)
-                elif self.pairing == "halves":
-                    rewards = self._score_halves(prompts, samples, reasons)
-                else:
-                    rewards = self._score_groups(prompts, samples, reasons)
-            after = self.model.stats.as_dict()
-        unscored = [(i, reason) for i, reason in enumerate(reasons) if reason is not None]
-        for i, _ in unscored:
-            rewards[i] = None
-        if unscored:
-            logger.warning("%s: %d of %d samples not scored:\n%s", self.__name__, len(unscored), len(rewards),
-                           "\n".join(f"  sample {i}: {reason}" for i, reason in unscored))
-        log_metric = kwargs.get("log_metric")
-        if log_metric is not None:
-            delta = {k: after[k] - before[k] for k in after}
-            self._log(log_metric, delta, time.perf_counter() - start, len(unscored) / max(len(rewards), 1))
-        return rewards
-
-    def _score_each(self, samples: list[Optional[Sample]], reasons: list[Optional[str]]
+    def _score_each(self, samples: list[Union[Sample, SampleError]], reasons: list[Optional[str]]
                     ) -> list[Optional[float]]:
         """Each completion on its own: its score, or its comparison with its baseline."""
-        ok = [i for i, s in enumerate(samples) if s is not None]
+        ok = [i for i, s in enumerate(samples) if isinstance(s, Sample)]
         rewards: list[Optional[float]] = [None] * len(samples)
         if not ok:
             return rewards
         if self.model.kind == "scalar":
-            values = self.model._score_prepared([samples[i] for i in ok])
+            values = self.model.run([samples[i] for i in ok])
         else:
-            probs = self.model._compare_prepared([samples[i] for i in ok])
+            probs = self.model.run([samples[i] for i in ok])
             good = [p for p in probs if not isinstance(p, SampleError)]
             transformed = iter(apply_transform(good, self.transform))
             values = [p if isinstance(p, SampleError) else next(transformed) for p in probs]
         self._scored(values, ok, rewards, reasons)
         return rewards
 
-    def _score_halves(self, prompts: Sequence[Any], samples: list[Optional[Sample]],
+    def _score_halves(self, prompts: Sequence[Any], samples: list[Union[Sample, SampleError]],
                       reasons: list[Optional[str]]) -> list[Optional[float]]:
         """Online DPO's layout: sample ``i`` and sample ``i + n/2`` are two candidates for the same prompt."""
         n = len(samples)
-        if n % 2:
-            raise ValueError(f"pairing='halves' needs an even number of completions (first candidates, then second "
-                             f"candidates of the same prompts), got {n}")
-        half = n // 2
-        for i in range(half):
-            if prompts[i] != prompts[i + half]:
-                raise ValueError(f"pairing='halves': prompts[{i}] and prompts[{i + half}] differ; online DPO passes "
-                                 "the same prompts twice (first candidates, then second candidates)")
+        half = halves(prompts)
         rewards: list[Optional[float]] = [None] * n
-        ok = [i for i in range(half) if samples[i] is not None and samples[i + half] is not None]
+        ok = [i for i in range(half) if isinstance(samples[i], Sample) and isinstance(samples[i + half], Sample)]
         if ok:
             firsts = [(samples[i].messages, samples[i].completion) for i in ok]
             seconds = [(samples[i + half].messages, samples[i + half].completion) for i in ok]
             if self.model.kind == "pairwise":
-                probs = self.model._compare_prepared([(m, a, b) for (m, a), (_, b) in zip(firsts, seconds)])
+                probs = self.model.run([Sample(m, a, b) for (m, a), (_, b) in zip(firsts, seconds)])
                 good = [p for p in probs if not isinstance(p, SampleError)]
                 forward = iter(apply_transform(good, self.transform))
                 backward = iter(apply_transform([1.0 - p for p in good], self.transform))
                 values = [p if isinstance(p, SampleError) else next(forward) for p in probs]
                 values += [p if isinstance(p, SampleError) else next(backward) for p in probs]
             else:
-                values = self.model._score_prepared([(m, c, None) for m, c in firsts + seconds])
+                values = self.model.run([Sample(m, c) for m, c in firsts + seconds])
             self._scored(values, ok + [i + half for i in ok], rewards, reasons)
         for i in range(half):
             # a pair with one unscorable candidate has no preference for the other either
@@ -220,14 +204,14 @@ class RewardFunction:
                 reasons[i + half] = reasons[i + half] or f"its pair (sample {i}) could not be scored"
         return rewards
 
-    def _score_groups(self, prompts: Sequence[Any], samples: list[Optional[Sample]],
+    def _score_groups(self, prompts: Sequence[Any], samples: list[Union[Sample, SampleError]],
                       reasons: list[Optional[str]]) -> list[Optional[float]]:
         """GRPO/RLOO's layout: the scorable completions of each group are compared with each other, all groups in
         one batched call. A comparison that cannot be made is left out (see
         :func:`~rlhf_rewards.pairwise.rewards_within_groups`)."""
         groups = []
-        for start, end in self._group_bounds(prompts):
-            members = [i for i in range(start, end) if samples[i] is not None]
+        for start, end in group_bounds(prompts, self.group_size):
+            members = [i for i in range(start, end) if isinstance(samples[i], Sample)]
             if members:
                 groups.append(members)
         rewards: list[Optional[float]] = [None] * len(samples)
@@ -238,44 +222,6 @@ class RewardFunction:
             self._scored(values, [i for g in groups for i in g], rewards, reasons)
         return rewards
 
-    def _group_bounds(self, prompts: Sequence[Any]) -> list[tuple[int, int]]:
-        """``(start, end)`` of each group: ``group_size`` consecutive samples answering one prompt, or each run of
-        identical consecutive prompts."""
-        n = len(prompts)
-        if self.group_size is None:
-            bounds, start = [], 0
-            for i in range(1, n + 1):
-                if i == n or prompts[i] != prompts[start]:
-                    bounds.append((start, i))
-                    start = i
-            return bounds
-        if n % self.group_size:
-            raise ValueError(f"{n} completions do not split into groups of group_size={self.group_size}")
-        for start in range(0, n, self.group_size):
-            for i in range(start + 1, start + self.group_size):
-                if prompts[i] != prompts[start]:
-                    raise ValueError(
-                        f"prompts[{i}] differs from prompts[{start}], the first of its group of {self.group_size}. "
-                        "Groups must be whole in every call: with several processes, make each process's batch a "
-                        "multiple of num_generations")
-        return [(s, s + self.group_size) for s in range(0, n, self.group_size)]
-
     def _log(self, log_metric: Callable[[str, float], None], delta: dict[str, float], seconds: float,
              unscored_rate: float) -> None:
         log_call_metrics(log_metric, self.__name__, delta, seconds, unscored_rate)
-
-
-def log_call_metrics(log_metric: Callable[[str, float], None], prefix: str, delta: dict[str, float],
-                     seconds: float, unscored_rate: float) -> None:
-    """Report one reward-function call's metrics under ``<prefix>/``: wall time, share of samples left unscored,
-    and, from the model's counters for the call (``delta``, as :class:`~rlhf_rewards.stats.RewardStats` names
-    them), the share of model inputs truncated, of computed tokens that were padding, and of pairwise comparisons
-    whose two orders disagreed."""
-    log_metric(f"{prefix}/seconds", seconds)
-    log_metric(f"{prefix}/unscored_rate", unscored_rate)
-    if delta.get("samples"):
-        log_metric(f"{prefix}/truncation_rate", delta["truncated"] / delta["samples"])
-    if delta.get("computed_tokens"):
-        log_metric(f"{prefix}/padding_share", 1 - delta["real_tokens"] / delta["computed_tokens"])
-    if delta.get("comparisons"):
-        log_metric(f"{prefix}/order_disagreement_rate", delta["order_disagreements"] / delta["comparisons"])

@@ -1,34 +1,15 @@
-"""What the TRL adapters share: policy prompts and completions turned into the reward model's inputs, and one lock
-per loaded reward model."""
+"""What every reward function shares, in-process (:class:`~rlhf_rewards.RewardFunction`), remote and on Ray: its
+options, the baseline column of a call, and the metrics it logs. Imports neither torch nor the backends, so the
+HTTP and Ray clients stay light."""
 
 from __future__ import annotations
 
-import threading
-import weakref
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, Optional
 
-from ..backends.base import RewardModel
-from ..conversation import Message, check_same_length
-
-_MODEL_LOCKS: weakref.WeakKeyDictionary[RewardModel, threading.Lock] = weakref.WeakKeyDictionary()
-_MODEL_LOCKS_GUARD = threading.Lock()
-
-
-def model_lock(model: RewardModel) -> threading.Lock:
-    """One lock per loaded reward model. Trainers that score from threads (AsyncGRPOTrainer scores each group in
-    ``asyncio.to_thread``) then take turns on the model, which runs one batch at a time anyway, and each call's
-    share of ``model.stats`` is its own."""
-    with _MODEL_LOCKS_GUARD:
-        return _MODEL_LOCKS.setdefault(model, threading.Lock())
-
-
-class Sample(NamedTuple):
-    """One completion ready for the reward model."""
-
-    messages: list[Message]
-    completion: str
-    baseline: Optional[str]
+from .conversation import check_same_length
+from .groups import check_group_size
+from .transforms import check_transform
 
 
 def set_options(target: Any, *, baseline_column: Optional[str], pairing: Optional[str], group_size: Optional[int],
@@ -36,17 +17,17 @@ def set_options(target: Any, *, baseline_column: Optional[str], pairing: Optiona
     """Check the reward-function options every reward function takes (in-process, remote, Ray) and set them as
     ``target``'s attributes of the same names. Options that do not go together fail at construction rather than
     mid-training."""
-    from ..pairwise import apply_transform
-
     if pairing not in (None, "group", "halves"):
         raise ValueError(f"pairing must be None, 'group' or 'halves', got {pairing!r}")
     if pairing is not None and baseline_column is not None:
         raise ValueError("give either pairing or baseline_column, not both")
-    if group_size is not None and (pairing != "group" or group_size < 1):
-        raise ValueError(f"group_size={group_size} needs pairing='group' and a positive size")
+    if group_size is not None:
+        check_group_size(group_size)
+        if pairing != "group":
+            raise ValueError(f"group_size={group_size} needs pairing='group'")
     if group_mode not in ("round-robin", "anchor"):
         raise ValueError(f"unknown group_mode {group_mode!r}; expected 'round-robin' or 'anchor'")
-    apply_transform([0.5], transform)  # rejects an unknown transform
+    check_transform(transform)
     target.baseline_column = baseline_column
     target.pairing = pairing
     target.group_size = group_size
@@ -67,3 +48,19 @@ def call_baselines(prompts: Sequence[Any], completions: Sequence[Any], baseline_
     baselines = columns[baseline_column]
     check_same_length(prompts=prompts, **{baseline_column: baselines})
     return baselines
+
+
+def log_call_metrics(log_metric: Callable[[str, float], None], prefix: str, delta: dict[str, float],
+                     seconds: float, unscored_rate: float) -> None:
+    """Report one reward-function call's metrics under ``<prefix>/``: wall time, share of samples left unscored,
+    and, from the model's counters for the call (``delta``, as :class:`~rlhf_rewards.stats.RewardStats` names
+    them), the share of model inputs truncated, of computed tokens that were padding, and of pairwise comparisons
+    whose two orders disagreed."""
+    log_metric(f"{prefix}/seconds", seconds)
+    log_metric(f"{prefix}/unscored_rate", unscored_rate)
+    if delta.get("samples"):
+        log_metric(f"{prefix}/truncation_rate", delta["truncated"] / delta["samples"])
+    if delta.get("computed_tokens"):
+        log_metric(f"{prefix}/padding_share", 1 - delta["real_tokens"] / delta["computed_tokens"])
+    if delta.get("comparisons"):
+        log_metric(f"{prefix}/order_disagreement_rate", delta["order_disagreements"] / delta["comparisons"])

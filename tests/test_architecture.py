@@ -1,0 +1,124 @@
+"""The package's import structure: no cycles, lazy imports included (a cycle dodged with a function-level import
+is still a cycle), and the package's top level loads neither torch nor transformers.
+
+Read from the source with :mod:`ast`, so every import counts, including those inside functions that a test run
+might never execute. ``if TYPE_CHECKING:`` blocks are left out: they never run.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "rlhf_rewards"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
+        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _imports(tree: ast.AST, module: str, is_package: bool, modules: set[str]) -> set[str]:
+    """The package modules ``module`` imports anywhere in its source (``from . import x`` counts as ``x``)."""
+    found: set[str] = set()
+    package = module if is_package else module.rpartition(".")[0]
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "rlhf_rewards")
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] == "rlhf_rewards":
+                for alias in node.names:
+                    sub = f"{target}.{alias.name}"
+                    found.add(sub if sub in modules else target)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    found.discard(module)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        tree = ast.parse(path.read_text(), str(path))
+        graph[name] = {m for m in _imports(tree, name, path.name == "__init__.py", set(files)) if m in files}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle as a list of modules (first repeated at the end), or ``[]``."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def dfs(node: str) -> list[str]:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                cycle = dfs(nxt)
+                if cycle:
+                    return cycle
+        stack.pop()
+        state[node] = 2
+        return []
+
+    for node in sorted(graph):
+        if node not in state:
+            cycle = dfs(node)
+            if cycle:
+                return cycle
+    return []
+
+
+def test_the_graph_reader_sees_lazy_imports_and_cycles():
+    source = "def f():\n    from .b import g\n"
+    assert _imports(ast.parse(source), "rlhf_rewards.a", False, {"rlhf_rewards.b"}) == {"rlhf_rewards.b"}
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycle_in_the_package():
+    assert find_cycle(import_graph()) == []
+
+
+def test_the_floor_imports_nothing_from_the_package():
+    graph = import_graph()
+    for floor in ("rlhf_rewards.errors", "rlhf_rewards.transforms"):
+        assert graph[floor] == set(), floor
+
+
+def test_top_level_import_and_help_load_no_torch():
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent)}
+    code = ("import sys, rlhf_rewards\n"
+            "from rlhf_rewards.cli import build_parser\n"
+            "build_parser().format_help()\n"
+            "heavy = [m for m in ('torch', 'transformers', 'httpx', 'fastapi') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
