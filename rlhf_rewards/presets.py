@@ -2,8 +2,11 @@
 
 A preset says which backend runs the model, which text format renders a conversation for it, where its tokenizer
 comes from, how its card tokenizes, truncates and pads, which position its card reads the reward from, and token ids
-that its real tokenizer must produce. Nothing model-specific lives in the backends themselves; adding a model means
-adding a preset here (and, if its text format is new, a renderer in :mod:`rlhf_rewards.rendering`).
+that its real tokenizer must produce. A backend runs a family of architectures (a sequence classifier, a backbone with
+a value head, a causal LM comparing two responses, PairRM's encoder) and reads what differs between models of that
+family from the preset: a model of a known family needs only a preset here (and, if its text format is new, a
+renderer in :mod:`rlhf_rewards.rendering`); a new family needs a backend implementing the per-sample protocol of
+:mod:`rlhf_rewards.backends.base`.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """Rendering conversations into the exact text each reward model reads.
 
-Every model's input format lives here, one renderer per ``Preset.text_format``. A renderer takes the prompt's messages
-(validated by :mod:`rlhf_rewards.conversation`), the completion text and the model's tokenizer, and returns the string
-the model card's own code would build before tokenizing.
+The scalar models' formats are one renderer each, registered per ``Preset.text_format``: a renderer takes the
+prompt's messages (validated by :mod:`rlhf_rewards.conversation`), the completion text and the model's tokenizer, and
+returns the string the model card's own code would build before tokenizing. The RLHFlow pair-PM's context and pair
+templates are here too; PairRM's source and candidate texts are built in :mod:`rlhf_rewards.backends.pairrm`, since
+its card tokenizes the parts separately rather than one rendered string.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The ``rlhf-rewards`` command. One module per subcommand; each defines ``HELP``, ``add_arguments(parser)`` and
 ``run(args) -> int`` (the exit code); a module with ``PASSTHROUGH = True`` gets the arguments it does not declare
-in ``args.rest``. Modules are imported only when their command runs, so ``--help`` stays fast
-and free of third-party start-up noise."""
+in ``args.rest``. Building the parser imports every command module, so a module imports its heavy dependencies
+(torch, transformers, the server, datasets) inside ``run`` only: ``--help`` stays fast and free of third-party
+start-up noise (tests/test_architecture.py checks that it loads no torch)."""
 
 from __future__ import annotations
 
