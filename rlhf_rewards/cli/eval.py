@@ -81,7 +81,7 @@ def summarize(subsets: list[str], margins: list[tuple]) -> dict:
 
 def evaluate(args: argparse.Namespace, spec: tuple, data) -> tuple[dict, list[tuple]]:
     """One model's results and its per-row ``(margin, error)``; the model is freed afterwards."""
-    from .scoring import RowScorer
+    from .row_scorer import RowScorer
 
     name, preset, tokenizer = spec
     model = load_model(args, name, preset, tokenizer)

@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
         skipped: list[dict] = []
         model = None
         if resumed < len(data):
-            from .scoring import RowScorer
+            from .row_scorer import RowScorer
 
             model = load_model(args, args.model, args.preset, args.tokenizer)
             scorer = RowScorer(model)

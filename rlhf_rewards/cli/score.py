@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
             print(summary(stats, args.reward_column, 0, time.perf_counter() - start, resumed, torn), file=sys.stderr)
             return 0  # nothing left to score: no need to load the model
 
-        from .scoring import RowScorer
+        from .row_scorer import RowScorer
 
         model = load_model(args, args.model, args.preset, args.tokenizer)
         scorer = RowScorer(model)
