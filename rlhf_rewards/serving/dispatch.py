@@ -27,6 +27,8 @@ PROBE_TIMEOUT = 10.0
 """Seconds a ``GET /v1/models`` probe may take (at most ``timeout``): it does no model work, so a live server
 answers it in milliseconds even while busy."""
 
+_MIN_TIMEOUT = 0.001  # a timeout of 0 would mean "none" to some transports
+
 
 class Fatal(Exception):
     """A server refused the request itself (wrong options, wrong key): retrying cannot help."""
@@ -134,7 +136,7 @@ class Dispatch:
     async def _probe(self, url: str, stop_at: Optional[float]) -> Optional[Failure]:
         timeout = min(self.fn.timeout, PROBE_TIMEOUT)
         if stop_at is not None:
-            timeout = min(timeout, max(0.0, stop_at - time.monotonic()))
+            timeout = min(timeout, max(_MIN_TIMEOUT, stop_at - time.monotonic()))
         answer = await self.fn._probe(self.client, url, timeout)
         if isinstance(answer, ServerLimits):
             self.fn._limits[url] = answer
@@ -215,10 +217,8 @@ class Dispatch:
                             pass
                         continue
                     self.sending.append(shard)
-                    try:
-                        await self._send(w, shard)
-                    finally:
-                        self.sending.remove(shard)
+                    await self._send(w, shard)  # cancelled at the deadline, the shard stays in sending: run reports it
+                    self.sending.remove(shard)
                     self._notify()
         except Fatal as err:
             self.fatal = err
@@ -240,9 +240,8 @@ class Dispatch:
         if limits.max_request_items is not None and shard.items(self.layout, limits.kind) > limits.max_request_items:
             self._split(shard, limits, f"more than the {limits.max_request_items} items {w.url} takes in one request")
             return
-        remaining = self.stop_at - time.monotonic()
-        failure = await self.fn._attempt(self.client, shard, w.url, self.payload(shard), min(self.fn.timeout, remaining),
-                                         limits)
+        timeout = min(self.fn.timeout, max(_MIN_TIMEOUT, self.stop_at - time.monotonic()))
+        failure = await self.fn._attempt(self.client, shard, w.url, self.payload(shard), timeout, limits)
         if failure is None:
             w.failures = 0
             self.stats.requests += 1
