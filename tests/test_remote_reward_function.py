@@ -86,13 +86,39 @@ def test_unscorable_samples_are_none_with_the_server_reason(models, urls, caplog
                      "a prompt must be a user turn", caplog.text)
 
 
+BAD_PROMPTS = ["Hello there", "Hello there", None, "Why?", "Why?", "Why?", [{"role": "user", "content": "Hi"}], "Hm",
+               {"role": "user", "content": "a message, not a list"}, "Hm"]
+BAD_COMPLETIONS = ["Hi!", None, "Blue.", 7, {"role": "assistant", "content": "not in a list"}, b"bytes", "Red.", "ok",
+                   "fine", 2.5]
+BAD_REFS = ["Ref."] * 6 + [None, "Ref.", "Ref.", 3]
+HALVES_PROMPTS = ["Hello there", None, "Why?", "Hm"] * 2
+HALVES_COMPLETIONS = ["Hi!", "Blue.", None, "ok", "Hey", "Red.", "Because.", {"content": "x"}]
+
+
+@pytest.mark.parametrize("preset, options", CASES)
+def test_bad_samples_are_none_remote_as_in_process(models, urls, preset, options):
+    """None, numbers, objects and bytes as prompts, completions or baselines: each such sample is None and the
+    others are scored, remote exactly as in-process (main's server refused the whole request with a 422)."""
+    prompts, completions = BAD_PROMPTS, BAD_COMPLETIONS
+    if options.get("pairing") == "halves":
+        prompts, completions = HALVES_PROMPTS, HALVES_COMPLETIONS
+    elif options.get("group_size"):
+        options = {k: v for k, v in options.items() if k != "group_size"}  # runs of equal prompts are the groups
+    columns = {"ref": BAD_REFS[:len(prompts)]} if "baseline_column" in options else {}
+    expected = RewardFunction(models[preset], **options)(prompts, completions, **columns)
+    assert None in expected and any(e is not None for e in expected)
+    remote = RemoteRewardFunction(urls[preset], api_key=KEY, **options)
+    assert_rewards(remote(prompts, completions, **columns), expected)
+    assert remote.stats.unsent == 0 and remote.stats.unscored == expected.count(None)
+
+
 def test_metrics_are_the_reward_functions(models, urls):
     for preset, options in ((SCALAR, {}), (PAIRWISE, {"pairing": "group", "group_size": 3})):
         local, remote = MetricSink(), MetricSink()
         RewardFunction(models[preset], name="rm", **options)(PROMPTS, COMPLETIONS, log_metric=local)
         RemoteRewardFunction(urls[preset][:1], api_key=KEY, name="rm", **options)(PROMPTS, COMPLETIONS,
                                                                                log_metric=remote)
-        assert remote.values.keys() == local.values.keys()
+        assert remote.values.keys() == local.values.keys() | {"rm/unsent"} and remote.values["rm/unsent"] == 0
         for name in local.values:
             if not name.endswith("/seconds"):
                 assert remote.values[name] == pytest.approx(local.values[name], abs=1e-9), name

@@ -181,7 +181,8 @@ def build_app(engine: Optional[RewardEngine], settings: Optional[ServerSettings]
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [ready_engine().describe()]}
+        engine = ready_engine()
+        return {"object": "list", "data": [{**engine.describe(), "limits": request_limits(engine, settings)}]}
 
     @app.get("/metrics")
     async def metrics():
@@ -251,6 +252,15 @@ def build_app(engine: Optional[RewardEngine], settings: Optional[ServerSettings]
     state.routes = frozenset(route.path for route in app.routes)
     app.add_middleware(_LimitsMiddleware, state=state)
     return app
+
+
+def request_limits(engine: RewardEngine, settings: ServerSettings) -> dict[str, int]:
+    """The ``limits`` of a ``/v1/models`` entry, what clients shard by: ``max_queue``, items that may wait for the
+    model at once; ``max_request_items``, the most items one request may bring; ``max_request_bytes``, the largest
+    body read. An item is what the queue counts: one model input of a scalar model (a completion, a baseline), one
+    comparison (both orders) of a pairwise model."""
+    return {"max_queue": engine.batcher.max_queue, "max_request_items": engine.batcher.max_queue,
+            "max_request_bytes": settings.max_request_bytes}
 
 
 def set_engine(app: FastAPI, engine: RewardEngine) -> None:

@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
+import math
 import random
 import ssl
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import httpx
 
+from ..conversation import normalize_completion, normalize_prompt
 from ..reward_options import call_baselines, log_call_metrics, set_options
+from .dispatch import Dispatch, Failure, Fatal, RemoteStats
+from .sharding import Layout, ServerLimits, Shard, pack
 
 logger = logging.getLogger(__name__)
 
@@ -27,26 +32,6 @@ RETRY_STATUS = frozenset({429, 502, 503, 504})
 
 _OPTIONS = ("pairing", "group_size", "group_mode", "transform", "parse_templates")
 _STAT_KEYS = ("samples", "truncated", "real_tokens", "computed_tokens", "comparisons", "order_disagreements")
-
-
-class _Fatal(Exception):
-    """A server refused the request itself (wrong options, wrong key): retrying cannot help."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-class _Shard:
-    """Sample indices sent together to one server: whole groups, and both halves of online-DPO pairs."""
-
-    def __init__(self, indices: list[int]):
-        self.indices = indices
-        self.rewards: Optional[list[Optional[float]]] = None
-        self.errors: list[Optional[str]] = []
-        self.stats: dict[str, float] = {}
-        self.failure: Optional[str] = None
-        self.url: Optional[str] = None
 
 
 class AsyncRemoteRewardFunction:
@@ -70,6 +55,8 @@ class AsyncRemoteRewardFunction:
                     group_mode=group_mode, transform=transform, parse_templates=parse_templates)
         if timeout <= 0 or max_retries < 0 or backoff < 0 or (deadline is not None and deadline <= 0):
             raise ValueError("timeout and deadline must be positive, max_retries and backoff non-negative")
+        if max_shard_size is not None and max_shard_size < 1:
+            raise ValueError(f"max_shard_size must be at least 1, got {max_shard_size}")
         self.api_key = api_key
         self.timeout = timeout
         self.max_retries = max_retries
@@ -78,174 +65,171 @@ class AsyncRemoteRewardFunction:
         self.max_backoff = max_backoff
         self.max_shard_size = max_shard_size
         self.__name__ = name or "reward_remote"
+        self.stats = RemoteStats()
+        self._limits: dict[str, ServerLimits] = {}  # per URL, from its /v1/models; dropped when it fails
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.__name__}, urls={self.urls!r})"
 
-    # -- sharding -------------------------------------------------------------------------------------------------
-    def _units(self, prompts: Sequence[Any]) -> list[list[int]]:
-        """The smallest sets of samples that must be scored together, in order."""
-        n = len(prompts)
-        if self.pairing == "halves" and n % 2 == 0:
-            half = n // 2
-            return [[i, i + half] for i in range(half)]
-        if self.pairing == "group":
-            if self.group_size is not None:
-                if n % self.group_size:
-                    return [list(range(n))]  # the server explains what is wrong with the layout
-                return [list(range(s, s + self.group_size)) for s in range(0, n, self.group_size)]
-            units: list[list[int]] = []
-            for i in range(n):
-                if units and prompts[i] == prompts[units[-1][0]]:
-                    units[-1].append(i)
-                else:
-                    units.append([i])
-            return units
-        if self.pairing == "halves":
-            return [list(range(n))]
-        return [[i] for i in range(n)]
+    def __getstate__(self) -> dict[str, Any]:
+        # what a server said of its limits may be stale where the copy runs; the copy asks again
+        return {**self.__dict__, "_limits": {}}
 
-    def _shards(self, prompts: Sequence[Any]) -> list[_Shard]:
-        units = self._units(prompts)
-        count = max(1, min(len(self.urls), len(units)))
-        size = -(-len(prompts) // count)
-        if self.max_shard_size:
-            size = min(size, self.max_shard_size)
-        shards: list[list[int]] = [[]]
-        for unit in units:
-            if shards[-1] and len(shards[-1]) + len(unit) > size:
-                shards.append([])
-            shards[-1].extend(unit)
-        if self.pairing == "halves" and len(prompts) % 2 == 0:
-            # units are (i, i + n/2) pairs; each shard keeps online DPO's layout: first candidates, then second ones
-            shards = [s[0::2] + s[1::2] for s in shards]
-        return [_Shard(s) for s in shards if s]
+    def deadline_for(self, requests: int) -> float:
+        """Seconds a call sending ``requests`` requests may take: ``deadline`` when given, else ``timeout`` for each
+        request a server must answer in turn, one more ``timeout`` for a failover, and ``max_backoff``."""
+        if self.deadline is not None:
+            return self.deadline
+        return self.timeout * (math.ceil(requests / len(self.urls)) + 1) + self.max_backoff
 
     # -- HTTP -----------------------------------------------------------------------------------------------------
-    def _payload(self, shard: _Shard, prompts, completions, baselines) -> dict[str, Any]:
-        body: dict[str, Any] = {"prompts": [prompts[i] for i in shard.indices],
-                                "completions": [completions[i] for i in shard.indices]}
-        if baselines is not None:
-            body["baselines"] = [baselines[i] for i in shard.indices]
-        for option in _OPTIONS:
-            body[option] = getattr(self, option)
-        return body
-
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def _wait(self, attempt: int, retry_after: Optional[float]) -> float:
-        ceiling = min(self.max_backoff, self.backoff * 2 ** attempt)
-        wait = ceiling / 2 + random.uniform(0, ceiling / 2)  # jitter: ranks that failed together retry apart
+    def _wait(self, failures: int, retry_after: Optional[float]) -> float:
+        """Seconds to wait after ``failures + 1`` failures in a row: exponential, with jitter so that ranks that
+        failed together retry apart, at least the server's ``Retry-After`` (up to ``max_backoff``)."""
+        ceiling = min(self.max_backoff, self.backoff * 2 ** failures)
+        wait = ceiling / 2 + random.uniform(0, ceiling / 2)
         return max(wait, min(retry_after or 0.0, self.max_backoff))
 
-    async def _send(self, client: Any, shard: _Shard, start_url: int, body: dict[str, Any],
-                    stop_at: float) -> None:
-        """Score one shard: attempts (:meth:`_attempt`, each on the next URL) with backoff until one fills the shard,
-        the retries run out or ``stop_at`` passes; then ``shard.failure`` says why."""
-        last = "no attempt made"
-        for attempt in range(self.max_retries + 1):
-            remaining = stop_at - time.monotonic()
-            if remaining <= 0:
-                break
-            failure, retry_after = await self._attempt(client, shard, start_url + attempt, body, remaining)
-            if failure is None:
-                return
-            last = failure
-            logger.info("%s: attempt %d for %d samples failed (%s)", self.__name__, attempt + 1,
-                        len(shard.indices), last)
-            if attempt < self.max_retries:
-                await asyncio.sleep(min(self._wait(attempt, retry_after), max(0.0, stop_at - time.monotonic())))
-        shard.failure = last
-
-    async def _attempt(self, client: httpx.AsyncClient, shard: _Shard, url_index: int, body: dict[str, Any],
-                       remaining: float) -> tuple[Optional[str], Optional[float]]:
-        """One try at ``shard`` on URL ``url_index`` (modulo their number): ``(None, None)`` once the shard is
-        filled, else why it failed and the server's ``Retry-After`` in seconds. Raises :class:`_Fatal` for an answer
-        no retry can change."""
-        url = self.urls[url_index % len(self.urls)]
+    async def _probe(self, client: httpx.AsyncClient, url: str, timeout: float) -> Union[ServerLimits, Failure]:
+        """What ``url`` takes per request (``GET /v1/models``), or why it did not say. A server without that route
+        takes requests with no limit known; a wrong key raises :class:`Fatal`."""
         try:
-            response = await client.post(f"{url}/v1/rewards", json=body, headers=self._headers(),
-                                         timeout=min(self.timeout, remaining))
+            response = await client.get(f"{url}/v1/models", headers=self._headers(), timeout=timeout)
+        except httpx.TransportError as err:
+            return Failure(f"{url}: {type(err).__name__}: {err}")
+        if response.status_code in (401, 403):
+            raise Fatal(response.status_code, f"{url} answered {response.status_code}: {response.text[:2000]}")
+        if response.status_code in RETRY_STATUS:
+            return Failure(f"{url} answered {response.status_code} to GET /v1/models",
+                           _seconds(response.headers.get("retry-after")))
+        try:
+            return ServerLimits.parse(response.json() if response.status_code == 200 else None)
+        except ValueError:
+            return ServerLimits()
+
+    async def _attempt(self, client: httpx.AsyncClient, shard: Shard, url: str, body: dict[str, Any],
+                       timeout: float, limits: ServerLimits) -> Optional[Failure]:
+        """One try at ``shard`` on ``url``: ``None`` once the shard is filled, else why not. Raises :class:`Fatal`
+        for an answer no retry can change."""
+        content = json.dumps(body, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        if limits.max_request_bytes is not None and len(content) > limits.max_request_bytes:
+            return Failure(f"its request body is {len(content)} bytes, more than the {limits.max_request_bytes} "
+                           f"{url} reads (its --max-request-mb)", too_large=True)
+        headers = {**self._headers(), "Content-Type": "application/json"}
+        try:
+            response = await client.post(f"{url}/v1/rewards", content=content, headers=headers, timeout=timeout)
             if response.status_code == 200:
                 data = response.json()
-                rewards = data["rewards"]
-                if len(rewards) != len(shard.indices):
+                rewards, errors = data["rewards"], data.get("errors") or [None] * len(data["rewards"])
+                if len(rewards) != len(shard.indices) or len(errors) != len(rewards):
                     raise ValueError(f"{len(rewards)} rewards for {len(shard.indices)} samples")
-                shard.rewards, shard.errors = rewards, data.get("errors") or [None] * len(rewards)
+                if not all(r is None or (isinstance(r, (int, float)) and not isinstance(r, bool)) for r in rewards):
+                    raise ValueError("rewards that are not numbers")
+                shard.rewards, shard.errors = [None if r is None else float(r) for r in rewards], errors
                 shard.stats = data.get("stats") or {}
                 shard.url = url
-                return None, None
+                return None
+            if response.status_code == 413:
+                return Failure(f"{url} answered 413: {response.text[:500]}", too_large=True, refresh=True)
             if response.status_code not in RETRY_STATUS:
-                raise _Fatal(response.status_code, f"{url} answered {response.status_code}: "
-                                                   f"{response.text[:2000]}")
-            return f"{url} answered {response.status_code}", _seconds(response.headers.get("retry-after"))
+                raise Fatal(response.status_code, f"{url} answered {response.status_code}: {response.text[:2000]}")
+            return Failure(f"{url} answered {response.status_code}: {response.text[:200]}",
+                           _seconds(response.headers.get("retry-after")), alive=True)
         except (httpx.TransportError, ValueError, KeyError, TypeError) as err:
             # connection refused/reset, timeouts, a server that died mid-answer or answered garbage
-            return f"{url}: {type(err).__name__}: {err}", None
+            return Failure(f"{url}: {type(err).__name__}: {err}")
 
     # -- the call -------------------------------------------------------------------------------------------------
     async def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None,
                        **kwargs: Any) -> list[Optional[float]]:
         """Rewards for TRL: one float (or ``None``) per completion, in order, as the in-process
         :class:`~rlhf_rewards.RewardFunction` with the same options gives them. ``None`` marks a sample the server
-        could not score (reason logged) or one no server scored before the deadline."""
+        could not score (reason logged as a warning) or one no server scored (reason logged as an error)."""
         baselines = call_baselines(prompts, completions, self.baseline_column, kwargs)
         start = time.monotonic()
-        stop_at = start + (self.deadline if self.deadline is not None
-                           else (self.timeout + self.max_backoff) * (self.max_retries + 1))
-        shards = self._shards(prompts)
+        sent = {"prompts": _sendable(prompts, "prompts", normalize_prompt),
+                "completions": _sendable(completions, "completions", normalize_completion)}
+        if baselines is not None:
+            sent["baselines"] = _sendable(baselines, self.baseline_column, normalize_completion)
+        unsendable: dict[int, str] = {}
+        for _, bad in sent.values():
+            for i, why in bad.items():
+                unsendable.setdefault(i, why)
+        layout = Layout(self.pairing, self.group_size, self.group_mode, baselines is not None)
+        units, whole = layout.units(prompts)
+        options = {option: getattr(self, option) for option in _OPTIONS}
+
+        def payload(shard: Shard) -> dict[str, Any]:
+            indices = shard.indices
+            return {**{key: [values[i] for i in indices] for key, (values, _) in sent.items()}, **options}
+
         async with httpx.AsyncClient(verify=_ssl_context()) as client:
-            await asyncio.gather(*(self._send(client, shard, k, self._payload(shard, prompts, completions, baselines),
-                                              stop_at) for k, shard in enumerate(shards)))
-        rewards: list[Optional[float]] = [None] * len(prompts)
-        reasons: dict[int, str] = {}
-        totals = dict.fromkeys(_STAT_KEYS, 0.0)
-        for shard in shards:
-            if shard.rewards is None:
-                for i in shard.indices:
-                    reasons[i] = f"no server scored it before the deadline: {shard.failure}"
-                continue
-            for local, (i, r, e) in enumerate(zip(shard.indices, shard.rewards, shard.errors)):
-                rewards[i] = r
-                if r is None:  # the server's reason names the sample's index in the request it was sent in
-                    reasons[i] = f"{shard.url}, sample {local} of its request: {e or 'no reward returned'}"
-            for key in _STAT_KEYS:
-                totals[key] += float(shard.stats.get(key, 0.0))
+            dispatch = Dispatch(self, client, layout, payload)
+            shards: list[Shard] = []
+            if units:
+                down = await dispatch.probe(None if self.deadline is None else start + self.deadline)
+                # a batch without its pairing's layout goes whole, for the server to say what is wrong
+                limits = dispatch.limits() if whole else ServerLimits()
+                shards, dispatch.refused = pack(units, layout, self.pairing == "halves" and whole,
+                                                shards=len(self.urls), max_samples=self.max_shard_size,
+                                                limits=limits)
+                deadline = self.deadline_for(len(shards))
+                await dispatch.run(shards, down, start + deadline, deadline)
+        rewards, reasons, unsent, totals = _collect(len(prompts), dispatch, unsendable)
+        stats = dispatch.stats
+        stats.calls, stats.samples, stats.unscored, stats.unsent = 1, len(prompts), len(reasons), len(unsent)
+        self.stats.add(stats)
         if reasons:
-            logger.warning("%s: %d of %d samples not scored:\n%s", self.__name__, len(reasons), len(rewards),
-                           "\n".join(f"  sample {i}: {reasons[i]}" for i in sorted(reasons)))
+            _log_unscored(self.__name__, len(rewards), reasons, unsent)
         log_metric = kwargs.get("log_metric")
         if log_metric is not None:
             log_call_metrics(log_metric, self.__name__, totals, time.monotonic() - start,
                              len(reasons) / max(len(rewards), 1))
+            log_metric(f"{self.__name__}/unsent", float(len(unsent)))
         return rewards
 
 
 class RemoteRewardFunction(AsyncRemoteRewardFunction):
     """A TRL reward function (``reward_funcs=[...]``) scored by ``rlhf-rewards serve`` servers' ``/v1/rewards``.
 
-    Each call sends the batch as a few large requests, one per server (``pairing="group"`` groups and online-DPO
-    pairs are never split), and returns exactly what :class:`~rlhf_rewards.RewardFunction` with the same options
-    returns in-process: one float per completion, ``None`` for a sample that could not be scored.
+    Each call sends the batch as a few large requests, about one per server, and returns exactly what
+    :class:`~rlhf_rewards.RewardFunction` with the same options returns in-process: one float per completion,
+    ``None`` for a sample that could not be scored. ``pairing="group"`` groups and online-DPO pairs are never split
+    across requests. Each server says in ``GET /v1/models`` (asked once per URL, again after a failure or a 413)
+    how many items it takes per request (an item is one model input of a scalar model, one comparison of a
+    pairwise model: a round-robin group of ``G`` is ``G(G-1)/2``) and how many bytes; larger batches go in more
+    requests, one at a time per server. A group or pair larger than that is ``None``, its reason logged.
 
     Args:
-        urls: one base URL (``"http://rm-node:8000"``) or several; the batch is sharded across them.
+        urls: one base URL (``"http://rm-node:8000"``) or several; the batch is sharded across them. Each URL has
+            one request in flight at a time; a request that fails goes to whichever server is free next, and a
+            server that does not answer is asked ``GET /v1/models`` (a cheap probe) until it does, rather than given
+            more work.
         api_key: sent as ``Authorization: Bearer <api_key>``.
-        timeout: seconds one HTTP attempt may take.
-        max_retries: further attempts per shard after a connection error, a timeout or a 429/502/503/504, each on
-            the next URL, after an exponential backoff (``backoff * 2**attempt`` seconds, at most ``max_backoff``,
-            with jitter; a ``Retry-After`` is honoured). Other answers (a 401, a 422 for options the model cannot
-            use) raise ``RuntimeError``: retrying cannot fix them.
-        deadline: seconds a call may take in all; samples not scored by then are ``None`` (reason logged), so the
-            training step goes on. Default: enough for every retry to time out.
+        timeout: seconds one HTTP request may take (a probe: at most 10 s).
+        max_retries: further attempts per request after a connection error, a timeout or a 429/502/503/504, on the
+            next free server, after an exponential backoff (``backoff * 2**failures`` seconds, at most
+            ``max_backoff``, with jitter; a ``Retry-After`` is honoured); a server that failed ``max_retries + 1``
+            times in a row (probes included) gets no more work in this call. Other answers (a 401, a 422 for
+            options the model cannot use) raise ``RuntimeError`` / ``ValueError``: retrying cannot fix them.
+        deadline: seconds a call may take in all; samples not scored by then are ``None`` (logged as an error),
+            so the training step goes on. Default: ``(k + 1) * timeout + max_backoff``, where ``k`` is how many
+            requests each server must answer in turn (1 unless the batch is more than the servers take per
+            request): the time for every request to take its full timeout plus one failover that does too. With
+            the defaults and one request per server: 250 s.
         max_shard_size: at most this many samples per request (default: the batch split evenly over the URLs).
         name: the function's ``__name__``, TRL's logging key (default ``"reward_remote"``).
         baseline_column, pairing, group_size, group_mode, transform, parse_templates: as for
             :class:`~rlhf_rewards.RewardFunction`.
 
-    It pickles as its configuration (no connection is held between calls). ``log_metric``, when the trainer passes
-    it, receives the same metrics as :class:`~rlhf_rewards.RewardFunction`'s, from the servers' counters.
+    ``stats`` (:class:`~rlhf_rewards.serving.dispatch.RemoteStats`) counts, over all calls, the samples returned
+    as ``None`` and those no server scored, requests, failed attempts and splits. ``log_metric``, when the trainer
+    passes it, receives the same metrics as :class:`~rlhf_rewards.RewardFunction`'s, from the servers' counters,
+    plus ``<name>/unsent``: samples of the call no server scored. It pickles as its configuration (no connection
+    is held between calls).
     """
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None,
@@ -275,7 +259,7 @@ class RemoteRewardFunction(AsyncRemoteRewardFunction):
 def _run(call):
     try:
         return asyncio.run(call)
-    except _Fatal as err:
+    except Fatal as err:
         # a 422 is what RewardFunction raises ValueError for in-process (e.g. a batch not made of whole groups)
         raise (ValueError if err.status == 422 else RuntimeError)(str(err)) from None
 
@@ -291,3 +275,85 @@ def _seconds(value: Optional[str]) -> Optional[float]:
         return float(value) if value is not None else None
     except ValueError:
         return None
+
+
+def _sendable(values: Sequence[Any], name: str, normalize: Callable[[Any, str], Any]
+              ) -> tuple[list[Any], dict[int, str]]:
+    """``values`` as they can go into a JSON body: one that cannot (bytes, an object, a lone surrogate, NaN) goes
+    as ``null``, which the server reports per sample, and its reason is the one scoring in-process gives (else
+    why it cannot be sent)."""
+    out, bad = list(values), {}
+    for i, value in enumerate(values):
+        try:
+            if isinstance(value, str):
+                value.encode("utf-8")
+            else:
+                json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+            continue
+        except (TypeError, ValueError, RecursionError) as err:  # UnicodeEncodeError is a ValueError
+            problem = f"{name}[{i}]: cannot be sent to the server as JSON ({type(err).__name__}: {err})"
+        try:
+            normalize(value, f"{name}[{i}]")
+        except (ValueError, TypeError) as err:
+            problem = str(err)
+        out[i], bad[i] = None, problem
+    return out, bad
+
+
+def _collect(n: int, dispatch: Dispatch, unsendable: dict[int, str]
+             ) -> tuple[list[Optional[float]], dict[int, str], set[int], dict[str, float]]:
+    """The call's rewards in order, the reason of each ``None``, the samples no server scored, and the servers'
+    counters summed."""
+    rewards: list[Optional[float]] = [None] * n
+    reasons: dict[int, str] = {}
+    unsent: set[int] = set()
+    totals = dict.fromkeys(_STAT_KEYS, 0.0)
+    for shard in dispatch.done:
+        if shard.rewards is None:
+            for i in shard.indices:
+                reasons[i] = shard.failure or "no server scored it"
+                unsent.add(i)
+            continue
+        for local, (i, r, e) in enumerate(zip(shard.indices, shard.rewards, shard.errors)):
+            rewards[i] = r
+            if r is None:  # the server's reason names the sample's index in the request it was sent in
+                reasons[i] = f"{shard.url}, sample {local} of its request: {e or 'no reward returned'}"
+        for key in _STAT_KEYS:
+            totals[key] += float(shard.stats.get(key, 0.0))
+    for unit, why in dispatch.refused:
+        for i in unit:
+            reasons[i] = why
+            unsent.add(i)
+    for i, why in unsendable.items():
+        if rewards[i] is None:
+            reasons[i] = why
+    return rewards, reasons, unsent, totals
+
+
+def _log_unscored(name: str, n: int, reasons: dict[int, str], unsent: set[int]) -> None:
+    """One record for the call: an error when some samples reached no server or none was scored (the training step
+    runs without those rewards), a warning when the server found samples it cannot score, as in-process."""
+    level = logging.ERROR if unsent or len(reasons) == n else logging.WARNING
+    lost = f" ({len(unsent)} got no answer from any server)" if unsent else ""
+    by_reason: dict[str, list[int]] = {}
+    for i in sorted(reasons):
+        by_reason.setdefault(reasons[i], []).append(i)
+    lines = [f"  {_ranges(indices)}: {why}" for why, indices in by_reason.items()]
+    logger.log(level, "%s: %d of %d samples not scored, returned as None%s:\n%s", name, len(reasons), n, lost,
+               "\n".join(lines))
+
+
+def _ranges(indices: list[int]) -> str:
+    """``sample 3`` or ``samples 0-7, 9`` for sorted indices."""
+    if len(indices) == 1:
+        return f"sample {indices[0]}"
+    spans: list[str] = []
+    start = prev = indices[0]
+    for i in indices[1:] + [None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        spans.append(str(start) if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return "samples " + ", ".join(spans)

@@ -30,7 +30,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.middleware import Middleware
 
 from . import contracts
-from .app import ServerSettings, build_app
+from .app import ServerSettings, build_app, request_limits
 from .engine import RewardEngine
 from .ray_client import AsyncRayRewardFunction, RayRewardFunction
 from .schemas import RewardsRequest
@@ -215,7 +215,7 @@ class RewardReplica:
     async def models(self) -> dict[str, Any]:
         """``/v1/models``: the plain server's entry plus ``replicas`` (running replicas of this deployment) and
         ``replica`` (the one answering)."""
-        entry = self.engine.describe()
+        entry = {**self.engine.describe(), "limits": request_limits(self.engine, self.settings)}
         entry["replicas"] = await asyncio.to_thread(self._running_replicas)
         entry["replica"] = self.replica_id
         return {"object": "list", "data": [entry]}

@@ -9,12 +9,15 @@ the same sharding (groups and online-DPO pairs kept whole), the same retries wit
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
-from .client import AsyncRemoteRewardFunction, RemoteRewardFunction, _Fatal, _Shard
+from .batcher import QueueFull
+from .client import AsyncRemoteRewardFunction, RemoteRewardFunction
+from .dispatch import Failure, Fatal
+from .sharding import ServerLimits, Shard
 
 _HANDLE = "http://ray-serve-deployment-handle"
 """What stands in :class:`AsyncRemoteRewardFunction`'s URL list: one entry per shard, all sent to the handle."""
@@ -38,27 +41,38 @@ class AsyncRayRewardFunction(AsyncRemoteRewardFunction):
         return (f"{type(self).__name__}({self.__name__}, app={self.handle.app_name!r}, "
                 f"deployment={self.handle.deployment_name!r}, shards={len(self.urls)})")
 
-    async def _attempt(self, client: Any, shard: _Shard, url_index: int, body: dict[str, Any], remaining: float
-                       ) -> tuple[Optional[str], Optional[float]]:
+    async def _probe(self, client: Any, url: str, timeout: float) -> Union[ServerLimits, Failure]:
+        """What a replica takes per request (its ``models``), or why the handle did not say."""
+        response = self.handle.models.remote()
+        try:
+            return ServerLimits.parse(await asyncio.wait_for(response, timeout))
+        except Exception as err:  # noqa: BLE001 - a lost replica, a timeout: probe again later
+            response.cancel()
+            return Failure(f"{self.handle.deployment_name}: {type(err).__name__}: {err}")
+
+    async def _attempt(self, client: Any, shard: Shard, url: str, body: dict[str, Any], timeout: float,
+                       limits: ServerLimits) -> Optional[Failure]:
         """One try through the handle (Ray Serve's router picks the replica); see the HTTP client's ``_attempt``."""
         response = self.handle.rewards.remote(body)
         try:
-            data = await asyncio.wait_for(response, min(self.timeout, remaining))
+            data = await asyncio.wait_for(response, timeout)
             rewards = data["rewards"]
             if len(rewards) != len(shard.indices):
                 raise RuntimeError(f"{len(rewards)} rewards for {len(shard.indices)} samples")
             shard.rewards, shard.errors, shard.stats = rewards, data["errors"], data["stats"]
             shard.url = f"replica {data['replica']} of {self.handle.app_name}"  # names it in the reasons logged
-            return None, None
+            return None
         except RayTaskError as err:
+            if isinstance(err.cause, QueueFull):
+                return Failure(f"the replica is busy: {err.cause}", alive=True)
             if isinstance(err.cause, ValueError):
                 # the replica refused the request itself (options the model cannot use, groups not whole):
                 # in-process this is RewardFunction's ValueError, and no retry can fix it
-                raise _Fatal(422, f"{self.handle.deployment_name}: {err.cause}") from None
-            return f"the replica failed: {type(err.cause).__name__}: {err.cause}", None
+                raise Fatal(422, f"{self.handle.deployment_name}: {err.cause}") from None
+            return Failure(f"the replica failed: {type(err.cause).__name__}: {err.cause}")
         except Exception as err:  # noqa: BLE001 - a lost replica, a timeout: retry
             response.cancel()
-            return f"{type(err).__name__}: {err}", None
+            return Failure(f"{type(err).__name__}: {err}")
 
 
 class RayRewardFunction(AsyncRayRewardFunction, RemoteRewardFunction):

@@ -55,11 +55,15 @@ class CompareRequest(_Strict):
 
 
 class RewardsRequest(_Strict):
-    """``POST /v1/rewards``: a :class:`~rlhf_rewards.RewardFunction` call (its options, one batch)."""
+    """``POST /v1/rewards``: a :class:`~rlhf_rewards.RewardFunction` call (its options, one batch).
 
-    prompts: list[Text]
-    completions: list[Text]
-    baselines: Optional[list[Text]] = None
+    Each sample's values may be any JSON: as in-process, a sample that is not a prompt and completion (``null``, a
+    number, an object) is one ``null`` reward with its reason in ``errors``, and the others are scored. Only the
+    request's shape (lists of equal length, the options) is a 422."""
+
+    prompts: list[Any]
+    completions: list[Any]
+    baselines: Optional[list[Any]] = None
     pairing: Optional[Literal["group", "halves"]] = None
     group_size: Optional[StrictInt] = Field(default=None, ge=1)
     group_mode: Literal["round-robin", "anchor"] = "round-robin"
