@@ -58,9 +58,8 @@ def __getattr__(name: str):
     except ImportError as err:
         if module != ".serving.client":
             raise
-        raise ImportError(f"rlhf_rewards.{name} needs the 'serve' extra: pip install -e \".[serve]\" in a "
-                          f"checkout ({err})") from err
-    globals()[name] = value
+        raise ImportError(f"rlhf_rewards.{name} needs the 'serve' extra, rlhf-rewards[serve] (in a checkout: "
+                          f"pip install -e \".[serve]\") ({err})") from err
     return value
 
 

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ..groups import group_bounds, halves
+
 
 @dataclass(frozen=True)
 class ServerLimits:
@@ -70,25 +72,15 @@ class Layout:
         """The smallest sets of samples that must be scored together, in order, and whether the batch has the
         layout its pairing needs (when not, it is one unit, sent whole: the server says what is wrong, as
         :class:`~rlhf_rewards.RewardFunction` does in-process)."""
-        n = len(prompts)
-        if self.pairing == "halves":
-            if n % 2:
-                return [list(range(n))], False
-            half = n // 2
-            return [[i, i + half] for i in range(half)], True
-        if self.pairing == "group":
-            if self.group_size is not None:
-                if n % self.group_size:
-                    return [list(range(n))], False
-                return [list(range(s, s + self.group_size)) for s in range(0, n, self.group_size)], True
-            units: list[list[int]] = []
-            for i in range(n):
-                if units and prompts[i] == prompts[units[-1][0]]:
-                    units[-1].append(i)
-                else:
-                    units.append([i])
-            return units, True
-        return [[i] for i in range(n)], True
+        try:
+            if self.pairing == "halves":
+                half = halves(prompts)
+                return [[i, i + half] for i in range(half)], True
+            if self.pairing == "group":
+                return [list(range(start, end)) for start, end in group_bounds(prompts, self.group_size)], True
+        except ValueError:
+            return [list(range(len(prompts)))], False
+        return [[i] for i in range(len(prompts))], True
 
     def items(self, unit: Sequence[int], kind: Optional[str]) -> int:
         """What ``unit`` adds to a server's queue at most (the server scores each distinct text or pair once, so it
