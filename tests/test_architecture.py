@@ -122,3 +122,94 @@ def test_top_level_import_and_help_load_no_torch():
             "assert not heavy, heavy\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def _backend_private_names() -> set[str]:
+    """Every underscore name the backends' classes define (methods and attributes set on ``self``)."""
+    names: set[str] = set()
+    for path in (PACKAGE / "backends").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("_"):
+                names.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self" \
+                    and node.attr.startswith("_"):
+                names.add(node.attr)
+    return {n for n in names if not (n.startswith("__") and n.endswith("__"))}
+
+
+def private_uses_outside_backends() -> list[str]:
+    """``module:line: what`` for each import of a private name from another package module, and each use of a name
+    private to the backends' classes on anything but ``self``, in the package outside ``backends/``."""
+    private = _backend_private_names()
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if "backends" in path.relative_to(PACKAGE).parts:
+            continue
+        where = path.relative_to(PACKAGE.parent)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("rlhf_rewards")):
+                found += [f"{where}:{node.lineno}: imports {a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+            elif isinstance(node, ast.Attribute) and node.attr in private and \
+                    not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")) and \
+                    not (isinstance(node.value, ast.Call) and getattr(node.value.func, "id", "") == "super"):
+                found.append(f"{where}:{node.lineno}: uses .{node.attr}")
+    return found
+
+
+def test_nothing_above_the_backends_reaches_into_a_model():
+    assert private_uses_outside_backends() == []
+
+
+FLOORS = (
+    # 0: facts and numbers, no model
+    ("rlhf_rewards", "errors", "transforms", "stats", "presets", "groups", "sources", "conversation", "rewardbench"),
+    # 1: text and inputs: parsing, rendering, tokenizing, batching, reward-function options
+    ("chat_parsing", "rendering", "tokenization", "batching", "reward_options"),
+    # 2: the models
+    ("backends", "loading"),
+    # 3: built on any model through its per-sample protocol; tiny checkpoints
+    ("pairwise", "testing"),
+    # 4: TRL adapters
+    ("trainers",),
+    # 5: the server and its clients
+    ("serving",),
+    # 6: the command line
+    ("cli", "__main__"),
+)
+"""docs/architecture.md's floors, by top-level name under ``rlhf_rewards``: a module imports only from its own floor
+or the floors below it."""
+
+
+def floor_of(module: str) -> int:
+    parts = module.split(".")
+    name = parts[1] if len(parts) > 1 else "rlhf_rewards"
+    for level, names in enumerate(FLOORS):
+        if name in names:
+            return level
+    raise AssertionError(f"{module} is on no floor: add it to FLOORS and to docs/architecture.md")
+
+
+def test_imports_run_one_way_down_the_floors():
+    upward = [f"{a} (floor {floor_of(a)}) imports {b} (floor {floor_of(b)})"
+              for a, targets in sorted(import_graph().items()) for b in sorted(targets) if floor_of(b) > floor_of(a)]
+    assert upward == []
+
+
+def test_the_floors_are_the_documented_ones():
+    doc = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    for level, names in enumerate(FLOORS):
+        row = next((line for line in doc.splitlines() if line.startswith(f"| {level} |")), "")
+        for name in names:
+            assert f"`{name}`" in row, f"docs/architecture.md: floor {level} should list `{name}`"
+
+
+def test_the_clients_load_neither_torch_nor_the_models():
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent)}
+    code = ("import sys\n"
+            "import rlhf_rewards.serving.client, rlhf_rewards.serving.ray_client\n"
+            "heavy = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')\n"
+            "         or m.startswith(('rlhf_rewards.backends', 'rlhf_rewards.trainers'))]\n"
+            "assert not heavy, heavy\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

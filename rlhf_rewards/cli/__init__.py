@@ -1,6 +1,5 @@
 """The ``rlhf-rewards`` command. One module per subcommand; each defines ``HELP``, ``add_arguments(parser)`` and
-``run(args) -> int`` (the exit code); a module with ``PASSTHROUGH = True`` gets the arguments it does not declare
-in ``args.rest``. Building the parser imports every command module, so a module imports its heavy dependencies
+``run(args) -> int`` (the exit code). Building the parser imports every command module, so a module imports its heavy dependencies
 (torch, transformers, the server, datasets) inside ``run`` only: ``--help`` stays fast and free of third-party
 start-up noise (tests/test_architecture.py checks that it loads no torch)."""
 
@@ -23,20 +22,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         module = importlib.import_module(f"{__name__}.{name}")
-        command = sub.add_parser(name, help=module.HELP, description=module.HELP,
-                                 add_help=not getattr(module, "PASSTHROUGH", False))
+        command = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(command)
-        command.set_defaults(_run=module.run, _passthrough=getattr(module, "PASSTHROUGH", False))
+        command.set_defaults(handler=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    if rest and not getattr(args, "_passthrough", False):
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    args.rest = rest
-    return args._run(args)
+    args = parser.parse_args(argv)
+    return args.handler(args)
 
 
 if __name__ == "__main__":
