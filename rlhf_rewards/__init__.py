@@ -9,7 +9,8 @@ The main entry points:
   group of completions into rewards.
 """
 
-from .backends.base import PairwiseRewardModel, RewardModel, ScalarModelBase, TooLongError
+from .backends.base import PairwiseRewardModel, RewardModel, ScalarModelBase
+from .backends.sample_errors import NonFiniteRewardError, TooLongError
 from .conversation import SampleError
 from .trainers import PPORewardAdapter, RewardFunction
 from .loading import load_reward_model
@@ -38,6 +39,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "AsyncRemoteRewardFunction",
+    "NonFiniteRewardError",
     "PPORewardAdapter",
     "PairwiseRewardModel",
     "Preset",

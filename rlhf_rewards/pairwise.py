@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Union
 
-from .backends.base import raise_first
+from .backends.sample_errors import raise_first
 from .conversation import (CompletionInput, Message, PromptInput, SampleError, check_same_length, normalize_completion,
                            normalize_prompt)
 
@@ -53,6 +53,18 @@ def apply_transform(probabilities: Sequence[float], transform: Transform = "logo
     raise ValueError(f"unknown transform {transform!r}; expected 'probability', 'centered' or 'logodds'")
 
 
+def check_group_size(group_size: object, name: str = "group_size") -> int:
+    """``group_size`` if it is a whole number of completions per prompt, at least 2; else ``ValueError`` naming
+    ``name``. A group of one has nothing to be compared with: every reward would be the tie value."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise ValueError(f"{name} must be a whole number of completions per prompt (the trainer's "
+                         f"num_generations), got {group_size!r} ({type(group_size).__name__})")
+    if group_size < 2:
+        raise ValueError(f"{name} must be at least 2, got {group_size}: a group of one has nothing to be compared "
+                         "with, so every reward would be the tie value")
+    return group_size
+
+
 def _prompt_of(model, prompt: PromptInput, where: str) -> tuple[list[Message], str]:
     """The prompt's messages and chat format as ``model`` reads them (its ``parse_templates`` rule); any other
     object with ``kind`` and ``compare``/``score`` gets the prompt validated as it is."""
@@ -63,8 +75,7 @@ def _prompt_of(model, prompt: PromptInput, where: str) -> tuple[list[Message], s
 def _group_messages(model, prompts: Sequence[PromptInput], group_size: int) -> list[list[Message]]:
     """Each group's prompt as messages, every prompt validated (and parsed, when the model parses templated
     prompts) once; raises unless each group's prompts are the same conversation."""
-    if group_size < 1:
-        raise ValueError(f"group_size must be positive, got {group_size}")
+    check_group_size(group_size)
     if len(prompts) % group_size:
         raise ValueError(f"{len(prompts)} completions do not split into groups of {group_size}")
     groups = []
@@ -105,7 +116,7 @@ def _preference_samples(model, items: Sequence[tuple[list[Message], str, str]]
     for m, a, b in items:
         ra, rb = rewards[index[id(m), a]], rewards[index[id(m), b]]
         bad = next((r for r in (ra, rb) if isinstance(r, SampleError)), None)
-        out.append(SampleError(len(out), str(bad), "pair" if bad.about != "prompt" else "prompt") if bad
+        out.append(type(bad)(len(out), str(bad), "pair" if bad.about != "prompt" else "prompt") if bad
                    else _sigmoid(ra - rb))
     return out
 
@@ -243,7 +254,7 @@ def rewards_within_groups(model, prompts: Sequence[list[Message]], groups: Seque
         for u in grp.of:
             k = len(out)
             if not made[g][u] and (g, u) in failed:
-                out.append(SampleError(k, str(failed[g, u]), failed[g, u].about))
+                out.append(type(failed[g, u])(k, str(failed[g, u]), failed[g, u].about))
             else:
                 out.append(total[g][u] / weight[g][u] if weight[g][u] else tie)
     return out
@@ -256,9 +267,10 @@ def group_rewards(model, prompts: Sequence[PromptInput], completions: Sequence[C
     ``"round-robin"``: each completion's reward is the mean of ``transform(P(it beats k))`` over the other members
     ``k`` of its group; ``n(n-1)/2`` comparisons per group (each in both orders). ``"anchor"``: linear cost, each
     completion is compared with its group's first completion (the anchor), whose own reward is the tie value.
-    A group of one gets the tie value. Members with the same text are a tie with each other and get exactly the
-    same reward: each distinct text is compared (or, for scalar models, scored) once. Raises ``ValueError`` naming
-    the first completion that cannot be scored (see :func:`rewards_within_groups` for per-completion errors).
+    ``group_size`` is a whole number, at least 2 (``ValueError`` otherwise). Members with the same text are a tie
+    with each other and get exactly the same reward: each distinct text is compared (or, for scalar models, scored)
+    once. Raises ``ValueError`` naming the first completion that cannot be scored (see
+    :func:`rewards_within_groups` for per-completion errors).
     """
     check_same_length(prompts=prompts, completions=completions)
     messages = _group_messages(model, prompts, group_size)

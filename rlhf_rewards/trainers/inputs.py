@@ -36,14 +36,16 @@ def set_options(target: Any, *, baseline_column: Optional[str], pairing: Optiona
     """Check the reward-function options every reward function takes (in-process, remote, Ray) and set them as
     ``target``'s attributes of the same names. Options that do not go together fail at construction rather than
     mid-training."""
-    from ..pairwise import apply_transform
+    from ..pairwise import apply_transform, check_group_size
 
     if pairing not in (None, "group", "halves"):
         raise ValueError(f"pairing must be None, 'group' or 'halves', got {pairing!r}")
     if pairing is not None and baseline_column is not None:
         raise ValueError("give either pairing or baseline_column, not both")
-    if group_size is not None and (pairing != "group" or group_size < 1):
-        raise ValueError(f"group_size={group_size} needs pairing='group' and a positive size")
+    if group_size is not None:
+        check_group_size(group_size)
+        if pairing != "group":
+            raise ValueError(f"group_size={group_size} needs pairing='group'")
     if group_mode not in ("round-robin", "anchor"):
         raise ValueError(f"unknown group_mode {group_mode!r}; expected 'round-robin' or 'anchor'")
     apply_transform([0.5], transform)  # rejects an unknown transform
