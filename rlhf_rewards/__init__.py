@@ -22,6 +22,7 @@ _EXPORTS = {
     "ScalarModelBase": ".backends.base",
     "SampleError": ".errors",
     "TooLongError": ".errors",
+    "NonFiniteRewardError": ".errors",
     "PPORewardAdapter": ".trainers",
     "RewardFunction": ".trainers",
     "load_reward_model": ".loading",
@@ -39,7 +40,7 @@ _EXPORTS = {
 
 if TYPE_CHECKING:
     from .backends.base import PairwiseRewardModel, RewardModel, ScalarModelBase
-    from .errors import SampleError, TooLongError
+    from .errors import NonFiniteRewardError, SampleError, TooLongError
     from .loading import load_reward_model
     from .pairwise import best_of_n, group_rewards, rank
     from .presets import Preset, list_presets
@@ -69,6 +70,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AsyncRemoteRewardFunction",
+    "NonFiniteRewardError",
     "PPORewardAdapter",
     "PairwiseRewardModel",
     "Preset",

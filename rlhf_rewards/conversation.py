@@ -38,6 +38,20 @@ def _not_bytes(value: object, where: str, what: str) -> None:
                          "value.decode('utf-8'))")
 
 
+def _check_text(text: str, where: str) -> str:
+    """``text`` itself when it is valid Unicode. A lone surrogate (``"\\ud800"``: a bad decode, a JSON escape, a
+    string cut inside a pair) cannot be encoded as UTF-8, so no tokenizer takes it; it fails its own sample here
+    instead of the whole batch inside the tokenizer."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(f"{where}: a lone surrogate {text[err.start]!r} at character {err.start} is not valid "
+                             "Unicode text (no tokenizer takes it); fix the text's source or decode it with "
+                             "errors='replace'") from None
+    return text
+
+
 def _check_message(msg: object, where: str) -> Message:
     if not isinstance(msg, Mapping):
         raise ValueError(f"{where}: expected a dict with 'role' and 'content', got {type(msg).__name__}")
@@ -51,7 +65,7 @@ def _check_message(msg: object, where: str) -> Message:
     if not isinstance(content, str):
         _not_bytes(content, f"{where}['content']", "a string")
         raise ValueError(f"{where}: content must be a string, got {type(content).__name__}")
-    return {"role": role, "content": content}
+    return {"role": role, "content": _check_text(content, f"{where}['content']")}
 
 
 def normalize_prompt(prompt: object, where: str) -> list[Message]:
@@ -63,7 +77,7 @@ def normalize_prompt(prompt: object, where: str) -> list[Message]:
         raise ValueError(f"{where}: prompt is None")
     _not_bytes(prompt, where, "a string or a list of messages")
     if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
+        return [{"role": "user", "content": _check_text(prompt, where)}]
     if isinstance(prompt, Mapping) or not isinstance(prompt, Sequence):
         raise ValueError(f"{where}: expected a string or a list of messages, got {type(prompt).__name__}")
     if len(prompt) == 0:
@@ -85,7 +99,7 @@ def normalize_completion(completion: object, where: str) -> str:
         raise ValueError(f"{where}: completion is None")
     _not_bytes(completion, where, "a string or [{'role': 'assistant', 'content': ...}]")
     if isinstance(completion, str):
-        return completion
+        return _check_text(completion, where)
     if isinstance(completion, Mapping) or not isinstance(completion, Sequence):
         raise ValueError(f"{where}: expected a string or [{{'role': 'assistant', 'content': ...}}], "
                          f"got {type(completion).__name__}")

@@ -7,8 +7,9 @@ rewards; :func:`raise_first` turns such a list back into an exception for the ca
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import TypeVar, Union
+from typing import Optional, TypeVar, Union
 
 T = TypeVar("T")
 
@@ -37,6 +38,22 @@ class TooLongError(SampleError):
 
     def __init__(self, index: int, message: str, about: str = "pair"):
         super().__init__(index, message, about)
+
+
+class NonFiniteRewardError(SampleError):
+    """The model returned NaN or an infinite value for a sample (or a comparison): no reward can be made of it, so
+    the sample has none, never a clipped or 0.5 stand-in. Counted in ``stats.nonfinite``; usually a broken
+    checkpoint or a float16 overflow (try ``dtype="bfloat16"`` or ``"float32"``)."""
+
+    def __init__(self, index: int, message: str, about: str = "completion"):
+        super().__init__(index, message, about)
+
+
+def nonfinite(value: float) -> Optional[str]:
+    """``"NaN"``, ``"inf"`` or ``"-inf"`` for a value that is not a finite number, ``None`` for one that is."""
+    if math.isfinite(value):
+        return None
+    return "NaN" if value != value else ("inf" if value > 0 else "-inf")
 
 
 def raise_first(results: Sequence[Union[T, SampleError]]) -> list[T]:

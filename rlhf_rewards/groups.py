@@ -10,10 +10,16 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 
-def check_group_size(group_size: object, name: str = "group_size") -> None:
-    """Raise ``ValueError`` unless ``group_size`` is a positive ``int`` (``True`` and ``2.0`` are not sizes)."""
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"{name} must be a positive int (the trainer's num_generations), got {group_size!r}")
+def check_group_size(group_size: object, name: str = "group_size") -> int:
+    """``group_size`` if it is a whole number of completions per prompt, at least 2; else ``ValueError`` naming
+    ``name``. A group of one has nothing to be compared with: every reward would be the tie value."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise ValueError(f"{name} must be a whole number of completions per prompt (the trainer's "
+                         f"num_generations), got {group_size!r} ({type(group_size).__name__})")
+    if group_size < 2:
+        raise ValueError(f"{name} must be at least 2, got {group_size}: a group of one has nothing to be compared "
+                         "with, so every reward would be the tie value")
+    return group_size
 
 
 def group_bounds(prompts: Sequence[Any], group_size: Optional[int]) -> list[tuple[int, int]]:

@@ -11,10 +11,7 @@ from .backends import LOADERS
 from .backends.base import RewardModel
 from .backends.weights import DeviceSpec, check_device, resolve_device, resolve_dtype
 from .presets import Preset, canonical_hub_id, check_directory_matches, resolve_preset
-from .sources import locate
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json", ".bin.index.json")
-"""File endings of model weights (single files, shards and shard indexes); a directory without any holds no model."""
+from .sources import check_local, locate
 
 
 def _positive(name: str, value: Optional[int]) -> Optional[int]:
@@ -24,15 +21,6 @@ def _positive(name: str, value: Optional[int]) -> Optional[int]:
         raise ValueError(f"{name} must be a positive number of tokens (or None for the default), got {value!r}")
     return value
 
-
-def _check_model_directory(path: str, preset: Preset) -> None:
-    """A local directory must hold weights, and a model of a type the preset loads."""
-    names = sorted(os.listdir(path))
-    if not any(n.endswith(WEIGHT_SUFFIXES) for n in names):
-        listing = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "") if names else "it is empty"
-        raise FileNotFoundError(f"model directory {path!r} holds no weights (no *.safetensors, *.bin or *.pt file; "
-                                f"{listing})")
-    check_directory_matches(path, preset)
 
 def load_reward_model(
     name_or_path: str,
@@ -53,8 +41,11 @@ def load_reward_model(
     Args:
         name_or_path: a hub id (e.g. ``"Nexusflow/Starling-RM-34B"``, case-insensitive for the presets' own ids) or
             a local directory with the same files. Checked before anything loads (see :func:`rlhf_rewards.sources.
-            locate`): a missing path, an empty directory, a directory of another model type than the preset's, a hub
-            repository not cached while offline all fail at once, naming it.
+            check_local` and ``locate``): an empty name, a missing path, a file, an empty directory or one without
+            weights (``ModelPathError``, a ``FileNotFoundError``); a damaged ``config.json``, ``tokenizer.json`` or
+            other JSON file, safetensors header or torch checkpoint (``ValueError`` naming the file); a directory of
+            another model type than the preset's; a hub repository not cached while offline: all fail at once,
+            naming it.
         preset: a preset name from :func:`rlhf_rewards.list_presets`; chosen from the hub id when it is a known
             model, or from a local directory's ``config.json`` when that is unambiguous.
         device: where the reward model lives, independent of the policy (``"cuda:1"``, ``"cuda:{local_rank+4}"``,
@@ -81,13 +72,16 @@ def load_reward_model(
         ``kind == "pairwise"`` models have ``compare`` and ``score(..., baselines=...)``.
     """
     # everything the caller can get wrong is checked here, before any weights load
+    chosen = resolve_preset(name_or_path, preset) if preset is not None else None  # a bad name fails first
+    local = check_local(name_or_path, "model")
+    name_or_path = os.fspath(name_or_path)
     max_length = _positive("max_length", max_length)
     max_batch_tokens = _positive("max_batch_tokens", max_batch_tokens)
     if quantization not in (None, "8bit", "4bit"):
         raise ValueError(f"quantization must be None, '8bit' or '4bit', got {quantization!r}")
-    if isinstance(name_or_path, str) and not os.path.exists(os.path.expanduser(name_or_path)):
+    if local is None:
         name_or_path = canonical_hub_id(name_or_path)
-    chosen = resolve_preset(name_or_path, preset)
+    chosen = chosen or resolve_preset(local or name_or_path, None)
     dev = resolve_device(device)
     check_device(dev, device)
     weights_dtype = resolve_dtype(dtype, chosen, dev)
@@ -95,9 +89,9 @@ def load_reward_model(
         loader = LOADERS[chosen.backend]
     except KeyError:
         raise ValueError(f"preset {chosen.name!r} names unknown backend {chosen.backend!r}") from None
-    source = locate(name_or_path, "model")
+    source = local or locate(name_or_path, "model")
     if os.path.isdir(source):
-        _check_model_directory(source, chosen)
+        check_directory_matches(source, chosen)
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = locate(tokenizer, "tokenizer")
     if isinstance(adapter, (str, os.PathLike)):

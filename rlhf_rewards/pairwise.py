@@ -67,7 +67,7 @@ def _preference_samples(model, items: Sequence[tuple[list[Message], str, str]]
     for m, a, b in items:
         ra, rb = rewards[index[id(m), a]], rewards[index[id(m), b]]
         bad = next((r for r in (ra, rb) if isinstance(r, SampleError)), None)
-        out.append(SampleError(len(out), str(bad), "pair" if bad.about != "prompt" else "prompt") if bad
+        out.append(type(bad)(len(out), str(bad), "pair" if bad.about != "prompt" else "prompt") if bad
                    else sigmoid(ra - rb))
     return out
 
@@ -191,7 +191,7 @@ def rewards_within_groups(model, prompts: Sequence[list[Message]], groups: Seque
         for u in grp.of:
             k = len(out)
             if not made[g][u] and (g, u) in failed:
-                out.append(SampleError(k, str(failed[g, u]), failed[g, u].about))
+                out.append(type(failed[g, u])(k, str(failed[g, u]), failed[g, u].about))
             else:
                 out.append(total[g][u] / weight[g][u] if weight[g][u] else tie)
     return out
@@ -204,9 +204,10 @@ def group_rewards(model, prompts: Sequence[PromptInput], completions: Sequence[C
     ``"round-robin"``: each completion's reward is the mean of ``transform(P(it beats k))`` over the other members
     ``k`` of its group; ``n(n-1)/2`` comparisons per group (each in both orders). ``"anchor"``: linear cost, each
     completion is compared with its group's first completion (the anchor), whose own reward is the tie value.
-    A group of one gets the tie value. Members with the same text are a tie with each other and get exactly the
-    same reward: each distinct text is compared (or, for scalar models, scored) once. Raises ``ValueError`` naming
-    the first completion that cannot be scored (see :func:`rewards_within_groups` for per-completion errors).
+    ``group_size`` is a whole number, at least 2 (``ValueError`` otherwise). Members with the same text are a tie
+    with each other and get exactly the same reward: each distinct text is compared (or, for scalar models, scored)
+    once. Raises ``ValueError`` naming the first completion that cannot be scored (see
+    :func:`rewards_within_groups` for per-completion errors).
     """
     check_group_size(group_size)
     samples = raise_first(_prepared(model, prompts, completions))

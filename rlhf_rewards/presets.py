@@ -11,10 +11,11 @@ renderer in :mod:`rlhf_rewards.rendering`); a new family needs a backend impleme
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
+
+from .sources import check_local, read_json_file
 
 Kind = Literal["scalar", "pairwise"]
 
@@ -290,8 +291,10 @@ def _read_config(name_or_path: str) -> Optional[dict]:
     config_path = os.path.join(name_or_path, "config.json")
     if not os.path.isfile(config_path):
         return None
-    with open(config_path) as f:
-        return json.load(f)
+    config = read_json_file(config_path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} holds a JSON {type(config).__name__}, not an object of config fields")
+    return config
 
 
 def preset_for_directory(name_or_path: str) -> Optional[Preset]:
@@ -331,9 +334,20 @@ def resolve_preset(name_or_path: str, preset: Union[str, Preset, None]) -> Prese
         return preset
     if preset is not None:
         return get_preset(preset)
-    found = preset_for_hub_id(name_or_path) or preset_for_directory(name_or_path)
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"model: expected a local directory or a hub id (a str or os.PathLike), got "
+                        f"{type(name_or_path).__name__}")
+    name_or_path = os.fspath(name_or_path)
+    found = preset_for_hub_id(name_or_path) or preset_for_directory(os.path.expanduser(name_or_path))
     if found is not None:
         return found
-    raise ValueError(
-        f"cannot tell which preset {name_or_path!r} needs; pass preset=... (one of {', '.join(PRESETS)})"
-    )
+    directory = check_local(name_or_path, "model")  # a path that cannot hold a model says so rather than this
+    if directory is None:
+        why = "it is no local directory, and no preset is registered for it as a hub id"
+    else:
+        config = _read_config(directory)
+        why = ("its directory has no config.json" if config is None else
+               f"its config.json names {', '.join(config.get('architectures') or ()) or 'no architectures'} "
+               f"(model type {config.get('model_type')!r}), which no single preset claims")
+    raise ValueError(f"cannot tell which preset {name_or_path!r} needs: {why}; pass preset=... "
+                     f"(command line: --preset NAME), one of {', '.join(PRESETS)}")

@@ -23,6 +23,9 @@ class RewardStats:
         ties: comparisons whose probability was exactly 0.5.
         templated_prompts: text prompts that arrived already rendered in a chat template and were parsed back into
             messages (``parse_templates``).
+        nonfinite: model outputs that were NaN or infinite (a scalar reward, or a comparison's logits or
+            probability); each such sample or comparison gets a
+            :class:`~rlhf_rewards.backends.base.NonFiniteRewardError` instead of a number.
         seconds: wall time spent in scoring calls.
     """
 
@@ -37,6 +40,7 @@ class RewardStats:
     order_disagreements: int = 0
     ties: int = 0
     templated_prompts: int = 0
+    nonfinite: int = 0
     seconds: float = 0.0
 
     def reset(self) -> None:
@@ -68,6 +72,8 @@ class RewardStats:
             lines.append(f"pairwise: {self.comparisons} comparisons, each run in both orders; in "
                          f"{self.order_disagreements} ({self.order_disagreement_rate:.0%}) the two orders preferred "
                          f"different responses; {self.ties} exact ties (P = 0.5)")
+        if self.nonfinite:
+            lines.append(f"non-finite: {self.nonfinite} model outputs were NaN or infinite and gave no reward")
         return "\n".join(lines)
 
     @property

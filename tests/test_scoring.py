@@ -136,7 +136,7 @@ def test_presets_listed_and_unknown_preset_rejected(tmp_path):
         assert name in names
     with pytest.raises(ValueError, match="unknown preset"):
         load_reward_model(str(tmp_path), preset="nope")
-    with pytest.raises(ValueError, match="cannot tell which preset"):
+    with pytest.raises(ValueError, match="is empty: it holds no model files"):
         load_reward_model(str(tmp_path))
 
 

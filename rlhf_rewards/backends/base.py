@@ -26,7 +26,7 @@ import torch
 from ..batching import default_max_batch_tokens
 from ..chat_parsing import completion_text, prompt_messages
 from ..conversation import CompletionInput, Message, PromptInput, Sample, check_same_length
-from ..errors import SampleError, raise_first
+from ..errors import NonFiniteRewardError, SampleError, nonfinite, raise_first
 from ..presets import Preset
 from ..rendering import get_renderer
 from ..stats import RewardStats
@@ -48,6 +48,11 @@ def _special_affixes(tokenizer, add_special_tokens: bool) -> tuple[int, int]:
         if full[start:start + len(bare)] == bare:
             return start, len(full) - start - len(bare)
     return 0, 0
+
+
+def _decoded(tokenizer: Any, ids: list[int]) -> str:
+    """``ids`` as text with every special token shown and no clean-up of spaces (what the model reads)."""
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
 class RewardModel:
@@ -135,13 +140,17 @@ class RewardModel:
         truncation (nested calls count once, in the outermost)."""
         self._depth += 1
         start = time.perf_counter()
-        before = (self.stats.truncated, self.stats.truncated_tokens, self.stats.samples)
+        before = (self.stats.truncated, self.stats.truncated_tokens, self.stats.samples, self.stats.nonfinite)
         try:
             yield
         finally:
             self._depth -= 1
             if self._depth == 0:
                 self.stats.seconds += time.perf_counter() - start
+        if self._depth == 0 and self.stats.nonfinite > before[3]:
+            logger.warning("%s.%s: %d model outputs were NaN or infinite, and their samples got no reward (counted "
+                           "in rm.stats.nonfinite); a broken checkpoint or a float16 overflow is the usual cause",
+                           self.preset.name, what, self.stats.nonfinite - before[3])
         if self._depth == 0 and self.stats.truncated > before[0]:
             logger.warning("%s.%s: %d of %d model inputs were longer than max_length=%s and lost %d tokens in all "
                            "(%s); counted in rm.stats.truncated and truncated_tokens", self.preset.name, what,
@@ -229,8 +238,9 @@ class RewardModel:
                       ) -> list[Union[float, SampleError]]:
         """:meth:`score` that never fails the call for one sample: each place holds the sample's reward or the
         :class:`~rlhf_rewards.conversation.SampleError` saying why it has none (bad input, a conversation the
-        model's format cannot hold, a sample too long for any allowed truncation, NaN). Only arguments that are
-        wrong as a whole (not lists, unequal lengths) raise."""
+        model's format cannot hold, a sample too long for any allowed truncation, a NaN or infinite model output:
+        :class:`NonFiniteRewardError`). Only arguments that are wrong as a whole (not lists, unequal lengths)
+        raise."""
         raise NotImplementedError
 
 
@@ -249,8 +259,16 @@ class ScalarModelBase(RewardModel):
         except ValueError as err:
             raise ValueError(f"{where}{self.preset.name} cannot render this conversation: {err}") from None
 
-    def format(self, prompt: PromptInput, completion: CompletionInput) -> str:
-        """The exact text the model reads for one prompt and completion, before tokenization (for debugging)."""
+    def format(self, prompt: PromptInput, completion: CompletionInput, *, tokens: bool = False) -> str:
+        """The text the model reads for one prompt and completion (for debugging).
+
+        Default: the text as the card renders it, before tokenization. Tokenizing it may add special tokens of
+        the tokenizer's own: Ray2333's card renders ``<s>[INST] ...`` and tokenizes that with another BOS, so the
+        model reads ``<s><s>[INST] ...``. ``tokens=True``: the token ids the model runs (:meth:`encode`, truncated
+        as in scoring) decoded with every special token shown, i.e. exactly what the model reads.
+        """
+        if tokens:
+            return _decoded(self.tokenizer, self.encode(prompt, completion))
         messages, fmt = self._prompt(prompt, "prompt")
         return self._render_at(messages, completion_text(completion, fmt, "completion"), "prompt: ")
 
@@ -271,11 +289,13 @@ class ScalarModelBase(RewardModel):
         return sum(len(text) for text in items)
 
     def score_texts(self, texts: Sequence[str]) -> list[float]:
-        """Rewards of already-rendered texts (as :meth:`format` returns them), in input order."""
+        """Rewards of already-rendered texts (as :meth:`format` returns them), in input order. Raises
+        :class:`NonFiniteRewardError` naming the first input the model gave NaN or an infinite value."""
         rewards = self._forward_texts(texts)
-        for i, r in enumerate(rewards):
-            if r != r:
-                raise ValueError(f"the reward model returned NaN for input {i} ({self.preset.name})")
+        bad = [(i, nonfinite(r)) for i, r in enumerate(rewards) if nonfinite(r)]
+        self.stats.nonfinite += len(bad)
+        if bad:
+            raise NonFiniteRewardError(bad[0][0], f"{self.preset.name} returned {bad[0][1]} for input {bad[0][0]}")
         return rewards
 
     def score(self, prompts: Sequence[PromptInput], completions: Sequence[CompletionInput], *,
@@ -314,12 +334,17 @@ class ScalarModelBase(RewardModel):
         # each distinct baseline once: a group's shared reference is scored once
         bases = list(dict.fromkeys(texts[i][1] for i in done if texts[i][1] is not None))
         rewards = self.forward([texts[i][0] for i in done] + bases) if done else []
+        self.stats.nonfinite += sum(nonfinite(r) is not None for r in rewards)
         base_reward = dict(zip(bases, rewards[len(done):]))
         for i, r in zip(done, rewards):
             base = texts[i][1]
-            value = r - base_reward[base] if base is not None else r
-            results[i] = value if value == value else SampleError(
-                i, f"{self.preset.name} returned NaN for this sample", "completion")
+            what, of = nonfinite(r), "this sample"
+            if what is None and base is not None:
+                what, of = nonfinite(base_reward[base]), "this sample's baseline"
+            if what is not None:
+                results[i] = NonFiniteRewardError(i, f"{self.preset.name} returned {what} for {of}")
+            else:
+                results[i] = r - base_reward[base] if base is not None else r
         return results
 
 
@@ -330,10 +355,17 @@ class PairwiseRewardModel(RewardModel):
 
     kind = "pairwise"
 
-    def format(self, prompt: PromptInput, completion_a: CompletionInput, completion_b: CompletionInput
-               ) -> list[str]:
-        """The exact texts the model reads to compare ``completion_a`` with ``completion_b`` (one per order, A
-        first), before tokenization (for debugging)."""
+    def format(self, prompt: PromptInput, completion_a: CompletionInput, completion_b: CompletionInput, *,
+               tokens: bool = False) -> list[str]:
+        """The texts the model reads to compare ``completion_a`` with ``completion_b``, one per order (A first),
+        for debugging: as the card renders them before tokenization, or with ``tokens=True`` the token ids the
+        model runs (:meth:`encode`, truncated as in scoring) decoded with every special token shown."""
+        if tokens:
+            return [_decoded(self.tokenizer, ids) for ids in self.encode(prompt, completion_a, completion_b)]
+        return self._render_pair(*self._one(prompt, completion_a, completion_b))
+
+    def _render_pair(self, messages: list[Message], a: str, b: str) -> list[str]:
+        """:meth:`format`'s texts for validated inputs."""
         raise NotImplementedError
 
     def encode(self, prompt: PromptInput, completion_a: CompletionInput, completion_b: CompletionInput
@@ -377,8 +409,9 @@ class PairwiseRewardModel(RewardModel):
                         ) -> list[Union[float, SampleError]]:
         """:meth:`compare` that never fails the call for one comparison: each place holds ``P`` or the
         :class:`~rlhf_rewards.conversation.SampleError` saying why there is none (bad input, a conversation the
-        format cannot hold, two responses too long for ``max_length``, NaN). ``names`` are the two completion
-        arguments' names in error messages."""
+        format cannot hold, two responses too long for ``max_length``, a NaN or infinite model output:
+        :class:`~rlhf_rewards.errors.NonFiniteRewardError`). ``names`` are the two completion arguments' names in
+        error messages."""
         with self.session("compare"):
             prepared = self.prepare(prompts, completions_a, completions_b, names=names)
             return _located(prepared, self.run(prepared),
@@ -396,8 +429,12 @@ class PairwiseRewardModel(RewardModel):
             for k, r in zip(todo, self.forward([items[k] for k in todo])):
                 if isinstance(r, SampleError):
                     results[k] = type(r)(k, str(r), r.about)
-                elif r[2] != r[2]:
-                    results[k] = SampleError(k, f"{self.preset.name} returned NaN for this comparison", "pair")
+                    self.stats.nonfinite += isinstance(r, NonFiniteRewardError)
+                elif any(nonfinite(p) for p in r):
+                    what = next(nonfinite(p) for p in r if nonfinite(p))
+                    results[k] = NonFiniteRewardError(
+                        k, f"{self.preset.name} returned {what} as a probability for this comparison", "pair")
+                    self.stats.nonfinite += 1
                 else:
                     triples[k] = r
         self.stats.comparisons += len(triples)

@@ -35,7 +35,7 @@ from transformers import DynamicCache
 
 from ..batching import choose_packing, is_varlen, packed_inputs, packed_mask, run_batched
 from ..conversation import CompletionInput, Message, PromptInput
-from ..errors import SampleError, TooLongError
+from ..errors import NonFiniteRewardError, SampleError, TooLongError, nonfinite
 from ..rendering import render_rlhflow_context, render_rlhflow_pair
 from .base import PairwiseRewardModel
 
@@ -181,9 +181,7 @@ class PairPMRewardModel(PairwiseRewardModel):
         except ValueError as err:
             raise ValueError(f"{self.preset.name} cannot render this conversation: {err}") from None
 
-    def format(self, prompt: PromptInput, completion_a: CompletionInput, completion_b: CompletionInput
-               ) -> list[str]:
-        messages, a, b = self._one(prompt, completion_a, completion_b)
+    def _render_pair(self, messages: list[Message], a: str, b: str) -> list[str]:
         context = self._context(messages)
         return [render_rlhflow_pair(context, a, b, self.tokenizer), render_rlhflow_pair(context, b, a, self.tokenizer)]
 
@@ -375,8 +373,16 @@ class PairPMRewardModel(PairwiseRewardModel):
         logits = iter(self.logits_ab(sequences)) if sequences else iter(())
         for k, r in enumerate(results):
             if r is None:
-                p_ab = self._slot_probs(*next(logits))[0]
-                p_ba = self._slot_probs(*next(logits))[1]  # order (b, a): a sits in slot B
+                ab, ba = next(logits), next(logits)
+                # a -inf logit still gives a finite softmax (0, or 0.5 when both orders agree): refuse it, as NaN
+                bad = next((nonfinite(x) for x in ab + ba if nonfinite(x)), None)
+                if bad is not None:
+                    results[k] = NonFiniteRewardError(k, f"{self.preset.name} returned a {bad} logit for this "
+                                                         f"comparison ('A', 'B' logits: {ab} in order (a, b), {ba} "
+                                                         "in order (b, a))", "pair")
+                    continue
+                p_ab = self._slot_probs(*ab)[0]
+                p_ba = self._slot_probs(*ba)[1]  # order (b, a): a sits in slot B
                 results[k] = (p_ab, p_ba, (p_ab + p_ba) / 2)
         return results
 

@@ -52,7 +52,7 @@ from transformers import DebertaV2Config, DebertaV2Model, DebertaV2PreTrainedMod
 
 from ..batching import pad_right, run_batched
 from ..conversation import CompletionInput, Message, PromptInput
-from ..errors import SampleError, raise_first
+from ..errors import NonFiniteRewardError, SampleError, nonfinite, raise_first
 from ..transforms import sigmoid
 from ..rendering import check_alternation, fold_system
 from .base import PairwiseRewardModel
@@ -244,11 +244,10 @@ class PairRMRewardModel(PairwiseRewardModel):
         return (f"the source cut to {self.source_max_length} tokens and each candidate to its share of the rest, "
                 "at their ends, as llm-blender truncates")
 
-    def format(self, prompt: PromptInput, completion_a: CompletionInput, completion_b: CompletionInput
-               ) -> list[str]:
+    def _render_pair(self, messages: list[Message], a: str, b: str) -> list[str]:
         """The model's input for orders (A, B) and (B, A) as text, before tokenization and truncation: the three
-        parts, each ``[CLS] marker text [SEP]``, concatenated (for debugging)."""
-        source, a, b = self._texts(*self._one(prompt, completion_a, completion_b))
+        parts, each ``[CLS] marker text [SEP]``, concatenated."""
+        source, a, b = self._texts(messages, a, b)
 
         def part(marker: str, text: str) -> str:
             return f"[CLS]{marker}{text.replace(self.sep_token, ' ')}[SEP]"
@@ -335,7 +334,12 @@ class PairRMRewardModel(PairwiseRewardModel):
                 out.append(t)
             else:
                 r = next(results)
-                out.append((r[0], r[-1]))  # a lone row serves both orders (identical candidates)
+                logits = (r[0], r[-1])  # a lone row serves both orders (identical candidates)
+                # sigmoid(inf) is exactly 1: an infinite logit would pass for a certain preference
+                bad = next((nonfinite(x) for x in logits if nonfinite(x)), None)
+                out.append(logits if bad is None else NonFiniteRewardError(
+                    len(out), f"pairrm returned a {bad} logit for this comparison (logit_AB {logits[0]}, "
+                              f"logit_BA {logits[1]})", "pair"))
         return out
 
     def compare_logits(self, prompts: Sequence[PromptInput], completions_a: Sequence[CompletionInput],
@@ -347,8 +351,10 @@ class PairRMRewardModel(PairwiseRewardModel):
             items = raise_first(self.prepare(prompts, completions_a, completions_b,
                                              names=("completions_a", "completions_b")))
             results = self._logits(items)
-            return raise_first([SampleError(r.index, f"prompts[{r.index}]: {r}") if isinstance(r, SampleError)
-                                else r for r in results])
+            self.stats.nonfinite += sum(isinstance(r, NonFiniteRewardError) for r in results)
+            return raise_first([r.at(k, f"prompts[{k}]" if r.about == "prompt"
+                                     else f"completions_a[{k}] and completions_b[{k}]")
+                                if isinstance(r, SampleError) else r for k, r in enumerate(results)])
 
     def compare_log_odds(self, prompts: Sequence[PromptInput], completions_a: Sequence[CompletionInput],
                          completions_b: Sequence[CompletionInput]) -> list[float]:

@@ -3,7 +3,6 @@ its config and weights, and the :class:`~rlhf_rewards.backends.pairrm.PairRMRewa
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -14,6 +13,7 @@ from transformers import DebertaV2Config
 
 from .pairrm import (CANDIDATE_MAX_LENGTH, MARKERS, SOURCE_MAX_LENGTH, DebertaV2PairRM, PairRMRewardModel,
                      normalizes_nfkc, splits_literal_unk_as_trained)
+from ..sources import read_json_file
 from .weights import apply_adapter, from_pretrained_checked
 
 logger = logging.getLogger(__name__)
@@ -46,10 +46,7 @@ def _local_dir(name_or_path: str, patterns: Sequence[str]) -> str:
 
 
 def _read_json(path: str) -> Optional[dict]:
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    return read_json_file(path) if os.path.isfile(path) else None
 
 
 def _ranker_config(directory: str) -> Optional[dict]:

@@ -52,7 +52,12 @@ def load_value_head_state_dict(model: ValueHeadRewardModel, path: str) -> None:
     """Load a plain state dict holding ``transformer.*`` (or the causal LM's ``model.model.*``) and
     ``v_head.weight`` into ``model``. Unlike the card's ``strict=False``, a missing weight is an error: a
     randomly initialised layer would give plausible-looking but meaningless rewards."""
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError... none naming the file
+        raise ValueError(f"cannot read the state dict {path} ({type(err).__name__}: {err})") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} holds a {type(raw).__name__}, not a state dict of named weights")
     wanted = model.state_dict()
     state: dict[str, torch.Tensor] = {}
     for key, value in raw.items():

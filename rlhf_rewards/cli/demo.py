@@ -65,6 +65,19 @@ def demo(out_dir: str | None, presets: list[str] | None = None) -> int:
 
 
 def _score_all(root: str, names: list[str]) -> None:
+    # tiktoken (converting Llama-3's tokenizer.model) caches what it reads in the system's temporary directory unless
+    # told otherwise: keep that cache in the demo's own directory, deleted with it
+    own_cache = "TIKTOKEN_CACHE_DIR" not in os.environ and "DATA_GYM_CACHE_DIR" not in os.environ
+    if own_cache:
+        os.environ["TIKTOKEN_CACHE_DIR"] = os.path.join(root, "tiktoken-cache")
+    try:
+        _score_presets(root, names)
+    finally:
+        if own_cache:
+            os.environ.pop("TIKTOKEN_CACHE_DIR", None)
+
+
+def _score_presets(root: str, names: list[str]) -> None:
     from transformers.utils import logging as hf_logging
 
     from .. import best_of_n, load_reward_model
@@ -82,13 +95,13 @@ def _score_all(root: str, names: list[str]) -> None:
         rm = load_reward_model(make_tiny_checkpoint(name, os.path.join(root, name)), preset=name, device="cpu")
         if rm.kind == "scalar":
             _show_input("what the model reads for conversation 1 with the good answer",
-                        rm.tokenizer.decode(rm.encode(prompts[0], good[0])))
+                        rm.format(prompts[0], good[0], tokens=True))
             print("reward (the model's own scale; higher means better):")
             for i, (rg, rb) in enumerate(zip(rm.score(prompts, good), rm.score(prompts, bad)), 1):
                 print(f"  conversation {i}: good answer {rg:+.4f}   bad answer {rb:+.4f}")
         else:
             _show_input("what the model reads for conversation 1, order A = good answer, B = bad answer",
-                        rm.tokenizer.decode(rm.encode(prompts[0], good[0], bad[0])[0]))
+                        rm.format(prompts[0], good[0], bad[0], tokens=True)[0])
             print("P(good answer better than bad answer), both orders averaged:")
             for i, p in enumerate(rm.compare(prompts, good, bad), 1):
                 print(f"  conversation {i}: {p:.4f}")
