@@ -160,9 +160,9 @@ class Batcher:
         raised for these items (another submission's failure never reaches this one)."""
         if len(costs) != len(items):
             raise ValueError(f"{len(items)} items but {len(costs)} costs")
-        future: concurrent.futures.Future = concurrent.futures.Future()
         if not items:
             return [], {}
+        future: concurrent.futures.Future = concurrent.futures.Future()
         loop.call_soon_threadsafe(self._enqueue, _Job(list(items), list(costs), future, ticket))
         return future.result()
 
