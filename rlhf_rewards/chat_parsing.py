@@ -244,7 +244,7 @@ def strip_completion(text: str, format_name: str) -> str:
     markers = _END_MARKERS.get(format_name)
     if markers is None:
         raise ValueError(f"unknown chat format {format_name!r}; expected one of {', '.join(_END_MARKERS)}")
-    return _strip_trailing(text, markers)
+    return strip_tokens(text, markers)
 
 
 def prompt_messages(prompt: object, where: str, parse: bool = True) -> tuple[list[Message], str]:
@@ -263,15 +263,16 @@ def completion_text(completion: object, fmt: str, where: str) -> str:
     return strip_completion(text, fmt) if fmt != "plain" else text
 
 
-def _strip_trailing(text: str, markers: tuple[str, ...]) -> str:
-    stripped = True
-    while stripped:
-        stripped = False
-        for marker in markers:
-            if text.endswith(marker):
-                text = text[: -len(marker)]
-                stripped = True
-    return text
+def strip_tokens(text: str, tokens: tuple[str, ...], *, leading: bool = False) -> str:
+    """``text`` without the run of ``tokens`` (non-empty strings) at its end, and at its start with ``leading``.
+    Linear in the length of the run, however long: positions move, the text is copied once."""
+    start = _skip_tokens(text, 0, tokens) if leading else 0
+    end = len(text)
+    while True:
+        token = next((t for t in tokens if text.endswith(t, start, end)), None)
+        if token is None:
+            return text[start:end]
+        end -= len(token)
 
 
 def _skip_tokens(text: str, pos: int, tokens: tuple[str, ...]) -> int:
@@ -318,7 +319,7 @@ def _parse_turns(text: str, syn: _TurnSyntax, where: str) -> list[Message]:
             if role != "assistant":
                 raise ValueError(f"{where}: {syn.label} {written!r} turn at offset {pos} is not closed by "
                                  f"{syn.end!r}")
-            content = _strip_trailing(text[start:], syn.eos)
+            content = strip_tokens(text[start:], syn.eos)
             if content and content not in syn.generation_markup:
                 messages.append({"role": role, "content": content})
             break

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import Union
 
 
 @dataclass
 class RewardStats:
-    """Running totals since the model was loaded (or since :meth:`reset`).
+    """Running totals since the model was loaded (or since :meth:`reset`). Every counter is an ``int`` (a JSON
+    integer in the server's answers) except ``seconds``, a ``float``.
 
     Attributes:
         samples: model inputs scored (a pairwise comparison in both orders counts two).
@@ -48,8 +50,8 @@ class RewardStats:
         for f in fields(self):
             setattr(self, f.name, type(getattr(self, f.name))())
 
-    def as_dict(self) -> dict[str, float]:
-        """The counters as a plain dict."""
+    def as_dict(self) -> dict[str, Union[int, float]]:
+        """The counters as a plain dict: ``int`` values, but ``seconds`` a ``float``."""
         return asdict(self)
 
     def summary(self) -> str:

@@ -25,13 +25,20 @@ def free_port() -> int:
 
 
 class ServerThread:
-    """``with ServerThread(app) as url:`` serves ``app`` with uvicorn on 127.0.0.1 in a thread."""
+    """``with ServerThread(app) as url:`` serves ``app`` with uvicorn on 127.0.0.1 in a thread; with ``settings``,
+    configured as ``rlhf-rewards serve`` configures uvicorn (header timeout, shutdown grace period)."""
 
-    def __init__(self, app, port: Optional[int] = None):
+    def __init__(self, app, port: Optional[int] = None, settings=None, log_level: str = "warning"):
+        from rlhf_rewards.serving.server import uvicorn_config
+
         self.app = app
         self.port = port or free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="off"))
+        if settings is None:
+            config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level=log_level, lifespan="off")
+        else:
+            config = uvicorn_config(app, settings, host="127.0.0.1", port=self.port, log_level=log_level,
+                                    lifespan="off")
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property

@@ -5,6 +5,8 @@ server left. Every case is bounded in time."""
 from __future__ import annotations
 
 import logging
+import re
+import socket
 import threading
 import time
 
@@ -35,19 +37,22 @@ def expected(model):
 
 @pytest.fixture(scope="module")
 def processes(tiny_dir):
-    """Two ``rlhf-rewards serve`` subprocesses, started together (their start-up dominates this module's time):
-    one to SIGKILL, one to SIGTERM while it scores a long request."""
+    """Three ``rlhf-rewards serve`` subprocesses, started together (their start-up dominates this module's time):
+    one to SIGKILL, one to SIGTERM while it scores a long request, one to SIGTERM while a client stalls its
+    upload."""
     victim = ServerProcess(tiny_dir(PRESET), PRESET).start()
     drained = ServerProcess(tiny_dir(PRESET), PRESET).start()
+    stalled = ServerProcess(tiny_dir(PRESET), PRESET, "--shutdown-timeout", "1", "--body-timeout", "600").start()
     try:
-        yield victim.wait_ready(), drained.wait_ready()
+        yield victim.wait_ready(), drained.wait_ready(), stalled.wait_ready()
     finally:
         victim.__exit__()
         drained.__exit__()
+        stalled.__exit__()
 
 
 def test_server_killed_mid_run_the_other_url_scores_everything(model, expected, processes):
-    victim, _ = processes
+    victim, _, _ = processes
     with ServerThread(build_app(RewardEngine(model))) as survivor:
         remote = RemoteRewardFunction([victim.url, survivor], **FAST_RETRY)
         results = [remote(PROMPTS, COMPLETIONS)]  # both servers answer
@@ -64,7 +69,7 @@ def test_server_killed_mid_run_the_other_url_scores_everything(model, expected, 
 
 
 def test_sigterm_finishes_in_flight_requests_and_exits_0(model, processes):
-    _, drained = processes
+    _, drained, _ = processes
     words = " ".join(["every token of a long answer costs the reward model time"] * 20)
     prompts, completions = [f"Question {i}?" for i in range(150)], [f"{i}: {words}" for i in range(150)]
     answer: dict = {}
@@ -78,7 +83,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(model, processes):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # SIGTERM once the server has parsed the request and is scoring it
         text = httpx.get(drained.url + "/metrics", timeout=10).text
-        if 'rlhf_rewards_samples_total{endpoint="/v1/score"} 150.0' in text:
+        if re.search(r"^rlhf_rewards_(queued|running)_items [1-9]", text, re.M):
             break
         time.sleep(0.05)
     assert drained.terminate(timeout=300) == 0
@@ -87,6 +92,20 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(model, processes):
     assert answer["r"].json()["rewards"] == pytest.approx(model.score(prompts, completions), **TOL)
     with pytest.raises(httpx.TransportError):
         httpx.get(drained.url + "/health", timeout=2)
+
+
+def test_sigterm_does_not_wait_for_a_stalled_upload_past_the_grace_period(processes):
+    """A client that sent 11 of 100 bytes and stalls held the server's shutdown (61 s, until the client gave up);
+    the grace period (--shutdown-timeout 1 here; the body timeout set far beyond it) bounds the wait."""
+    _, _, stalled = processes
+    with socket.create_connection(("127.0.0.1", stalled.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"prompts\":")
+        deadline = time.monotonic() + 60
+        in_flight = 'rlhf_rewards_requests_in_progress{endpoint="/v1/score"} 1.0'
+        while in_flight not in httpx.get(stalled.url + "/metrics", timeout=10).text:
+            assert time.monotonic() < deadline, "the server never received the stalled request"
+            time.sleep(0.05)
+        assert stalled.terminate(timeout=60) == 0
 
 
 def test_client_recovers_when_a_server_restarts(model, expected):

@@ -93,9 +93,16 @@ def test_content_errors_get_422_naming_the_index(url):
     assert r.status_code == 422 and "query[0]" in r.json()["detail"]
 
 
-def test_full_queue_gets_503_with_retry_after(url):
-    r = post(url, json={"prompts": ["a"] * 9, "completions": ["b"] * 9})  # max_queue=8
-    assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+def test_a_request_larger_than_the_queue_gets_413_naming_the_limit(url):
+    """Retrying it could never help (503 made clients retry until they gave up, all None): 413 says so."""
+    r = post(url, json={"prompts": ["a"] * 9, "completions": ["b"] * 9})  # max_queue=8: 9 samples
+    assert r.status_code == 413 and "Retry-After" not in r.headers
+    assert {k: r.json()[k] for k in ("limit", "max", "count")} == {"limit": "max_request_items", "max": 8, "count": 9}
+    # 5 samples fit, but with their baselines they need 10 model inputs
+    r = post(url, json={"prompts": ["a"] * 5, "completions": [f"b{i}" for i in range(5)],
+                        "baselines": [f"c{i}" for i in range(5)]})
+    assert r.status_code == 413 and (r.json()["limit"], r.json()["count"]) == ("max_request_items", 10)
+    assert "max_request_items" in r.json()["detail"]
     assert post(url, json=GOOD).status_code == 200
 
 

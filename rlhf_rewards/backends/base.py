@@ -214,8 +214,8 @@ class RewardModel:
     def _forward_items(self, items: list[Any]) -> list[Any]:
         raise NotImplementedError
 
-    def forward_chars(self, items: Sequence[Any]) -> int:
-        """How many characters of text one :meth:`forward` call on ``items`` reads: what a batcher in front of the
+    def forward_chars(self, items: Sequence[Any]) -> list[int]:
+        """How many characters of text :meth:`forward` reads for each of ``items``: what a batcher in front of the
         model can weigh without tokenizing."""
         raise NotImplementedError
 
@@ -285,8 +285,8 @@ class ScalarModelBase(RewardModel):
     def _forward_items(self, items: list[Any]) -> list[Any]:
         return self._forward_texts(items)
 
-    def forward_chars(self, items: Sequence[Any]) -> int:
-        return sum(len(text) for text in items)
+    def forward_chars(self, items: Sequence[Any]) -> list[int]:
+        return [len(text) for text in items]
 
     def score_texts(self, texts: Sequence[str]) -> list[float]:
         """Rewards of already-rendered texts (as :meth:`format` returns them), in input order. Raises
@@ -392,9 +392,9 @@ class PairwiseRewardModel(RewardModel):
     def _forward_items(self, items: list[Any]) -> list[Any]:
         return self._compare_both_orders(items)
 
-    def forward_chars(self, items: Sequence[Any]) -> int:
+    def forward_chars(self, items: Sequence[Any]) -> list[int]:
         # both orders read the conversation and both responses
-        return sum(2 * (sum(len(m["content"]) for m in messages) + len(a) + len(b)) for messages, a, b in items)
+        return [2 * (sum(len(m["content"]) for m in messages) + len(a) + len(b)) for messages, a, b in items]
 
     def compare(self, prompts: Sequence[PromptInput], completions_a: Sequence[CompletionInput],
                 completions_b: Sequence[CompletionInput]) -> list[float]:

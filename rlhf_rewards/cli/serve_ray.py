@@ -4,12 +4,13 @@ Serve's proxy (docs/ray.md). Ray is imported only when ``--ray`` is given."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
 import threading
 from typing import Any, Optional
+
+from .options import bounded, json_object
 
 logger = logging.getLogger(__name__)
 
@@ -21,13 +22,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Ray Serve", "with --ray, the server runs as Ray Serve replicas, each loading the model once on its own GPU; "
         "--host/--port are then the address of Ray Serve's proxy")
     group.add_argument("--ray", action="store_true", help="serve through Ray Serve (needs the 'ray' extra)")
-    group.add_argument("--replicas", type=int, help="a fixed number of replicas (default 1)")
-    group.add_argument("--min-replicas", type=int, help="autoscale between --min-replicas and --max-replicas")
-    group.add_argument("--max-replicas", type=int)
-    group.add_argument("--num-gpus-per-replica", type=float,
+    group.add_argument("--replicas", type=bounded(int, 1), help="a fixed number of replicas (default 1)")
+    group.add_argument("--min-replicas", type=bounded(int, 0),
+                       help="autoscale between --min-replicas and --max-replicas")
+    group.add_argument("--max-replicas", type=bounded(int, 1))
+    group.add_argument("--num-gpus-per-replica", type=bounded(float, 0),
                        help="GPUs each replica reserves (default: 1 if the cluster has GPUs, else 0)")
-    group.add_argument("--num-cpus-per-replica", type=float, default=1.0, help="CPUs each replica reserves")
-    group.add_argument("--ray-actor-options", type=json.loads, metavar="JSON",
+    group.add_argument("--num-cpus-per-replica", type=bounded(float, 0), default=1.0,
+                       help="CPUs each replica reserves")
+    group.add_argument("--ray-actor-options", type=json_object, metavar="JSON",
                        help="more Ray actor options per replica, e.g. '{\"resources\": {\"reward_node\": 1}}' "
                             "to place replicas on the nodes started with that resource")
     group.add_argument("--address",
@@ -35,9 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "this machine, loopback-only unless --host is another address)")
     group.add_argument("--route-prefix", default="/", help="path of the app on the proxy (default /)")
     group.add_argument("--app-name", default="rlhf-rewards", help="Ray Serve application name")
-    group.add_argument("--max-ongoing-requests", type=int, default=128,
+    group.add_argument("--max-ongoing-requests", type=bounded(int, 1), default=128,
                        help="requests in flight per replica, batched together (default 128)")
-    group.add_argument("--target-ongoing-requests", type=float, default=32,
+    group.add_argument("--target-ongoing-requests", type=bounded(float, 0, above=True), default=32,
                        help="with autoscaling: requests in flight per replica to aim at (default 32)")
 
 
@@ -50,6 +53,8 @@ def misuse(args: argparse.Namespace) -> Optional[str]:
         return "give either --replicas or --min-replicas/--max-replicas"
     if (args.min_replicas is None) != (args.max_replicas is None):
         return "autoscaling needs both --min-replicas and --max-replicas"
+    if args.min_replicas is not None and args.min_replicas > args.max_replicas:
+        return f"--min-replicas {args.min_replicas} is more than --max-replicas {args.max_replicas}"
     return None
 
 

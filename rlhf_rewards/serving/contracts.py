@@ -9,7 +9,7 @@ import logging
 from typing import Any, NamedTuple, Optional
 
 from ..backends.base import RewardModel
-from ..chat_parsing import detect_chat_format, parse_chat, strip_completion
+from ..chat_parsing import detect_chat_format, parse_chat, strip_completion, strip_tokens
 from ..conversation import Message, normalize_prompt
 from ..pairwise import preferences
 from ..trainers.reward_function import RewardFunction
@@ -58,26 +58,18 @@ class Scorable(NamedTuple):
     reference: Optional[str]
 
 
-def _strip_pads(text: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for pad in PAD_TOKENS:
-            if text.startswith(pad):
-                text, changed = text[len(pad):], True
-            if text.endswith(pad):
-                text, changed = text[: -len(pad)], True
-    return text
-
-
-def split_conversation(text: str, where: str, prompt: Any = None) -> tuple[list[Message], str]:
+def split_conversation(text: str, where: str, prompt: Any = None, prompt_field: str = "prompt"
+                       ) -> tuple[list[Message], str]:
     """A prompt+response rendered with a chat template (and decoded with its special tokens) as ``(messages,
     response)``: the response is the last assistant turn, without the EOS/end-of-turn/pad tokens the decode left;
     the messages before it must end with a user turn. Untemplated text is split at ``prompt`` when the text starts
-    with it (OpenRLHF's ``prompts[i]``)."""
-    text = _strip_pads(text)
+    with it (OpenRLHF's ``prompts[i]``, named ``prompt_field`` in errors)."""
+    text = strip_tokens(text, PAD_TOKENS, leading=True)
     fmt = detect_chat_format(text)
     if fmt == "plain":
+        if prompt is not None and not isinstance(prompt, str):
+            raise ValueError(f"{prompt_field}: expected the prompt as text (a string), got {type(prompt).__name__}; "
+                             f"{where} is not rendered with a chat template, so it is split at its prompt")
         if isinstance(prompt, str) and prompt and text.startswith(prompt):
             return normalize_prompt(prompt, where), text[len(prompt):]
         raise ValueError(f"{where}: not rendered with a chat template rlhf_rewards can parse (ChatML, Llama-3, "
@@ -87,7 +79,7 @@ def split_conversation(text: str, where: str, prompt: Any = None) -> tuple[list[
     if messages[-1]["role"] != "assistant":
         raise ValueError(f"{where}: the text ends with a {messages[-1]['role']} turn; expected the policy's "
                          "response as the last (assistant) turn")
-    response = _strip_pads(strip_completion(messages[-1]["content"], fmt))
+    response = strip_tokens(strip_completion(messages[-1]["content"], fmt), PAD_TOKENS, leading=True)
     return normalize_prompt(messages[:-1], where), response
 
 
@@ -98,7 +90,8 @@ def locate(model: RewardModel, texts: list[str], prompts: Optional[list[Any]], r
     out = []
     for i, text in enumerate(texts):
         where = f"{text_field}[{i}]"
-        messages, response = split_conversation(text, where, prompts[i] if prompts is not None else None)
+        messages, response = split_conversation(text, where, prompts[i] if prompts is not None else None,
+                                                f"prompts[{i}]")
         reference = None
         if model.kind == "pairwise":
             reference = references[i] if references is not None else None

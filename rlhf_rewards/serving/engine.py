@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
 from ..backends.base import RewardModel
-from .batcher import Batcher, Counters
+from .batcher import Batcher, Counters, Ticket
 from .metrics import ServerMetrics
 
 T = TypeVar("T")
@@ -60,13 +60,16 @@ class RewardEngine:
             model's.
         max_wait_ms: how long the oldest waiting request may wait for others to join its model call; ``0``: no
             merging, one request per model call.
-        max_queue: samples allowed to wait for the model before requests are refused (HTTP 503).
+        max_queue: model inputs allowed to wait for the model before requests are refused (HTTP 503, retry).
+        max_request_items: model inputs one request may need (default and maximum: ``max_queue``); a request
+            needing more gets HTTP 413, as it could never be queued. A scalar model's input is one text (a
+            completion, or a baseline); a pairwise model's is one comparison (run in both orders).
         max_concurrency: requests prepared (parsed, rendered) at once, each on its own thread.
     """
 
     def __init__(self, model: RewardModel, *, model_id: Optional[str] = None,
                  max_batch_tokens: Optional[int] = None, max_wait_ms: float = 5.0, max_queue: int = 4096,
-                 max_concurrency: int = 64):
+                 max_request_items: Optional[int] = None, max_concurrency: int = 64):
         self.model = model
         self.model_id = model_id or model.preset.name
         self.metrics = ServerMetrics()
@@ -74,8 +77,11 @@ class RewardEngine:
         self._preparing = 0
         self._preparing_lock = threading.Lock()
         self.batcher = Batcher(self._forward, max_batch_tokens=max_batch_tokens or model.max_batch_tokens,
-                               max_wait_ms=max_wait_ms, max_queue=max_queue, observer=self.metrics,
+                               max_wait_ms=max_wait_ms, max_queue=max_queue,
+                               max_request_items=max_request_items, observer=self.metrics,
                                company=lambda: self._preparing)
+        self.metrics.queued_items.set_function(lambda: self.batcher.queued_items)
+        self.metrics.running_items.set_function(lambda: self.batcher.running_items)
         self._threads = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix=REQUEST_THREAD_PREFIX)
 
     @classmethod
@@ -90,6 +96,16 @@ class RewardEngine:
     def kind(self) -> str:
         """``"scalar"`` or ``"pairwise"``."""
         return self.model.kind
+
+    @property
+    def max_queue(self) -> int:
+        """Model inputs allowed to wait for the model (beyond: HTTP 503, retry later)."""
+        return self.batcher.max_queue
+
+    @property
+    def max_request_items(self) -> int:
+        """Model inputs (and samples) one request may hold (beyond: HTTP 413, never queued)."""
+        return self.batcher.max_request_items
 
     def describe(self) -> dict[str, Any]:
         """The ``/v1/models`` entry: id, preset, kind, device, dtype and the per-input token limit."""
@@ -113,14 +129,15 @@ class RewardEngine:
         return results, {k: after[k] - before[k] for k in _FORWARD_COUNTERS}
 
     # -- request threads ------------------------------------------------------------------------------------------
-    def view(self, loop: asyncio.AbstractEventLoop) -> RewardModel:
+    def view(self, loop: asyncio.AbstractEventLoop, ticket: Optional[Ticket] = None) -> RewardModel:
         """A copy of the model for one request, used from a thread other than ``loop``'s: its forward passes go
-        through the batcher running on ``loop``; its ``stats`` count this request's work only."""
+        through the batcher running on ``loop`` (under ``ticket``, to drop them if the request is abandoned); its
+        ``stats`` count this request's work only."""
         def submit(items: list[Any]) -> list[Any]:
             self._count_preparing(-1)
             try:
-                results, counters = self.batcher.submit_from_thread(loop, list(items),
-                                                                    _cost(self.model.forward_chars(items)))
+                costs = [_cost(chars) for chars in self.model.forward_chars(items)]
+                results, counters = self.batcher.submit_from_thread(loop, list(items), costs, ticket)
             finally:
                 self._count_preparing(+1)
             for name, value in counters.items():
@@ -132,9 +149,15 @@ class RewardEngine:
 
     async def run(self, work: Callable[[RewardModel], T]) -> T:
         """Run ``work(view)`` on a request thread and return its result; the view's forward passes are merged with
-        those of concurrent requests."""
+        those of concurrent requests. Cancelling this coroutine (the client went away) abandons the request: its
+        inputs still waiting for the model are dropped (counted in ``abandoned_items_total``)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._threads, work, self.view(loop))
+        ticket = Ticket()
+        try:
+            return await loop.run_in_executor(self._threads, work, self.view(loop, ticket))
+        except asyncio.CancelledError:
+            self.metrics.abandoned_items.inc(self.batcher.abandon(ticket))
+            raise
 
     @contextlib.contextmanager
     def request(self) -> Iterator[None]:

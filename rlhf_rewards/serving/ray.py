@@ -234,9 +234,9 @@ class RewardReplica:
         raises ``ValueError``; a full queue raises :class:`~rlhf_rewards.serving.batcher.QueueFull`."""
         request = RewardsRequest.model_validate(body)
         metrics = self.engine.metrics
-        metrics.samples.labels("handle").inc(len(request.prompts))
         with self.engine.request():  # as the app does for HTTP requests: the batcher waits for this one
             result = await self.engine.run(lambda m: contracts.rewards(m, request))
+        metrics.samples.labels("handle").inc(len(request.prompts))  # as the app: only samples answered
         metrics.unscored.labels("handle").inc(sum(r is None for r in result.rewards))
         return {"rewards": result.rewards, "errors": result.errors, "stats": result.stats,
                 "replica": self.replica_id}
