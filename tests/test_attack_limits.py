@@ -81,7 +81,8 @@ def test_models_route_says_what_a_request_may_carry(models):
     with server as url:
         entry = httpx.get(url + "/v1/models").json()["data"][0]
     assert entry["kind"] == "scalar"
-    assert entry["limits"] == {"max_queue": 8, "max_request_items": 8, "max_request_bytes": 1024 * 1024}
+    assert entry["limits"] == {"max_queue": 8, "max_request_items": 8, "max_request_bytes": 1024 * 1024,
+                               "max_sample_chars": 1_000_000}
 
 
 @pytest.mark.parametrize("options, per_sample", [({}, 1), ({"baseline_column": "ref"}, 2)])
