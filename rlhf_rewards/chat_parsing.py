@@ -69,9 +69,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .conversation import Message, normalize_completion, normalize_prompt
+from .conversation import Message
 
-__all__ = ["parse_chat", "detect_chat_format", "strip_completion", "prompt_messages", "completion_text"]
+__all__ = ["parse_chat", "detect_chat_format", "strip_completion", "strip_tokens"]
 
 _END_MARKERS: dict[str, tuple[str, ...]] = {
     "chatml": ("<|im_end|>", "<|endoftext|>"),
@@ -245,22 +245,6 @@ def strip_completion(text: str, format_name: str) -> str:
     if markers is None:
         raise ValueError(f"unknown chat format {format_name!r}; expected one of {', '.join(_END_MARKERS)}")
     return strip_tokens(text, markers)
-
-
-def prompt_messages(prompt: object, where: str, parse: bool = True) -> tuple[list[Message], str]:
-    """A prompt as validated messages plus the chat format it was written in (``"plain"`` for untemplated text or
-    message lists). With ``parse``, text rendered with a policy chat template is parsed back into its turns."""
-    if parse and isinstance(prompt, str):
-        messages, fmt = parse_chat(prompt, where=where)
-        return normalize_prompt(messages, where), fmt
-    return normalize_prompt(prompt, where), "plain"
-
-
-def completion_text(completion: object, fmt: str, where: str) -> str:
-    """A completion as text; after a templated prompt (``fmt`` not ``"plain"``), without the end-of-turn markers
-    the policy may have left at its end (TRL decodes with special tokens skipped, but not every pipeline does)."""
-    text = normalize_completion(completion, where)
-    return strip_completion(text, fmt) if fmt != "plain" else text
 
 
 def strip_tokens(text: str, tokens: tuple[str, ...], *, leading: bool = False) -> str:

@@ -118,11 +118,11 @@ def test_pad_and_end_token_runs_are_stripped_in_linear_time():
     text). 6 MB and 8 MB here: quadratic stripping would take several minutes, linear takes seconds; the bound is
     far above the linear time, in a subprocess so a regression cannot hang the suite."""
     code = (
-        "from rlhf_rewards.serving.contracts import split_conversation\n"
+        "from rlhf_rewards.policy_text import split_policy_text\n"
         f"core = {CHATML.removesuffix(chr(10))!r}\n"
-        "assert split_conversation('<pad>' * 1_200_000 + core, 'q') == ([{'role': 'user', 'content': 'Hi'}], 'Hello')\n"
-        "assert split_conversation(core + '<|endoftext|>' * 615_000, 'q')[1] == 'Hello'\n"
-        "assert split_conversation('[PAD]' * 9 + core + '<|endoftext|>[PAD]' * 300_000, 'q')[1] "
+        "assert split_policy_text('<pad>' * 1_200_000 + core, 'q') == ([{'role': 'user', 'content': 'Hi'}], 'Hello')\n"
+        "assert split_policy_text(core + '<|endoftext|>' * 615_000, 'q')[1] == 'Hello'\n"
+        "assert split_policy_text('[PAD]' * 9 + core + '<|endoftext|>[PAD]' * 300_000, 'q')[1] "
         "== 'Hello'\n"
     )
     done = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1"},

@@ -24,7 +24,7 @@ from typing import Any, Callable, ClassVar, Literal, Optional, TypeVar, Union
 import torch
 
 from ..batching import default_max_batch_tokens
-from ..chat_parsing import completion_text, prompt_messages
+from ..policy_text import completion_text, prompt_messages
 from ..conversation import CompletionInput, Message, PromptInput, Sample, check_same_length
 from ..errors import NonFiniteRewardError, SampleError, nonfinite, raise_first
 from ..presets import Preset

@@ -9,18 +9,13 @@ import logging
 from typing import Any, NamedTuple, Optional
 
 from ..backends.base import RewardModel
-from ..chat_parsing import detect_chat_format, parse_chat, strip_completion, strip_tokens
-from ..conversation import Message, normalize_prompt
+from ..policy_text import split_policy_text
+from ..conversation import Message
 from ..pairwise import preferences
 from ..trainers.reward_function import RewardFunction
 from .schemas import CompareRequest, RewardsRequest, ScoreRequest
 
 logger = logging.getLogger(__name__)
-
-# Padding tokens a policy's decode can leave around a query (left padding before the prompt, right padding after
-# the response), beyond the EOS/end-of-turn markers of each chat format that chat_parsing already knows.
-PAD_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]")
-
 
 def score(model: RewardModel, body: ScoreRequest) -> list[float]:
     """``/v1/score``: ``model.score`` (pairwise: against ``baselines``, through ``transform``)."""
@@ -58,31 +53,6 @@ class Scorable(NamedTuple):
     reference: Optional[str]
 
 
-def split_conversation(text: str, where: str, prompt: Any = None, prompt_field: str = "prompt"
-                       ) -> tuple[list[Message], str]:
-    """A prompt+response rendered with a chat template (and decoded with its special tokens) as ``(messages,
-    response)``: the response is the last assistant turn, without the EOS/end-of-turn/pad tokens the decode left;
-    the messages before it must end with a user turn. Untemplated text is split at ``prompt`` when the text starts
-    with it (OpenRLHF's ``prompts[i]``, named ``prompt_field`` in errors)."""
-    text = strip_tokens(text, PAD_TOKENS, leading=True)
-    fmt = detect_chat_format(text)
-    if fmt == "plain":
-        if prompt is not None and not isinstance(prompt, str):
-            raise ValueError(f"{prompt_field}: expected the prompt as text (a string), got {type(prompt).__name__}; "
-                             f"{where} is not rendered with a chat template, so it is split at its prompt")
-        if isinstance(prompt, str) and prompt and text.startswith(prompt):
-            return normalize_prompt(prompt, where), text[len(prompt):]
-        raise ValueError(f"{where}: not rendered with a chat template rlhf_rewards can parse (ChatML, Llama-3, "
-                         "Mistral/Llama-2, Gemma, Zephyr, Phi-3), and does not start with its prompt, so the "
-                         "response cannot be told from the prompt")
-    messages, fmt = parse_chat(text, where=where)
-    if messages[-1]["role"] != "assistant":
-        raise ValueError(f"{where}: the text ends with a {messages[-1]['role']} turn; expected the policy's "
-                         "response as the last (assistant) turn")
-    response = strip_tokens(strip_completion(messages[-1]["content"], fmt), PAD_TOKENS, leading=True)
-    return normalize_prompt(messages[:-1], where), response
-
-
 def locate(model: RewardModel, texts: list[str], prompts: Optional[list[Any]], references: Optional[list[Any]],
            text_field: str, reference_field: str) -> list[Scorable]:
     """Each text split into conversation and response, checked to be renderable by ``model``, with its
@@ -90,7 +60,7 @@ def locate(model: RewardModel, texts: list[str], prompts: Optional[list[Any]], r
     out = []
     for i, text in enumerate(texts):
         where = f"{text_field}[{i}]"
-        messages, response = split_conversation(text, where, prompts[i] if prompts is not None else None,
+        messages, response = split_policy_text(text, where, prompts[i] if prompts is not None else None,
                                                 f"prompts[{i}]")
         reference = None
         if model.kind == "pairwise":

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..backends.base import RewardModel
 from ..chat_parsing import parse_chat, strip_completion
+from ..policy_text import split_policy_text
 from ..conversation import Message
 
 
@@ -87,16 +88,11 @@ class PPORewardAdapter(nn.Module):
             return messages, strip_completion(tok.decode(response, skip_special_tokens=True), fmt)
         text = tok.decode(self._real_ids(row_ids, row_mask), skip_special_tokens=False)
         try:
-            messages, fmt = parse_chat(text)
+            return split_policy_text(text, "the row")
         except ValueError as err:
-            # e.g. a response that itself writes template markup such as "<|im_start|>"
+            # e.g. untemplated text, or a response that itself writes template markup such as "<|im_start|>"
             raise ValueError(f"cannot split a row into prompt and response at the policy's chat template ({err}); "
                              "set adapter.context_length to the padded query width") from None
-        if fmt == "plain":
-            raise ValueError("cannot tell prompt from response in untemplated text: set adapter.context_length")
-        if messages[-1]["role"] != "assistant":
-            return messages, ""  # the policy's response is empty: the text ends with the generation prompt
-        return messages[:-1], strip_completion(messages[-1]["content"], fmt)
 
     def rewards_for_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The reward of each row of policy tokens, as a float32 tensor on the CPU."""
