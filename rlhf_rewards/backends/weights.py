@@ -122,7 +122,7 @@ def quantization_config(quantization: Optional[str], dtype: torch.dtype, skip_mo
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise ImportError("quantization needs bitsandbytes: pip install 'rlhf-rewards[quant]'") from None
+        raise ImportError("quantization needs bitsandbytes: pip install -e '.[quant]' in a checkout") from None
     from transformers import BitsAndBytesConfig
 
     if quantization == "8bit":

@@ -122,7 +122,7 @@ def require(module: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise UsageError(f"this command needs {module!r}: pip install 'rlhf-rewards[data]'") from None
+        raise UsageError(f"this command needs {module!r}: pip install -e '.[data]' in a checkout") from None
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, several: bool = False) -> None:

@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         from ..serving.engine import RewardEngine
         from ..serving.server import check_host, serve
     except ImportError as err:
-        raise UsageError(f"it needs the 'serve' extra: pip install \"rlhf-rewards[serve]\" ({err})") from None
+        raise UsageError(f"it needs the 'serve' extra: pip install -e \".[serve]\" in a checkout ({err})") from None
     try:
         settings = ServerSettings(api_key=_api_key(args), max_request_mb=args.max_request_mb,
                                   max_sample_chars=args.max_sample_chars, body_timeout_s=args.body_timeout,

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace, load_kwargs: dict[str, Any], engine_kwargs: di
     try:
         from ..serving import ray as ray_serving
     except ImportError as err:
-        print(f"rlhf-rewards serve --ray needs the 'ray' extra: pip install \"rlhf-rewards[ray]\" ({err})",
+        print(f"rlhf-rewards serve --ray needs the 'ray' extra: pip install -e \".[ray]\" in a checkout ({err})",
               file=sys.stderr)
         return 2
     try:
