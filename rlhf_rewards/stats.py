@@ -23,6 +23,9 @@ class RewardStats:
         ties: comparisons whose probability was exactly 0.5.
         templated_prompts: text prompts that arrived already rendered in a chat template and were parsed back into
             messages (``parse_templates``).
+        control_text: strings inside messages (prompt contents, completions) that spell one of the model's control
+            tokens (``<|im_end|>``, ``<unk>``, ``[SEP]``, ...), counted once per sample or comparison they occur in;
+            read as ordinary text unless the model was loaded with ``control_text="tokens"``.
         seconds: wall time spent in scoring calls.
     """
 
@@ -37,6 +40,7 @@ class RewardStats:
     order_disagreements: int = 0
     ties: int = 0
     templated_prompts: int = 0
+    control_text: int = 0
     seconds: float = 0.0
 
     def reset(self) -> None:
@@ -64,6 +68,9 @@ class RewardStats:
                          f"and lost {self.truncated_tokens} tokens in all")
         else:
             lines.append("truncated: none")
+        if self.control_text:
+            lines.append(f"control text: {self.control_text} strings inside messages spelled a control token of the "
+                         "model's tokenizer")
         if self.comparisons:
             lines.append(f"pairwise: {self.comparisons} comparisons, each run in both orders; in "
                          f"{self.order_disagreements} ({self.order_disagreement_rate:.0%}) the two orders preferred "

@@ -54,6 +54,7 @@ from transformers import DebertaV2Config, DebertaV2Model, DebertaV2PreTrainedMod
 from ..batching import pad_right, run_batched
 from ..conversation import CompletionInput, Message, PromptInput, SampleError, check_same_length
 from ..chat_parsing import completion_text
+from ..control_text import MARK, ControlText
 from ..rendering import check_alternation, fold_system
 from .base import PairwiseRewardModel, raise_first
 
@@ -215,6 +216,9 @@ class PairRMRewardModel(PairwiseRewardModel):
             ``candidate_maxlength`` when it has them, as llm-blender's ranker config does, else the card's 1224/412).
     """
 
+    control_markers = MARKERS
+    _control_probe = {"marker": SOURCE_PREFIX}
+
     def __init__(self, model: nn.Module, *, preset, tokenizer: Any, device: torch.device,
                  max_length: Optional[int] = None, max_batch_tokens: Optional[int] = None,
                  source_max_length: Optional[int] = None, candidate_max_length: Optional[int] = None):
@@ -236,6 +240,8 @@ class PairRMRewardModel(PairwiseRewardModel):
         check_pairrm_tokenizer(tokenizer, config)
         self.pad_id = tokenizer.pad_token_id
         self.sep_token = tokenizer.sep_token
+        # each part is tokenized with [CLS] .. [SEP] added, whatever the preset says of whole texts
+        self._control = ControlText(tokenizer, add_special_tokens=True, markers=MARKERS)
 
     # -- text ------------------------------------------------------------------------------------------------------
     @staticmethod
@@ -255,10 +261,10 @@ class PairRMRewardModel(PairwiseRewardModel):
                ) -> list[str]:
         """The model's input for orders (A, B) and (B, A) as text, before tokenization and truncation: the three
         parts, each ``[CLS] marker text [SEP]``, concatenated (for debugging)."""
-        source, a, b = self._texts(*self._one(prompt, completion_a, completion_b))
+        source, a, b = self._texts(*self._one(prompt, completion_a, completion_b, count=False))
 
         def part(marker: str, text: str) -> str:
-            return f"[CLS]{marker}{text.replace(self.sep_token, ' ')}[SEP]"
+            return f"[CLS]{marker}{self.shown(text).replace(self.sep_token, ' ')}[SEP]"
 
         src = part(SOURCE_PREFIX, source)
         return [src + part(CANDIDATE1_PREFIX, a) + part(CANDIDATE2_PREFIX, b),
@@ -268,19 +274,23 @@ class PairRMRewardModel(PairwiseRewardModel):
                ) -> list[list[int]]:
         """The token ids the model reads for orders (A, B) and (B, A), truncated as llm-blender truncates (for
         debugging; identical candidates give one row, which serves both orders)."""
-        source, a, b = self._texts(*self._one(prompt, completion_a, completion_b))
-        candidates = self._tokenize(CANDIDATE1_PREFIX, [a, b])
-        return self._encode(self._tokenize(SOURCE_PREFIX, [source])[source], candidates[a], candidates[b]).rows
+        with self._call("encode"):
+            source, a, b = self._texts(*self._one(prompt, completion_a, completion_b, count=True))
+            candidates = self._tokenize(CANDIDATE1_PREFIX, [a, b])
+            return self._encode(self._tokenize(SOURCE_PREFIX, [source])[source], candidates[a], candidates[b]).rows
 
     def _tokenize(self, marker: str, texts: Sequence[str]) -> dict[str, list[int]]:
-        """``[CLS] marker text [SEP]`` ids of each distinct text, untruncated (cut later so the cut is counted)."""
+        """``[CLS] marker text [SEP]`` ids of each distinct text, untruncated (cut later so the cut is counted);
+        escaped control text (see ``control_text``) is read as text."""
         unique = list(dict.fromkeys(texts))
-        if not unique:
-            return {}
-        # the collator replaces the separator's text so each part holds exactly one [SEP]
-        encoded = self.tokenizer([marker + t.replace(self.sep_token, " ") for t in unique],
-                                 add_special_tokens=True)["input_ids"]
-        return dict(zip(unique, encoded))
+        guarded = [t for t in unique if self.control_text == "text" and MARK in t]
+        plain = [t for t in unique if t not in set(guarded)]
+        # the collator replaces the separator's text so each part holds exactly one [SEP] (in both modes)
+        encoded = dict(zip(plain, self.tokenizer([marker + t.replace(self.sep_token, " ") for t in plain],
+                                                 add_special_tokens=True)["input_ids"])) if plain else {}
+        for t in guarded:
+            encoded[t] = self._control.content_ids(marker, self._control.restore(t).replace(self.sep_token, " "))
+        return encoded
 
     @staticmethod
     def _cut(ids: list[int], limit: int) -> list[int]:
@@ -355,8 +365,9 @@ class PairRMRewardModel(PairwiseRewardModel):
             items = []
             for i, (p, a, b) in enumerate(zip(prompts, completions_a, completions_b)):
                 messages, fmt = self._prompt(p, f"prompts[{i}]")
-                items.append((messages, completion_text(a, fmt, f"completions_a[{i}]"),
-                              completion_text(b, fmt, f"completions_b[{i}]")))
+                messages, (a, b) = self._guard(messages, [completion_text(a, fmt, f"completions_a[{i}]"),
+                                                          completion_text(b, fmt, f"completions_b[{i}]")])
+                items.append((messages, a, b))
             results = self._logits(items)
             return raise_first([SampleError(r.index, f"prompts[{r.index}]: {r}") if isinstance(r, SampleError)
                                 else r for r in results])
