@@ -87,13 +87,9 @@ class ControlText:
         controls = {s for s, (_, token) in added.items() if token.special} | set(self._markers)
         self.controls = tuple(sorted(controls, key=lambda s: (-len(s), s)))
         self._index = {c: k for k, c in enumerate(self.controls)}
-        alternatives = "|".join(re.escape(c) for c in self.controls + (MARK,))
-        # a lookahead on the first characters spares the alternation at almost every position of long texts
-        firsts = "".join(sorted({re.escape(c[0]) for c in self.controls + (MARK,)}))
-        self._find = re.compile(f"(?=[{firsts}])(?:{alternatives})")
+        self._find = re.compile(_trie_pattern(self.controls + (MARK,)))
         self._placeholder = re.compile(f"{MARK}[{MARK}\U000f0000-\U000ffffd]")
-        by_length = sorted(added, key=len, reverse=True)
-        self._split = re.compile("|".join([self._placeholder.pattern] + [re.escape(t) for t in by_length]))
+        self._split = re.compile("|".join([self._placeholder.pattern, _trie_pattern(added)]))
         self._added = added
         self._control_ids = {added[c][0] for c in self.controls} - {tokenizer.unk_token_id}
         self._prefix, self._suffix = special_affixes(tokenizer, add_special_tokens)
@@ -298,6 +294,26 @@ class ControlText:
                                       add_special_tokens=self._add_special_tokens)["input_ids"]
         return [f"{p!r}: {list(e)} as the tokenizer gives, {a} read as text"
                 for p, a, e in zip(clean, actual, expected) if list(e) != a]
+
+
+def _trie_pattern(strings: Sequence[str]) -> str:
+    """A regex matching any of ``strings``, the longest where several match at one position, written as a trie:
+    a plain alternation would try every string (Llama-3 has 256 specials) at every ``<`` of a long text."""
+    trie: dict = {}
+    for string in strings:
+        node = trie
+        for char in string:
+            node = node.setdefault(char, {})
+        node[""] = {}
+
+    def pattern(node: dict) -> str:
+        branches = [re.escape(char) + pattern(child) for char, child in sorted(node.items()) if char]
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else f"(?:{'|'.join(branches)})"
+        return f"(?:{body})?" if "" in node else body  # greedy: a longer string first, then the one ending here
+
+    return pattern(trie) or "(?!)"
 
 
 def _text_backends(tokenizer: Any, controls: Sequence[str], markers: Sequence[str]) -> Optional[tuple[Any, Any]]:
