@@ -9,6 +9,7 @@ import torch
 
 from .backends import LOADERS
 from .backends.base import RewardModel
+from .control_text import ControlTextMode, check_mode
 from .backends.weights import DeviceSpec, check_device, resolve_device, resolve_dtype
 from .presets import Preset, canonical_hub_id, check_directory_matches, resolve_preset
 from .sources import check_local, locate
@@ -35,6 +36,7 @@ def load_reward_model(
     adapter: Optional[str] = None,
     parse_templates: bool = True,
     packing: Union[bool, Literal["auto"]] = "auto",
+    control_text: ControlTextMode = "text",
 ) -> RewardModel:
     """Load a reward model exactly as its model card does, on its own device.
 
@@ -66,6 +68,11 @@ def load_reward_model(
             to each batch's longest (``False``), or whichever the attention implementation runs faster (``"auto"``).
             The choice and its reason are ``rm.packing`` and ``rm.packing_reason`` (also in the repr); results are
             the same either way, to float rounding.
+        control_text: ``"text"`` (default): a string inside a message (prompt content or completion) that spells a
+            control token of the model's tokenizer (``<|im_end|>``, ``<unk>``, ``[SEP]``, Llama-3's headers, ...) is
+            tokenized as ordinary text, so a completion cannot forge template turns; ``"tokens"``: it becomes that
+            token, as the model cards' own code does (for parity checks). Counted in ``stats.control_text`` either
+            way; texts without such strings get the card's ids in both modes. See ``docs/security.md``.
 
     Returns:
         A :class:`~rlhf_rewards.backends.base.RewardModel`: ``kind == "scalar"`` models have ``score``;
@@ -73,12 +80,13 @@ def load_reward_model(
     """
     # everything the caller can get wrong is checked here, before any weights load
     chosen = resolve_preset(name_or_path, preset) if preset is not None else None  # a bad name fails first
-    local = check_local(name_or_path, "model")
-    name_or_path = os.fspath(name_or_path)
     max_length = _positive("max_length", max_length)
     max_batch_tokens = _positive("max_batch_tokens", max_batch_tokens)
+    check_mode(control_text)
     if quantization not in (None, "8bit", "4bit"):
         raise ValueError(f"quantization must be None, '8bit' or '4bit', got {quantization!r}")
+    local = check_local(name_or_path, "model")
+    name_or_path = os.fspath(name_or_path)
     if local is None:
         name_or_path = canonical_hub_id(name_or_path)
     chosen = chosen or resolve_preset(local or name_or_path, None)
@@ -100,4 +108,5 @@ def load_reward_model(
                    max_length=max_length, max_batch_tokens=max_batch_tokens, quantization=quantization,
                    adapter=adapter, packing=packing)
     model.parse_templates = parse_templates
+    model.control_text = control_text  # "text" first checks the tokenizer reads control text exactly as text
     return model

@@ -54,8 +54,8 @@ def log_call_metrics(log_metric: Callable[[str, float], None], prefix: str, delt
                      seconds: float, unscored_rate: float) -> None:
     """Report one reward-function call's metrics under ``<prefix>/``: wall time, share of samples left unscored,
     and, from the model's counters for the call (``delta``, as :class:`~rlhf_rewards.stats.RewardStats` names
-    them), the share of model inputs truncated, of computed tokens that were padding, and of pairwise comparisons
-    whose two orders disagreed."""
+    them), the share of model inputs truncated, of computed tokens that were padding, of pairwise comparisons
+    whose two orders disagreed, and the control-token strings found inside messages (``control_text``)."""
     log_metric(f"{prefix}/seconds", seconds)
     log_metric(f"{prefix}/unscored_rate", unscored_rate)
     if delta.get("samples"):
@@ -64,3 +64,5 @@ def log_call_metrics(log_metric: Callable[[str, float], None], prefix: str, delt
         log_metric(f"{prefix}/padding_share", 1 - delta["real_tokens"] / delta["computed_tokens"])
     if delta.get("comparisons"):
         log_metric(f"{prefix}/order_disagreement_rate", delta["order_disagreements"] / delta["comparisons"])
+    if "control_text" in delta:  # a policy learning to write control tokens shows here first
+        log_metric(f"{prefix}/control_text", delta["control_text"])

@@ -27,7 +27,10 @@ class RewardStats:
             messages (``parse_templates``).
         nonfinite: model outputs that were NaN or infinite (a scalar reward, or a comparison's logits or
             probability); each such sample or comparison gets a
-            :class:`~rlhf_rewards.backends.base.NonFiniteRewardError` instead of a number.
+            :class:`~rlhf_rewards.errors.NonFiniteRewardError` instead of a number.
+        control_text: strings inside messages (prompt contents, completions) that spell one of the model's control
+            tokens (``<|im_end|>``, ``<unk>``, ``[SEP]``, ...), counted once per sample or comparison they occur in;
+            read as ordinary text unless the model was loaded with ``control_text="tokens"``.
         seconds: wall time spent in scoring calls.
     """
 
@@ -43,6 +46,7 @@ class RewardStats:
     ties: int = 0
     templated_prompts: int = 0
     nonfinite: int = 0
+    control_text: int = 0
     seconds: float = 0.0
 
     def reset(self) -> None:
@@ -70,6 +74,9 @@ class RewardStats:
                          f"and lost {self.truncated_tokens} tokens in all")
         else:
             lines.append("truncated: none")
+        if self.control_text:
+            lines.append(f"control text: {self.control_text} strings inside messages spelled a control token of the "
+                         "model's tokenizer")
         if self.comparisons:
             lines.append(f"pairwise: {self.comparisons} comparisons, each run in both orders; in "
                          f"{self.order_disagreements} ({self.order_disagreement_rate:.0%}) the two orders preferred "

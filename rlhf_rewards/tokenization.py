@@ -150,11 +150,11 @@ SENTENCEPIECE_PROBES = (
 )
 """Texts the loaded tokenizer must encode exactly as sentencepiece does (see :func:`sentencepiece_problems`)."""
 
-_AFTER_SPECIAL = ("{t}Hello", "{t} Hello", "{t}  two", "{t}\nnext", "{t}123", "x{t}[INST]", "{t}{t}")
+AFTER_SPECIAL = ("{t}Hello", "{t} Hello", "{t}  two", "{t}\nnext", "{t}123", "x{t}[INST]", "{t}{t}")
 """How each added token is probed: text right after it (no space, one, two, a newline, digits), before it, twice."""
 
 
-_MAX_PROBED_SPECIALS = 16  # keeps the load-time check to ~150 texts even for vocabularies with many specials
+MAX_PROBED_SPECIALS = 16  # keeps the load-time check to ~150 texts even for vocabularies with many specials
 
 
 def sentencepiece_model_file(tokenizer: PreTrainedTokenizerBase) -> Optional[str]:
@@ -170,14 +170,14 @@ def sentencepiece_problems(tokenizer: PreTrainedTokenizerBase, model_file: str) 
     """Compare ``tokenizer`` (encoding without special tokens added) with the sentencepiece model ``model_file`` run
     on each stretch of text between the tokenizer's added tokens, each added token being its own id (what
     transformers 4's legacy sentencepiece tokenizers, which the models were trained with, did). Probes:
-    :data:`SENTENCEPIECE_PROBES` and, for each special token (at most 16), the :data:`_AFTER_SPECIAL` patterns; a
+    :data:`SENTENCEPIECE_PROBES` and, for each special token (at most 16), the :data:`AFTER_SPECIAL` patterns; a
     few dozen texts encoded in one call. Returns one line per differing text (empty: identical)."""
     import sentencepiece
 
     sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
     added = {str(t): (i, t) for i, t in tokenizer.added_tokens_decoder.items()}
-    probed = list(dict.fromkeys(t for t in tokenizer.all_special_tokens if t in added))[:_MAX_PROBED_SPECIALS]
-    texts = list(SENTENCEPIECE_PROBES) + [p.format(t=t) for t in probed for p in _AFTER_SPECIAL]
+    probed = list(dict.fromkeys(t for t in tokenizer.all_special_tokens if t in added))[:MAX_PROBED_SPECIALS]
+    texts = list(SENTENCEPIECE_PROBES) + [p.format(t=t) for t in probed for p in AFTER_SPECIAL]
     actual = tokenizer(texts, add_special_tokens=False)["input_ids"]
     problems = []
     for text, ids in zip(texts, actual):

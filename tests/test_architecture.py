@@ -165,7 +165,7 @@ FLOORS = (
     # 0: facts and numbers, no model
     ("rlhf_rewards", "errors", "transforms", "stats", "presets", "groups", "sources", "conversation", "rewardbench"),
     # 1: text and inputs: parsing, rendering, tokenizing, batching, reward-function options
-    ("chat_parsing", "policy_text", "rendering", "tokenization", "batching", "reward_options"),
+    ("chat_parsing", "policy_text", "rendering", "tokenization", "control_text", "batching", "reward_options"),
     # 2: the models
     ("backends", "loading"),
     # 3: built on any model through its per-sample protocol; tiny checkpoints

@@ -143,10 +143,11 @@ def test_starling_34b_matches_card(tiny_dir, packing):
 
 
 def test_starling_34b_reads_before_an_inner_pad_id(tiny_dir):
-    """A literal "<unk>" (id 0) inside the text moves the card's reading position; so must ours."""
+    """A literal "<unk>" (id 0) inside the text moves the card's reading position; so must ours when asked for the
+    card's behaviour (by default it is read as text: tests/test_attack_security.py)."""
     path = tiny_dir("starling-rm-34b")
     model, tokenizer = load_card_starling_34b(path)
-    rm = load_reward_model(path, device="cpu")
+    rm = load_reward_model(path, device="cpu", control_text="tokens")
     text_cases = [("Say <unk> please", "Sure: <unk>"), ("<unk>", "starts with the pad id")]
     ours = rm.score([p for p, _ in text_cases], [c for _, c in text_cases])
     card = card_get_reward(model, tokenizer, [yi_text(messages_of(p, c)) for p, c in text_cases])

@@ -24,9 +24,10 @@ from typing import Any, Callable, ClassVar, Literal, Optional, TypeVar, Union
 import torch
 
 from ..batching import default_max_batch_tokens
-from ..policy_text import completion_text, prompt_messages
+from ..control_text import ControlText, ControlTextMode, check_mode, special_affixes
 from ..conversation import CompletionInput, Message, PromptInput, Sample, check_same_length
 from ..errors import NonFiniteRewardError, SampleError, nonfinite, raise_first
+from ..policy_text import completion_text, prompt_messages
 from ..presets import Preset
 from ..rendering import get_renderer
 from ..stats import RewardStats
@@ -35,19 +36,6 @@ from ..transforms import apply_transform, check_transform
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-def _special_affixes(tokenizer, add_special_tokens: bool) -> tuple[int, int]:
-    """How many special tokens the tokenizer puts before and after the text when ``add_special_tokens`` is on,
-    so truncation can keep them where transformers' own truncation keeps them."""
-    if not add_special_tokens:
-        return 0, 0
-    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a", add_special_tokens=True)["input_ids"]
-    for start in range(len(full) - len(bare) + 1):
-        if full[start:start + len(bare)] == bare:
-            return start, len(full) - start - len(bare)
-    return 0, 0
 
 
 def _decoded(tokenizer: Any, ids: list[int]) -> str:
@@ -72,6 +60,12 @@ class RewardModel:
             the model renders it in its own format, and the policy's end-of-turn markers are stripped from the end
             of completions, as ``RewardFunction`` does (default ``True``). ``False``: a text prompt is one user turn
             as it is, markup included. Parsed prompts are counted in ``stats.templated_prompts``.
+        control_text: what a string inside a message (a prompt's content, a completion) that spells one of the
+            tokenizer's control tokens (``<|im_end|>``, ``<unk>``, ``[SEP]``, ...) becomes: ``"text"`` (default)
+            ordinary text, so a completion cannot forge template turns or markers; ``"tokens"`` the token it spells,
+            as the model cards' own code does (for parity checks). Occurrences are counted in
+            ``stats.control_text`` in both modes, with one warning per call (see :mod:`rlhf_rewards.control_text`).
+            Texts without control strings get the card's token ids in both modes.
         stats: a :class:`~rlhf_rewards.stats.RewardStats` of what was computed, truncated and split.
         lock: the model's own re-entrant lock: callers that may share the model across threads (reward functions,
             the server, the PPO adapter) score under it, so batches do not interleave and each call's share of
@@ -81,6 +75,10 @@ class RewardModel:
     kind: ClassVar[Literal["scalar", "pairwise"]]
     packing: bool = False
     packing_reason: str = "this backend pads its batches"
+    control_markers: ClassVar[tuple[str, ...]] = ()
+    """Non-special added tokens the backend's input format uses as markers, guarded like special tokens."""
+    _control_probe: ClassVar[dict[str, str]] = {}
+    """How the load-time control-text check probes this backend's tokenization (see ``ControlText.check``)."""
 
     def __init__(self, *, preset: Preset, tokenizer: Any, device: torch.device, max_length: Optional[int],
                  max_batch_tokens: Optional[int], parse_templates: bool = True):
@@ -91,7 +89,10 @@ class RewardModel:
         self.max_batch_tokens = max_batch_tokens or default_max_batch_tokens(self.device)
         self.parse_templates = parse_templates
         self.stats = RewardStats()
-        self._prefix, self._suffix = _special_affixes(tokenizer, preset.add_special_tokens)
+        self._prefix, self._suffix = map(len, special_affixes(tokenizer, preset.add_special_tokens))
+        self._control = ControlText(tokenizer, add_special_tokens=preset.add_special_tokens,
+                                    markers=self.control_markers)
+        self._control_text: ControlTextMode = "text"
         if max_length is not None and max_length <= self._prefix + self._suffix:
             raise ValueError(f"max_length={max_length} leaves no room beside the {self._prefix + self._suffix} "
                              f"special tokens {preset.name}'s tokenizer adds to every input")
@@ -112,12 +113,39 @@ class RewardModel:
         return (f"{type(self).__name__}(preset={self.preset.name!r}, device={str(self.device)!r}, "
                 f"max_batch_tokens={self.max_batch_tokens}, packing={self.packing!r} ({self.packing_reason}))")
 
+    @property
+    def control_text(self) -> ControlTextMode:
+        """``"text"`` or ``"tokens"`` (see the class docstring); setting ``"text"`` checks the tokenizer first."""
+        return self._control_text
+
+    @control_text.setter
+    def control_text(self, mode: ControlTextMode) -> None:
+        if check_mode(mode) == "text":
+            self._control.check(self.preset.name, **self._control_probe)
+        self._control_text = mode
+
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of ``texts`` as the card tokenizes them, truncated to ``max_length`` (counted in ``stats``)."""
-        if not texts:
-            return []
-        encoded = self.tokenizer(list(texts), add_special_tokens=self.preset.add_special_tokens)["input_ids"]
-        return [self.truncate(ids) for ids in encoded]
+        """Token ids of rendered ``texts`` as the card tokenizes them (control text from messages read as text, see
+        ``control_text``), truncated to ``max_length`` (counted in ``stats``)."""
+        return [self.truncate(ids) for ids in self._token_ids(texts, self.preset.add_special_tokens)]
+
+    def _token_ids(self, texts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
+        """Untruncated ids of rendered texts (see ``ControlText.token_ids``)."""
+        return self._control.token_ids(texts, add_special_tokens, guarded=self._control_text == "text")
+
+    def _guard(self, messages: list[Message], texts: Sequence[Optional[str]], *, count: bool = True
+               ) -> tuple[list[Message], list[Optional[str]]]:
+        """``messages`` and ``texts`` (completions; ``None`` passes through) escaped for rendering when
+        ``control_text == "text"``, unchanged otherwise; the control strings found added to
+        ``stats.control_text`` when ``count``."""
+        messages, texts, found = self._control.escape_sample(messages, texts, change=self._control_text == "text")
+        if count:
+            self.stats.control_text += found
+        return messages, texts
+
+    def shown(self, text: str) -> str:
+        """A rendered text as the model reads it, control text from messages spelled out (for display)."""
+        return self._control.restore(text) if self._control_text == "text" else text
 
     def truncate(self, ids: list[int]) -> list[int]:
         """Cut ``ids`` to ``max_length`` on the preset's side, keeping the tokenizer's own special tokens (BOS/EOS)
@@ -136,11 +164,12 @@ class RewardModel:
 
     @contextmanager
     def session(self, what: str) -> Iterator[None]:
-        """One scoring call: its wall time into ``stats``, and one warning when its inputs lost tokens to
-        truncation (nested calls count once, in the outermost)."""
+        """One scoring call: its wall time into ``stats``, and one warning each when its inputs lost tokens to
+        truncation, held control text, or gave NaN/infinite outputs (nested calls count once, in the outermost)."""
         self._depth += 1
         start = time.perf_counter()
-        before = (self.stats.truncated, self.stats.truncated_tokens, self.stats.samples, self.stats.nonfinite)
+        before = (self.stats.truncated, self.stats.truncated_tokens, self.stats.samples, self.stats.nonfinite,
+                  self.stats.control_text)
         try:
             yield
         finally:
@@ -156,6 +185,12 @@ class RewardModel:
                            "(%s); counted in rm.stats.truncated and truncated_tokens", self.preset.name, what,
                            self.stats.truncated - before[0], self.stats.samples - before[2], self.max_length,
                            self.stats.truncated_tokens - before[1], self._truncation_rule())
+        if self._depth == 0 and self.stats.control_text > before[4]:
+            became = ("were read as ordinary text, not as the tokens they spell" if self._control_text == "text"
+                      else "became the control tokens they spell (control_text='tokens', as the model card does)")
+            logger.warning("%s.%s: %d strings inside messages spell a control token of the model's tokenizer and "
+                           "%s; counted in rm.stats.control_text", self.preset.name, what,
+                           self.stats.control_text - before[4], became)
 
     def _truncation_rule(self) -> str:
         """How this model cuts an over-long input, for the truncation warning."""
@@ -262,21 +297,32 @@ class ScalarModelBase(RewardModel):
     def format(self, prompt: PromptInput, completion: CompletionInput, *, tokens: bool = False) -> str:
         """The text the model reads for one prompt and completion (for debugging).
 
-        Default: the text as the card renders it, before tokenization. Tokenizing it may add special tokens of
-        the tokenizer's own: Ray2333's card renders ``<s>[INST] ...`` and tokenizes that with another BOS, so the
-        model reads ``<s><s>[INST] ...``. ``tokens=True``: the token ids the model runs (:meth:`encode`, truncated
-        as in scoring) decoded with every special token shown, i.e. exactly what the model reads.
+        Default: the text as the card renders it, before tokenization, control text inside the messages shown as
+        typed. Tokenizing it may add special tokens of the tokenizer's own: Ray2333's card renders ``<s>[INST] ...``
+        and tokenizes that with another BOS, so the model reads ``<s><s>[INST] ...``. ``tokens=True``: the token ids
+        the model runs (:meth:`encode`, truncated as in scoring, control text read as ``control_text`` says) decoded
+        with every special token shown, i.e. exactly what the model reads.
         """
         if tokens:
             return _decoded(self.tokenizer, self.encode(prompt, completion))
+        return self.shown(self._rendered(prompt, completion, count=False))
+
+    def render(self, prompt: PromptInput, completion: CompletionInput) -> str:
+        """The model's input text as scoring passes it to :meth:`score_texts`: :meth:`format`'s text, with control
+        text inside the messages escaped (see ``control_text``); identical to it when there is none."""
+        return self._rendered(prompt, completion, count=True)
+
+    def _rendered(self, prompt: PromptInput, completion: CompletionInput, *, count: bool) -> str:
         messages, fmt = self._prompt(prompt, "prompt")
-        return self._render_at(messages, completion_text(completion, fmt, "completion"), "prompt: ")
+        messages, (text,) = self._guard(messages, [completion_text(completion, fmt, "completion")], count=count)
+        return self._render_at(messages, text, "prompt: ")
 
     def encode(self, prompt: PromptInput, completion: CompletionInput) -> list[int]:
-        """The token ids the model runs for one prompt and completion: :meth:`format`'s text tokenized and truncated
+        """The token ids the model runs for one prompt and completion: :meth:`render`'s text tokenized and truncated
         as in scoring, with every special token the tokenizer adds (decode them to see what the model reads; a
-        truncation counts in ``stats`` as in scoring)."""
-        return self.tokenize([self.format(prompt, completion)])[0]
+        truncation and control text count in ``stats`` as in scoring)."""
+        with self.session("encode"):
+            return self.tokenize([self.render(prompt, completion)])[0]
 
     def _forward_texts(self, texts: Sequence[str]) -> list[float]:
         """Rewards of already-rendered texts, in input order (NaN where the model gave NaN)."""
@@ -289,8 +335,10 @@ class ScalarModelBase(RewardModel):
         return [len(text) for text in items]
 
     def score_texts(self, texts: Sequence[str]) -> list[float]:
-        """Rewards of already-rendered texts (as :meth:`format` returns them), in input order. Raises
-        :class:`NonFiniteRewardError` naming the first input the model gave NaN or an infinite value."""
+        """Rewards of already-rendered texts (as :meth:`render` returns them), in input order. A text rendered
+        elsewhere (or :meth:`format`'s) is tokenized as the card does: control strings in it become tokens. Raises
+        :class:`~rlhf_rewards.errors.NonFiniteRewardError` naming the first input the model gave NaN or an infinite
+        value."""
         rewards = self._forward_texts(texts)
         bad = [(i, nonfinite(r)) for i, r in enumerate(rewards) if nonfinite(r)]
         self.stats.nonfinite += len(bad)
@@ -322,7 +370,7 @@ class ScalarModelBase(RewardModel):
         for i, sample in enumerate(samples):
             if not isinstance(sample, Sample):
                 continue
-            messages, completion, baseline = sample
+            messages, (completion, baseline) = self._guard(sample[0], sample[1:])
             try:
                 text = self._render_at(messages, completion, "")
                 base = None if baseline is None else self._render_at(messages, baseline, "")
@@ -362,10 +410,10 @@ class PairwiseRewardModel(RewardModel):
         model runs (:meth:`encode`, truncated as in scoring) decoded with every special token shown."""
         if tokens:
             return [_decoded(self.tokenizer, ids) for ids in self.encode(prompt, completion_a, completion_b)]
-        return self._render_pair(*self._one(prompt, completion_a, completion_b))
+        return self._render_pair(*self._one(prompt, completion_a, completion_b, count=False))
 
     def _render_pair(self, messages: list[Message], a: str, b: str) -> list[str]:
-        """:meth:`format`'s texts for validated inputs."""
+        """:meth:`format`'s texts for validated inputs (control text escaped: show it with :meth:`shown`)."""
         raise NotImplementedError
 
     def encode(self, prompt: PromptInput, completion_a: CompletionInput, completion_b: CompletionInput
@@ -374,12 +422,14 @@ class PairwiseRewardModel(RewardModel):
         first), truncated as in scoring, with every special token (decode them to see what the model reads)."""
         raise NotImplementedError
 
-    def _one(self, prompt: PromptInput, completion_a: CompletionInput, completion_b: CompletionInput
-             ) -> tuple[list[Message], str, str]:
-        """One comparison's inputs as :meth:`format` takes them, validated (templated prompts parsed)."""
+    def _one(self, prompt: PromptInput, completion_a: CompletionInput, completion_b: CompletionInput, *,
+             count: bool) -> tuple[list[Message], str, str]:
+        """One comparison's inputs as :meth:`format` takes them, validated (templated prompts parsed), control text
+        escaped (counted when ``count``)."""
         messages, fmt = self._prompt(prompt, "prompt")
-        return (messages, completion_text(completion_a, fmt, "completion_a"),
-                completion_text(completion_b, fmt, "completion_b"))
+        messages, (a, b) = self._guard(messages, [completion_text(completion_a, fmt, "completion_a"),
+                                                  completion_text(completion_b, fmt, "completion_b")], count=count)
+        return messages, a, b
 
     def _compare_both_orders(self, items: list[tuple[list[Message], str, str]]
                              ) -> list[Union[tuple[float, float, float], SampleError]]:
@@ -421,6 +471,14 @@ class PairwiseRewardModel(RewardModel):
     def run(self, samples: Sequence[Union[Sample, SampleError, None]]) -> list[Union[float, SampleError, None]]:
         items = [s if isinstance(s, Sample) else None for s in samples]
         results: list[Union[float, SampleError, None]] = [None] * len(items)
+        guarded: list[Optional[tuple[list[Message], str, str]]] = []
+        for item in items:
+            if item is None:
+                guarded.append(None)
+                continue
+            messages, (a, b) = self._guard(item[0], item[1:])
+            guarded.append((messages, a, b))
+        items = guarded
         # identical strings are a tie by definition; GRPO groups often hold duplicates
         todo = [k for k, item in enumerate(items) if item is not None and item[1] != item[2]]
         triples: dict[int, tuple[float, float, float]] = {k: (0.5, 0.5, 0.5) for k, item in enumerate(items)

@@ -183,14 +183,16 @@ class PairPMRewardModel(PairwiseRewardModel):
 
     def _render_pair(self, messages: list[Message], a: str, b: str) -> list[str]:
         context = self._context(messages)
-        return [render_rlhflow_pair(context, a, b, self.tokenizer), render_rlhflow_pair(context, b, a, self.tokenizer)]
+        return [self.shown(render_rlhflow_pair(context, a, b, self.tokenizer)),
+                self.shown(render_rlhflow_pair(context, b, a, self.tokenizer))]
 
     def encode(self, prompt: PromptInput, completion_a: CompletionInput, completion_b: CompletionInput
                ) -> list[list[int]]:
         """The token ids of orders (A, B) and (B, A), the context shortened as scoring shortens it."""
-        messages, a, b = self._one(prompt, completion_a, completion_b)
-        context = self._context(messages)
-        return [self._encode(context, a, b), self._encode(context, b, a)]
+        with self.session("encode"):
+            messages, a, b = self._one(prompt, completion_a, completion_b, count=True)
+            context = self._context(messages)
+            return [self._encode(context, a, b), self._encode(context, b, a)]
 
     def _truncation_rule(self) -> str:
         return "the context cut from its start; the responses are never cut"
@@ -203,29 +205,34 @@ class PairPMRewardModel(PairwiseRewardModel):
         did not write, and cutting one response more than the other would bias it. Two responses that do not fit
         beside the template even with the whole context gone raise :class:`TooLongError` with the token counts.
         """
-        text = render_rlhflow_pair(context, first, second, self.tokenizer)
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        ids = self._ids(render_rlhflow_pair(context, first, second, self.tokenizer))
         if self.max_length is None or len(ids) <= self.max_length:
             return ids
-        context_ids = self.tokenizer.encode(context, add_special_tokens=False)
+        context_ids = self._ids(context)
         excess = len(ids) - self.max_length
         while True:
             if excess >= len(context_ids):
-                bare = len(self.tokenizer.encode(render_rlhflow_pair("", first, second, self.tokenizer),
-                                                 add_special_tokens=False))
-                count = [len(self.tokenizer.encode(r, add_special_tokens=False)) for r in (first, second)]
+                bare = len(self._ids(render_rlhflow_pair("", first, second, self.tokenizer)))
+                count = [len(self._ids(r)) for r in (first, second)]
                 raise TooLongError(0, f"the two responses take {count[0]} + {count[1]} tokens, {bare} with the "
                                       f"pair template and no context at all, more than max_length="
                                       f"{self.max_length}; {self.preset.name} compares whole responses only")
             cut = self.tokenizer.decode(context_ids[excess:])
-            ids = self.tokenizer.encode(render_rlhflow_pair(cut, first, second, self.tokenizer),
-                                        add_special_tokens=False)
+            if self.control_text == "text":
+                # control text the context held was read as text; spelled out again by decoding, it must stay text
+                cut = self._control.escape(cut)[0]
+            ids = self._ids(render_rlhflow_pair(cut, first, second, self.tokenizer))
             if len(ids) <= self.max_length:
                 break
             excess += len(ids) - self.max_length
         self.stats.truncated += 1
         self.stats.truncated_tokens += excess
         return ids
+
+    def _ids(self, text: str) -> list[int]:
+        """Untruncated ids of a rendered text as the card encodes it (``add_special_tokens=False``), control text
+        from messages read as text (see ``control_text``)."""
+        return self._token_ids([text], add_special_tokens=False)[0]
 
     @torch.inference_mode()
     def _run(self, rows: list[list[_Job]]) -> list[tuple[tuple[float, float], Optional[KVCache]]]:

@@ -51,6 +51,7 @@ from torch import nn
 from transformers import DebertaV2Config, DebertaV2Model, DebertaV2PreTrainedModel
 
 from ..batching import pad_right, run_batched
+from ..control_text import MARK, ControlText
 from ..conversation import CompletionInput, Message, PromptInput
 from ..errors import NonFiniteRewardError, SampleError, nonfinite, raise_first
 from ..transforms import sigmoid
@@ -208,6 +209,9 @@ class PairRMRewardModel(PairwiseRewardModel):
             ``candidate_maxlength`` when it has them, as llm-blender's ranker config does, else the card's 1224/412).
     """
 
+    control_markers = MARKERS
+    _control_probe = {"marker": SOURCE_PREFIX}
+
     def __init__(self, model: nn.Module, *, preset, tokenizer: Any, device: torch.device,
                  max_length: Optional[int] = None, max_batch_tokens: Optional[int] = None,
                  source_max_length: Optional[int] = None, candidate_max_length: Optional[int] = None):
@@ -229,6 +233,8 @@ class PairRMRewardModel(PairwiseRewardModel):
         check_pairrm_tokenizer(tokenizer, config)
         self.pad_id = tokenizer.pad_token_id
         self.sep_token = tokenizer.sep_token
+        # each part is tokenized with [CLS] .. [SEP] added, whatever the preset says of whole texts
+        self._control = ControlText(tokenizer, add_special_tokens=True, markers=MARKERS)
 
     # -- text ------------------------------------------------------------------------------------------------------
     @staticmethod
@@ -250,7 +256,7 @@ class PairRMRewardModel(PairwiseRewardModel):
         source, a, b = self._texts(messages, a, b)
 
         def part(marker: str, text: str) -> str:
-            return f"[CLS]{marker}{text.replace(self.sep_token, ' ')}[SEP]"
+            return f"[CLS]{marker}{self.shown(text).replace(self.sep_token, ' ')}[SEP]"
 
         src = part(SOURCE_PREFIX, source)
         return [src + part(CANDIDATE1_PREFIX, a) + part(CANDIDATE2_PREFIX, b),
@@ -260,19 +266,23 @@ class PairRMRewardModel(PairwiseRewardModel):
                ) -> list[list[int]]:
         """The token ids the model reads for orders (A, B) and (B, A), truncated as llm-blender truncates (for
         debugging; identical candidates give one row, which serves both orders)."""
-        source, a, b = self._texts(*self._one(prompt, completion_a, completion_b))
-        candidates = self._tokenize(CANDIDATE1_PREFIX, [a, b])
-        return self._encode(self._tokenize(SOURCE_PREFIX, [source])[source], candidates[a], candidates[b]).rows
+        with self.session("encode"):
+            source, a, b = self._texts(*self._one(prompt, completion_a, completion_b, count=True))
+            candidates = self._tokenize(CANDIDATE1_PREFIX, [a, b])
+            return self._encode(self._tokenize(SOURCE_PREFIX, [source])[source], candidates[a], candidates[b]).rows
 
     def _tokenize(self, marker: str, texts: Sequence[str]) -> dict[str, list[int]]:
-        """``[CLS] marker text [SEP]`` ids of each distinct text, untruncated (cut later so the cut is counted)."""
+        """``[CLS] marker text [SEP]`` ids of each distinct text, untruncated (cut later so the cut is counted);
+        escaped control text (see ``control_text``) is read as text."""
         unique = list(dict.fromkeys(texts))
-        if not unique:
-            return {}
-        # the collator replaces the separator's text so each part holds exactly one [SEP]
-        encoded = self.tokenizer([marker + t.replace(self.sep_token, " ") for t in unique],
-                                 add_special_tokens=True)["input_ids"]
-        return dict(zip(unique, encoded))
+        guarded = [t for t in unique if self.control_text == "text" and MARK in t]
+        plain = [t for t in unique if t not in set(guarded)]
+        # the collator replaces the separator's text so each part holds exactly one [SEP] (in both modes)
+        encoded = dict(zip(plain, self.tokenizer([marker + t.replace(self.sep_token, " ") for t in plain],
+                                                 add_special_tokens=True)["input_ids"])) if plain else {}
+        for t in guarded:
+            encoded[t] = self._control.content_ids(marker, self._control.restore(t).replace(self.sep_token, " "))
+        return encoded
 
     @staticmethod
     def _cut(ids: list[int], limit: int) -> list[int]:
@@ -348,8 +358,11 @@ class PairRMRewardModel(PairwiseRewardModel):
         with ``completions_b[i]`` as candidate 1 (``> 0``: candidate 1 better). llm-blender's
         ``compare(..., return_logits=True)`` is ``logit_AB - logit_BA``."""
         with self.session("compare_logits"):
-            items = raise_first(self.prepare(prompts, completions_a, completions_b,
-                                             names=("completions_a", "completions_b")))
+            items = []
+            for messages, a, b in raise_first(self.prepare(prompts, completions_a, completions_b,
+                                                           names=("completions_a", "completions_b"))):
+                messages, (a, b) = self._guard(messages, [a, b])
+                items.append((messages, a, b))
             results = self._logits(items)
             self.stats.nonfinite += sum(isinstance(r, NonFiniteRewardError) for r in results)
             return raise_first([r.at(k, f"prompts[{k}]" if r.about == "prompt"

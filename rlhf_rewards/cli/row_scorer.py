@@ -72,10 +72,11 @@ class RowScorer:
     def rewards(self, prompts: Sequence[PromptInput], completions: Sequence[CompletionInput]) -> list[Result]:
         """A scalar model's reward for each ``(prompt, completion)`` row."""
         def read(p, c):
-            text = self.model.format(p, c)
+            text = self.model.render(p, c)  # control text inside the messages stays text when scored
             return text, text
 
-        return self._score(list(zip(prompts, completions)), read, self.model.score_texts)
+        with self.model.session("score"):  # one control-text (and truncation) warning per batch of rows
+            return self._score(list(zip(prompts, completions)), read, self.model.score_texts)
 
     def preferences(self, prompts: Sequence[PromptInput], completions_a: Sequence[CompletionInput],
                     completions_b: Sequence[CompletionInput]) -> list[Result]:

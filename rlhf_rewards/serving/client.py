@@ -31,7 +31,8 @@ RETRY_STATUS = frozenset({429, 502, 503, 504})
 """Answers that mean "try again, maybe elsewhere": overloaded, starting, or a proxy that lost the server."""
 
 _OPTIONS = ("pairing", "group_size", "group_mode", "transform", "parse_templates")
-_STAT_KEYS = ("samples", "truncated", "real_tokens", "computed_tokens", "comparisons", "order_disagreements")
+_STAT_KEYS = ("samples", "truncated", "real_tokens", "computed_tokens", "comparisons", "order_disagreements",
+              "control_text")
 
 
 class AsyncRemoteRewardFunction:
