@@ -17,9 +17,9 @@ __version__ = "0.1.0"
 # Names are imported on first use, so `import rlhf_rewards` (and `rlhf-rewards --help`) loads neither torch nor
 # transformers; each entry is the submodule that defines the name.
 _EXPORTS = {
-    "PairwiseRewardModel": ".backends.base",
+    "PairwiseRewardModel": ".backends.pairwise_base",
     "RewardModel": ".backends.base",
-    "ScalarModelBase": ".backends.base",
+    "ScalarModelBase": ".backends.scalar_base",
     "SampleError": ".errors",
     "TooLongError": ".errors",
     "NonFiniteRewardError": ".errors",
@@ -39,7 +39,9 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
-    from .backends.base import PairwiseRewardModel, RewardModel, ScalarModelBase
+    from .backends.base import RewardModel
+    from .backends.pairwise_base import PairwiseRewardModel
+    from .backends.scalar_base import ScalarModelBase
     from .errors import NonFiniteRewardError, SampleError, TooLongError
     from .loading import load_reward_model
     from .pairwise import best_of_n, group_rewards, rank

@@ -1,14 +1,22 @@
-"""What every reward model shares: input checks, rendering, tokenization with counted truncation, batching,
-device, stats, and per-sample errors.
+"""What every reward model shares (:class:`RewardModel`): input checks, rendering, tokenization with counted
+truncation and control text, device, stats, per-sample errors, and the per-sample protocol.
 
-Subclasses supply the forward pass. :class:`ScalarModelBase` backends implement ``_forward_texts``;
-:class:`PairwiseRewardModel` backends implement ``_compare_both_orders``.
+The per-sample protocol is the only way the layers above the backends (pairwise helpers, reward functions, the
+server, the command line) talk to a model, and what a new model family implements (docs/architecture.md):
 
-Every public scoring call runs through a per-sample entry point (``score_samples`` / ``compare_samples``) that
-returns, in each sample's place, its result or the :class:`~rlhf_rewards.conversation.SampleError` saying why it
-has none; ``score`` and ``compare`` raise the first of those errors. One bad sample therefore never stops the others
-from being scored where the caller asks for per-sample results (``RewardFunction``, the server), and costs nothing
-extra: each input is rendered and tokenized once.
+- :meth:`RewardModel.prepare`: callers' prompts and completions as validated
+  :class:`~rlhf_rewards.conversation.Sample` objects (templated prompts parsed, end-of-turn markers stripped), or the
+  :class:`~rlhf_rewards.errors.SampleError` naming the argument, index and reason;
+- :meth:`RewardModel.run`: per prepared sample its reward (scalar: ``r(completion) - r(other)``) or preference
+  (pairwise: ``P(completion better than other)``), or its error; every input rendered and tokenized once;
+- :meth:`RewardModel.session`: one scoring call (its time, one warning each for truncation, control text and
+  non-finite outputs); :attr:`RewardModel.lock`: the model's own lock;
+- :meth:`RewardModel.forward`, :meth:`RewardModel.forward_chars` and :meth:`RewardModel.view`: the batched forward
+  entry point, what it reads in characters, and a copy of the model whose forward calls go elsewhere (the server's
+  cross-request batcher).
+
+:class:`~rlhf_rewards.backends.scalar_base.ScalarModelBase` backends implement ``_forward_texts``;
+:class:`~rlhf_rewards.backends.pairwise_base.PairwiseRewardModel` backends implement ``_compare_both_orders``.
 """
 
 from __future__ import annotations
@@ -26,12 +34,10 @@ import torch
 from ..batching import default_max_batch_tokens
 from ..control_text import ControlText, ControlTextMode, check_mode, special_affixes
 from ..conversation import CompletionInput, Message, PromptInput, Sample, check_same_length
-from ..errors import NonFiniteRewardError, SampleError, nonfinite, raise_first
+from ..errors import SampleError
 from ..policy_text import completion_text, prompt_messages
 from ..presets import Preset
-from ..rendering import get_renderer
 from ..stats import RewardStats
-from ..transforms import apply_transform, check_transform
 
 logger = logging.getLogger(__name__)
 
@@ -277,249 +283,6 @@ class RewardModel:
         :class:`NonFiniteRewardError`). Only arguments that are wrong as a whole (not lists, unequal lengths)
         raise."""
         raise NotImplementedError
-
-
-class ScalarModelBase(RewardModel):
-    """A model giving one reward per (prompt, completion). Subclasses implement :meth:`_forward_texts`."""
-
-    kind = "scalar"
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self._render = get_renderer(self.preset.text_format)
-
-    def _render_at(self, messages: list[Message], completion: str, where: str) -> str:
-        try:
-            return self._render(messages, completion, self.tokenizer)
-        except ValueError as err:
-            raise ValueError(f"{where}{self.preset.name} cannot render this conversation: {err}") from None
-
-    def format(self, prompt: PromptInput, completion: CompletionInput, *, tokens: bool = False) -> str:
-        """The text the model reads for one prompt and completion (for debugging).
-
-        Default: the text as the card renders it, before tokenization, control text inside the messages shown as
-        typed. Tokenizing it may add special tokens of the tokenizer's own: Ray2333's card renders ``<s>[INST] ...``
-        and tokenizes that with another BOS, so the model reads ``<s><s>[INST] ...``. ``tokens=True``: the token ids
-        the model runs (:meth:`encode`, truncated as in scoring, control text read as ``control_text`` says) decoded
-        with every special token shown, i.e. exactly what the model reads.
-        """
-        if tokens:
-            return _decoded(self.tokenizer, self.encode(prompt, completion))
-        return self.shown(self._rendered(prompt, completion, count=False))
-
-    def render(self, prompt: PromptInput, completion: CompletionInput) -> str:
-        """The model's input text as scoring passes it to :meth:`score_texts`: :meth:`format`'s text, with control
-        text inside the messages escaped (see ``control_text``); identical to it when there is none."""
-        return self._rendered(prompt, completion, count=True)
-
-    def _rendered(self, prompt: PromptInput, completion: CompletionInput, *, count: bool) -> str:
-        messages, fmt = self._prompt(prompt, "prompt")
-        messages, (text,) = self._guard(messages, [completion_text(completion, fmt, "completion")], count=count)
-        return self._render_at(messages, text, "prompt: ")
-
-    def encode(self, prompt: PromptInput, completion: CompletionInput) -> list[int]:
-        """The token ids the model runs for one prompt and completion: :meth:`render`'s text tokenized and truncated
-        as in scoring, with every special token the tokenizer adds (decode them to see what the model reads; a
-        truncation and control text count in ``stats`` as in scoring)."""
-        with self.session("encode"):
-            return self.tokenize([self.render(prompt, completion)])[0]
-
-    def _forward_texts(self, texts: Sequence[str]) -> list[float]:
-        """Rewards of already-rendered texts, in input order (NaN where the model gave NaN)."""
-        raise NotImplementedError
-
-    def _forward_items(self, items: list[Any]) -> list[Any]:
-        return self._forward_texts(items)
-
-    def forward_chars(self, items: Sequence[Any]) -> list[int]:
-        return [len(text) for text in items]
-
-    def score_texts(self, texts: Sequence[str]) -> list[float]:
-        """Rewards of already-rendered texts (as :meth:`render` returns them), in input order. A text rendered
-        elsewhere (or :meth:`format`'s) is tokenized as the card does: control strings in it become tokens. Raises
-        :class:`~rlhf_rewards.errors.NonFiniteRewardError` naming the first input the model gave NaN or an infinite
-        value."""
-        rewards = self._forward_texts(texts)
-        bad = [(i, nonfinite(r)) for i, r in enumerate(rewards) if nonfinite(r)]
-        self.stats.nonfinite += len(bad)
-        if bad:
-            raise NonFiniteRewardError(bad[0][0], f"{self.preset.name} returned {bad[0][1]} for input {bad[0][0]}")
-        return rewards
-
-    def score(self, prompts: Sequence[PromptInput], completions: Sequence[CompletionInput], *,
-              baselines: Optional[Sequence[CompletionInput]] = None) -> list[float]:
-        """One reward per completion, in input order.
-
-        ``score[i]`` is the model's scalar for ``completions[i]`` answering ``prompts[i]`` (higher is better; the
-        scale is the model's own logit scale). With ``baselines``, ``score[i] = r(completions[i]) - r(baselines[i])``;
-        each distinct (prompt, baseline) pair is scored once. Raises ``ValueError`` naming the first sample that
-        cannot be scored (see :meth:`score_samples` to get the others' rewards anyway).
-        """
-        return raise_first(self.score_samples(prompts, completions, baselines=baselines))
-
-    def score_samples(self, prompts: Sequence[PromptInput], completions: Sequence[CompletionInput], *,
-                      baselines: Optional[Sequence[CompletionInput]] = None
-                      ) -> list[Union[float, SampleError]]:
-        with self.session("score"):
-            prepared = self.prepare(prompts, completions, baselines)
-            return _located(prepared, self.run(prepared), lambda i, r: f"{r.about}s[{i}]")
-
-    def run(self, samples: Sequence[Union[Sample, SampleError, None]]) -> list[Union[float, SampleError, None]]:
-        results: list[Union[float, SampleError, None]] = [None] * len(samples)
-        texts: dict[int, tuple[str, Optional[str]]] = {}
-        for i, sample in enumerate(samples):
-            if not isinstance(sample, Sample):
-                continue
-            messages, (completion, baseline) = self._guard(sample[0], sample[1:])
-            try:
-                text = self._render_at(messages, completion, "")
-                base = None if baseline is None else self._render_at(messages, baseline, "")
-            except ValueError as err:
-                results[i] = SampleError(i, str(err))
-                continue
-            texts[i] = (text, base)
-        done = list(texts)
-        # each distinct baseline once: a group's shared reference is scored once
-        bases = list(dict.fromkeys(texts[i][1] for i in done if texts[i][1] is not None))
-        rewards = self.forward([texts[i][0] for i in done] + bases) if done else []
-        self.stats.nonfinite += sum(nonfinite(r) is not None for r in rewards)
-        base_reward = dict(zip(bases, rewards[len(done):]))
-        for i, r in zip(done, rewards):
-            base = texts[i][1]
-            what, of = nonfinite(r), "this sample"
-            if what is None and base is not None:
-                what, of = nonfinite(base_reward[base]), "this sample's baseline"
-            if what is not None:
-                results[i] = NonFiniteRewardError(i, f"{self.preset.name} returned {what} for {of}")
-            else:
-                results[i] = r - base_reward[base] if base is not None else r
-        return results
-
-
-class PairwiseRewardModel(RewardModel):
-    """A model that compares two completions of the same prompt. Subclasses implement
-    :meth:`_compare_both_orders`; everything built on preferences (baselines, groups, ranking) lives in
-    :mod:`rlhf_rewards.pairwise`."""
-
-    kind = "pairwise"
-
-    def format(self, prompt: PromptInput, completion_a: CompletionInput, completion_b: CompletionInput, *,
-               tokens: bool = False) -> list[str]:
-        """The texts the model reads to compare ``completion_a`` with ``completion_b``, one per order (A first),
-        for debugging: as the card renders them before tokenization, or with ``tokens=True`` the token ids the
-        model runs (:meth:`encode`, truncated as in scoring) decoded with every special token shown."""
-        if tokens:
-            return [_decoded(self.tokenizer, ids) for ids in self.encode(prompt, completion_a, completion_b)]
-        return self._render_pair(*self._one(prompt, completion_a, completion_b, count=False))
-
-    def _render_pair(self, messages: list[Message], a: str, b: str) -> list[str]:
-        """:meth:`format`'s texts for validated inputs (control text escaped: show it with :meth:`shown`)."""
-        raise NotImplementedError
-
-    def encode(self, prompt: PromptInput, completion_a: CompletionInput, completion_b: CompletionInput
-               ) -> list[list[int]]:
-        """The token ids the model runs to compare ``completion_a`` with ``completion_b``, one row per order (A
-        first), truncated as in scoring, with every special token (decode them to see what the model reads)."""
-        raise NotImplementedError
-
-    def _one(self, prompt: PromptInput, completion_a: CompletionInput, completion_b: CompletionInput, *,
-             count: bool) -> tuple[list[Message], str, str]:
-        """One comparison's inputs as :meth:`format` takes them, validated (templated prompts parsed), control text
-        escaped (counted when ``count``)."""
-        messages, fmt = self._prompt(prompt, "prompt")
-        messages, (a, b) = self._guard(messages, [completion_text(completion_a, fmt, "completion_a"),
-                                                  completion_text(completion_b, fmt, "completion_b")], count=count)
-        return messages, a, b
-
-    def _compare_both_orders(self, items: list[tuple[list[Message], str, str]]
-                             ) -> list[Union[tuple[float, float, float], SampleError]]:
-        """For each ``(messages, a, b)``: ``(p_ab, p_ba, p)``, each a probability that ``a`` is better: from the
-        order (a, b), from the swapped order (b, a), and the model's combination of the two; or a
-        :class:`SampleError` (its ``index`` the item's position) when that comparison cannot be made. Messages
-        name no location: the caller adds it."""
-        raise NotImplementedError
-
-    def _forward_items(self, items: list[Any]) -> list[Any]:
-        return self._compare_both_orders(items)
-
-    def forward_chars(self, items: Sequence[Any]) -> list[int]:
-        # both orders read the conversation and both responses
-        return [2 * (sum(len(m["content"]) for m in messages) + len(a) + len(b)) for messages, a, b in items]
-
-    def compare(self, prompts: Sequence[PromptInput], completions_a: Sequence[CompletionInput],
-                completions_b: Sequence[CompletionInput]) -> list[float]:
-        """``P(completions_a[i] is better than completions_b[i])`` for ``prompts[i]``, in [0, 1], both orders
-        combined to cancel position bias. 0.5 exactly is a tie. Order disagreements and ties go to ``stats``.
-        Raises ``ValueError`` naming the first comparison that cannot be made (see :meth:`compare_samples`)."""
-        return raise_first(self.compare_samples(prompts, completions_a, completions_b))
-
-    def compare_samples(self, prompts: Sequence[PromptInput], completions_a: Sequence[CompletionInput],
-                        completions_b: Sequence[CompletionInput], *,
-                        names: tuple[str, str] = ("completions_a", "completions_b")
-                        ) -> list[Union[float, SampleError]]:
-        """:meth:`compare` that never fails the call for one comparison: each place holds ``P`` or the
-        :class:`~rlhf_rewards.conversation.SampleError` saying why there is none (bad input, a conversation the
-        format cannot hold, two responses too long for ``max_length``, a NaN or infinite model output:
-        :class:`~rlhf_rewards.errors.NonFiniteRewardError`). ``names`` are the two completion arguments' names in
-        error messages."""
-        with self.session("compare"):
-            prepared = self.prepare(prompts, completions_a, completions_b, names=names)
-            return _located(prepared, self.run(prepared),
-                            lambda i, r: f"{names[0]}[{i}] and {names[1]}[{i}]" if r.about == "pair"
-                            else f"prompts[{i}]")
-
-    def run(self, samples: Sequence[Union[Sample, SampleError, None]]) -> list[Union[float, SampleError, None]]:
-        items = [s if isinstance(s, Sample) else None for s in samples]
-        results: list[Union[float, SampleError, None]] = [None] * len(items)
-        guarded: list[Optional[tuple[list[Message], str, str]]] = []
-        for item in items:
-            if item is None:
-                guarded.append(None)
-                continue
-            messages, (a, b) = self._guard(item[0], item[1:])
-            guarded.append((messages, a, b))
-        items = guarded
-        # identical strings are a tie by definition; GRPO groups often hold duplicates
-        todo = [k for k, item in enumerate(items) if item is not None and item[1] != item[2]]
-        triples: dict[int, tuple[float, float, float]] = {k: (0.5, 0.5, 0.5) for k, item in enumerate(items)
-                                                          if item is not None and item[1] == item[2]}
-        if todo:
-            for k, r in zip(todo, self.forward([items[k] for k in todo])):
-                if isinstance(r, SampleError):
-                    results[k] = type(r)(k, str(r), r.about)
-                    self.stats.nonfinite += isinstance(r, NonFiniteRewardError)
-                elif any(nonfinite(p) for p in r):
-                    what = next(nonfinite(p) for p in r if nonfinite(p))
-                    results[k] = NonFiniteRewardError(
-                        k, f"{self.preset.name} returned {what} as a probability for this comparison", "pair")
-                    self.stats.nonfinite += 1
-                else:
-                    triples[k] = r
-        self.stats.comparisons += len(triples)
-        self.stats.order_disagreements += sum((p1 > 0.5) != (p2 > 0.5) for p1, p2, _ in triples.values())
-        self.stats.ties += sum(p == 0.5 for _, _, p in triples.values())
-        for k, (_, _, p) in triples.items():
-            results[k] = p
-        return results
-
-    def score(self, prompts: Sequence[PromptInput], completions: Sequence[CompletionInput], *,
-              baselines: Optional[Sequence[CompletionInput]] = None, transform: str = "logodds") -> list[float]:
-        """Scalar reward of each completion against its baseline: ``transform(P(completion better than
-        baseline))``; see :mod:`rlhf_rewards.pairwise` for the transforms. ``baselines`` is required."""
-        return raise_first(self.score_samples(prompts, completions, baselines=baselines, transform=transform))
-
-    def score_samples(self, prompts: Sequence[PromptInput], completions: Sequence[CompletionInput], *,
-                      baselines: Optional[Sequence[CompletionInput]] = None, transform: str = "logodds"
-                      ) -> list[Union[float, SampleError]]:
-        """:meth:`score` with per-sample errors in place of rewards (see :meth:`compare_samples`)."""
-        if baselines is None:
-            raise ValueError("a pairwise model scores a completion against a baseline: pass baselines=[...] "
-                             "(one reference completion per prompt), or use rlhf_rewards.pairwise.group_rewards")
-        check_transform(transform)
-        results = self.compare_samples(prompts, completions, baselines, names=("completions", "baselines"))
-        probs = [r for r in results if not isinstance(r, SampleError)]
-        values = iter(apply_transform(probs, transform))
-        return [r if isinstance(r, SampleError) else next(values) for r in results]
 
 
 def _located(prepared: Sequence[Union[Sample, SampleError]], results: Sequence[Union[T, SampleError, None]],

@@ -37,7 +37,7 @@ from ..batching import choose_packing, is_varlen, packed_inputs, packed_mask, ru
 from ..conversation import CompletionInput, Message, PromptInput
 from ..errors import NonFiniteRewardError, SampleError, TooLongError, nonfinite
 from ..rendering import render_rlhflow_context, render_rlhflow_pair
-from .base import PairwiseRewardModel
+from .pairwise_base import PairwiseRewardModel
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 """Per layer, the keys and values of one sequence, ``(1, kv_heads, tokens, head_dim)`` each."""

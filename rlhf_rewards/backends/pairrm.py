@@ -56,7 +56,7 @@ from ..conversation import CompletionInput, Message, PromptInput
 from ..errors import NonFiniteRewardError, SampleError, nonfinite, raise_first
 from ..transforms import sigmoid
 from ..rendering import check_alternation, fold_system
-from .base import PairwiseRewardModel
+from .pairwise_base import PairwiseRewardModel
 
 
 SOURCE_PREFIX = "<|source|>"

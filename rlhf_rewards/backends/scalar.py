@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..batching import choose_packing, is_varlen, packed_inputs, packed_mask, pad_right, run_batched
-from .base import ScalarModelBase
+from .scalar_base import ScalarModelBase
 
 _Item = tuple[list[int], int, Optional[int]]
 """A tokenized sample: ``(ids, index, position_id)`` as :meth:`ScalarRewardModel._read_position` gives them."""
