@@ -17,7 +17,8 @@ import pytest
 from cases import mixed_texts, sentencepiece_stretches
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from rlhf_rewards.presets import MISTRAL_V02_CHAT_TEMPLATE, get_preset
+from rlhf_rewards.presets import get_preset
+from rlhf_rewards.presets.seeds import MISTRAL_V02_CHAT_TEMPLATE
 from rlhf_rewards.testing import tokenizers as tiny_tokenizers
 from rlhf_rewards.tokenization import (
     SENTENCEPIECE_PROBES,

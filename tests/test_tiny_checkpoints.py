@@ -22,7 +22,8 @@ from transformers import (
 
 from cases import sentencepiece_stretches
 from rlhf_rewards.backends.value_head import ValueHeadRewardModel, find_state_dict_file, load_value_head_state_dict
-from rlhf_rewards.presets import MISTRAL_V02_CHAT_TEMPLATE, get_preset, resolve_preset
+from rlhf_rewards.presets import get_preset, resolve_preset
+from rlhf_rewards.presets.seeds import MISTRAL_V02_CHAT_TEMPLATE
 from rlhf_rewards.testing import make_tiny_checkpoint
 from rlhf_rewards.testing import tokenizers as tiny_tokenizers
 from rlhf_rewards.tokenization import load_tokenizer

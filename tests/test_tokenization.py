@@ -18,7 +18,8 @@ from cases import mixed_texts, sentencepiece_stretches
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer, MistralConfig, PreTrainedTokenizerFast
 
-from rlhf_rewards.presets import MISTRAL_V02_CHAT_TEMPLATE, GoldenIds, get_preset
+from rlhf_rewards.presets import GoldenIds, get_preset
+from rlhf_rewards.presets.seeds import MISTRAL_V02_CHAT_TEMPLATE
 from rlhf_rewards.testing import tokenizers as tiny_tokenizers
 from rlhf_rewards.tokenization import (
     TokenizerDriftError,

@@ -22,7 +22,7 @@ from tokenizers import Tokenizer, decoders, pre_tokenizers, processors, trainers
 from tokenizers.models import BPE
 from transformers import PreTrainedTokenizerFast
 
-from ..presets import MISTRAL_V02_CHAT_TEMPLATE
+from ..presets.seeds import MISTRAL_V02_CHAT_TEMPLATE
 from ..tokenization import sentencepiece_fast_tokenizer
 
 # A few paragraphs of plain English (with digits, punctuation, code-ish indentation and a little non-ASCII) to train
