@@ -3,7 +3,7 @@ pair-PM, PairRM), Starling-RM-34B's 7B sibling, and any sequence classifier."""
 
 from __future__ import annotations
 
-from . import GoldenIds, Preset, register
+from .base import GoldenIds, Preset, register
 
 # Mistral-7B-Instruct-v0.2's chat template as published with the model in early 2024, used only when a Ray2333
 # checkpoint ships without one (the card renders with the tokenizer's own template).
