@@ -1,6 +1,6 @@
 """What each supported reward model needs, as data: one :class:`Preset` per model card, registered by one module per
-family of cards (:mod:`.seeds`: the first four cards and their siblings; a new family adds a module and its import at
-the end of this file).
+family of cards (:mod:`.seeds`: the first four cards and their siblings; a new family adds a module, importing the
+registry from :mod:`.base`, and its import at the end of this file).
 
 A preset says which backend runs the model, which text format renders a conversation for it, where its tokenizer
 comes from, how its card tokenizes, truncates and pads, which position its card reads the reward from, and token ids
@@ -17,4 +17,5 @@ from .base import (PRESETS, GoldenIds, Kind, Preset, canonical_hub_id, check_dir
 # each family's module registers its presets on import
 from . import seeds  # noqa: E402,F401
 
-__all__ = ["GoldenIds", "Kind", "PRESETS", "Preset", "canonical_hub_id", "check_directory_matches", "get_preset", "list_presets", "preset_for_directory", "preset_for_hub_id", "register", "resolve_preset"]
+__all__ = ["GoldenIds", "Kind", "PRESETS", "Preset", "canonical_hub_id", "check_directory_matches", "get_preset",
+           "list_presets", "preset_for_directory", "preset_for_hub_id", "register", "resolve_preset"]
