@@ -90,9 +90,9 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         raise UsageError(problem)
     try:
-        from ..serving.app import ServerSettings
         from ..serving.engine import RewardEngine
         from ..serving.server import check_host, serve
+        from ..serving.settings import ServerSettings
     except ImportError as err:
         raise UsageError(f"it needs the 'serve' extra: pip install \"rlhf-rewards[serve]\" ({err})") from None
     try:
