@@ -221,15 +221,23 @@ class RewardReplica:
         logger.info("replica %s ready: %s", self.replica_id, self.engine.describe())
 
     def __serve_build_asgi_app__(self):
-        routes = [dataclasses.replace(route, handler=self.models, response_model=ReplicaModelList)
+        routes = [dataclasses.replace(route, handler=self._models_route, response_model=ReplicaModelList)
                   if route.path == models_endpoint.MODELS_PATH else route for route in ROUTES]
         app = build_app(self.engine, self.settings, routes=routes)
         app.add_middleware(_ReplicaHeaderMiddleware, replica_id=self.replica_id)
         return app
 
-    async def models(self, served: Served, body: None) -> ReplicaModelList:
-        """``/v1/models``: the plain server's entry plus ``replicas`` (running replicas of this deployment) and
-        ``replica`` (the one answering)."""
+    async def models(self) -> dict[str, Any]:
+        """What ``GET /v1/models`` answers, for callers holding the deployment handle (``RayRewardFunction`` reads
+        the limits from it)."""
+        return (await self._model_list()).model_dump()
+
+    async def _models_route(self, served: Served, body: None) -> ReplicaModelList:
+        return await self._model_list()
+
+    async def _model_list(self) -> ReplicaModelList:
+        """The plain server's entry plus ``replicas`` (running replicas of this deployment) and ``replica`` (the
+        one answering)."""
         card = models_endpoint.model_card(self.engine, self.settings)
         replicas = await asyncio.to_thread(self._running_replicas)
         return ReplicaModelList(object="list", data=[ReplicaModelCard(**card.model_dump(), replicas=replicas,
