@@ -268,6 +268,6 @@ def test_settings_refuse_bad_values():
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             ServerSettings(**kwargs)
     with pytest.raises(ValueError, match="max_request_items"):
-        Batcher(lambda items: (items, {}), max_batch_tokens=8, max_wait_ms=0, max_queue=4, max_request_items=5)
+        Batcher(lambda items: (items, {}), max_call_cost=8, max_wait_ms=0, max_queue=4, max_request_items=5)
     with pytest.raises(ValueError, match="max_wait_ms"):
-        Batcher(lambda items: (items, {}), max_batch_tokens=8, max_wait_ms=float("nan"), max_queue=4)
+        Batcher(lambda items: (items, {}), max_call_cost=8, max_wait_ms=float("nan"), max_queue=4)

@@ -88,9 +88,9 @@ class Sender(threading.Thread):
 
 
 def test_a_small_request_is_not_stuck_behind_a_large_one(model):
-    """The large request runs in chunks of --max-batch-tokens, taking turns: the small one, arriving while the
+    """The large request runs in chunks of max_call_chars, taking turns: the small one, arriving while the
     large one's first chunk runs, is answered long before the large one (which took the model for 16 s at 10 MB)."""
-    engine = RewardEngine(model, max_batch_tokens=64, max_wait_ms=0)
+    engine = RewardEngine(model, max_call_chars=192, max_wait_ms=0)
     gated = GatedModel(engine)
     finished: list[str] = []
     with ServerThread(build_app(engine)) as url:

@@ -30,8 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=bounded(int, 0, 65535), default=8000)
     parser.add_argument("--api-key-file", help=f"file holding the API key (default: env {API_KEY_ENV})")
     parser.add_argument("--max-batch-tokens", type=positive,
-                        help="token budget of one forward pass, and of one merged call of concurrent requests "
-                             "(a larger request runs in chunks of this size, taking turns with the others)")
+                        help="token budget of one forward pass; one merged call of concurrent requests takes at "
+                             "most 3 characters per token of it (a larger request runs in chunks of that size, "
+                             "taking turns with the others)")
     parser.add_argument("--max-wait-ms", type=bounded(float, 0), default=5.0,
                         help="how long a request may wait for others to share its forward pass (0: no merging)")
     parser.add_argument("--max-request-mb", type=bounded(float, 0, above=True), default=32.0,
@@ -90,9 +91,9 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         raise UsageError(problem)
     try:
-        from ..serving.app import ServerSettings
         from ..serving.engine import RewardEngine
         from ..serving.server import check_host, serve
+        from ..serving.settings import ServerSettings
     except ImportError as err:
         raise UsageError(f"it needs the 'serve' extra: pip install -e \".[serve]\" in a checkout ({err})") from None
     try:
@@ -109,9 +110,8 @@ def run(args: argparse.Namespace) -> int:
                    "max_length": args.max_length, "max_batch_tokens": args.max_batch_tokens,
                    "quantization": args.quantization, "adapter": args.adapter}
 
-    engine_kwargs = {"model_id": args.served_model_name, "max_batch_tokens": args.max_batch_tokens,
-                     "max_wait_ms": args.max_wait_ms, "max_queue": args.max_queue,
-                     "max_request_items": args.max_request_items}
+    engine_kwargs = {"model_id": args.served_model_name, "max_wait_ms": args.max_wait_ms,
+                     "max_queue": args.max_queue, "max_request_items": args.max_request_items}
     if args.ray:
         return serve_ray.run(args, load_kwargs, engine_kwargs, settings)
 

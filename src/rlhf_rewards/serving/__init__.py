@@ -10,7 +10,7 @@ concurrent requests into shared forward passes. Needs the ``serve`` extra (``pip
 from importlib import import_module
 from typing import Any
 
-_EXPORTS = {"RewardEngine": "engine", "ServerSettings": "app", "build_app": "app", "get_engine": "app",
+_EXPORTS = {"RewardEngine": "engine", "ServerSettings": "settings", "build_app": "app", "get_engine": "app",
             "set_engine": "app", "serve": "server", "RemoteRewardFunction": "client",
             "AsyncRemoteRewardFunction": "client"}
 

@@ -2,12 +2,13 @@
 
 The reward model is not thread-safe and a GPU runs one forward at a time anyway, so every model call goes through
 one worker thread. Requests that arrive while it is busy, or within ``max_wait`` of the oldest waiting one, are
-concatenated (up to a token budget) into the next call; each submitter gets back exactly its own results, in order.
+concatenated (up to a budget of work) into the next call; each submitter gets back exactly its own results, in
+order.
 
-Fairness: a call takes at most ``max_batch_tokens`` of (estimated) work, and a submission larger than that runs in
-chunks, going to the back of the queue after each chunk. So a small request arriving beside a large one waits for
-one chunk, not for the whole large request. A request whose client went away is :meth:`Batcher.abandon`-ed: its
-items still waiting are dropped, never computed.
+Fairness: a call takes at most ``max_call_cost`` of work (each item's cost is the submitter's; the engine counts
+characters), and a submission larger than that runs in chunks, going to the back of the queue after each chunk. So
+a small request arriving beside a large one waits for one chunk, not for the whole large request. A request whose
+client went away is :meth:`Batcher.abandon`-ed: its items still waiting are dropped, never computed.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class Batcher:
 
     Args:
         run: the model call (see :data:`RunFn`); it runs only on the batcher's thread, never two at once.
-        max_batch_tokens: the summed ``costs`` one call takes; a submission larger than this runs in chunks of at
+        max_call_cost: the summed ``costs`` one call takes; a submission larger than this runs in chunks of at
             most this much (a single item larger than it runs alone).
         max_wait_ms: how long the oldest waiting submission may wait for others to join it. ``0`` turns merging
             off: each call takes items of one submission only.
@@ -105,18 +106,18 @@ class Batcher:
     :meth:`submit_from_thread` runs on that loop.
     """
 
-    def __init__(self, run: RunFn, *, max_batch_tokens: int, max_wait_ms: float, max_queue: int,
+    def __init__(self, run: RunFn, *, max_call_cost: int, max_wait_ms: float, max_queue: int,
                  max_request_items: Optional[int] = None, observer: Optional[BatchObserver] = None,
                  company: Optional[Callable[[], int]] = None):
         max_request_items = max_queue if max_request_items is None else max_request_items
-        if not (max_batch_tokens >= 1 and 0 <= max_wait_ms < float("inf") and max_queue >= 1
+        if not (max_call_cost >= 1 and 0 <= max_wait_ms < float("inf") and max_queue >= 1
                 and 1 <= max_request_items <= max_queue):
-            raise ValueError(f"need max_batch_tokens >= 1, 0 <= max_wait_ms < inf, max_queue >= 1 and "
-                             f"1 <= max_request_items <= max_queue; got max_batch_tokens={max_batch_tokens}, "
+            raise ValueError(f"need max_call_cost >= 1, 0 <= max_wait_ms < inf, max_queue >= 1 and "
+                             f"1 <= max_request_items <= max_queue; got max_call_cost={max_call_cost}, "
                              f"max_wait_ms={max_wait_ms}, max_queue={max_queue}, "
                              f"max_request_items={max_request_items}")
         self._run = run
-        self.max_batch_tokens = max_batch_tokens
+        self.max_call_cost = max_call_cost
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.max_request_items = max_request_items
@@ -154,7 +155,7 @@ class Batcher:
 
     def submit_from_thread(self, loop: asyncio.AbstractEventLoop, items: list[Any], costs: Sequence[int],
                            ticket: Optional[Ticket] = None) -> tuple[list[Any], Counters]:
-        """Run ``items`` (each with its estimated ``cost``) in coming model calls and return their results and
+        """Run ``items`` (each with its ``cost``) in coming model calls and return their results and
         their share of those calls' counters. Call it from a thread other than ``loop``'s: it blocks until the
         results are back. Raises :class:`RequestTooLarge`, :class:`QueueFull`, :class:`Abandoned`, or what ``run``
         raised for these items (another submission's failure never reaches this one)."""
@@ -236,7 +237,7 @@ class Batcher:
         deadline = self._pending[0].enqueued + self.max_wait
         slices: list[_Slice] = []
         cost = 0
-        while cost < self.max_batch_tokens:
+        while cost < self.max_call_cost:
             if not self._pending:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or (self._company is not None and self._company() <= 0):
@@ -249,7 +250,7 @@ class Batcher:
                 continue
             job = self._pending[0]
             stop = job.next
-            while stop < len(job.items) and (cost + job.costs[stop] <= self.max_batch_tokens or not slices
+            while stop < len(job.items) and (cost + job.costs[stop] <= self.max_call_cost or not slices
                                              and stop == job.next):
                 cost += job.costs[stop]
                 stop += 1

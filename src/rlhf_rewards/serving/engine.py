@@ -4,8 +4,8 @@ Everything a request does besides the forward pass (parsing, validation, renderi
 pairing logic of :class:`~rlhf_rewards.RewardFunction`) runs in the request's own thread on a *view* of the model:
 a shallow copy (:meth:`~rlhf_rewards.RewardModel.view`) whose forward entry point
 (:meth:`~rlhf_rewards.RewardModel.forward`) hands its inputs to the batcher. So each request is scored by exactly
-the code that scores in-process, and only the forward passes of concurrent requests are merged. Each view has its own ``stats``: a request's metrics
-are its own (forward counters of a merged call are split by input count).
+the code that scores in-process, and only the forward passes of concurrent requests are merged. Each view has its
+own ``stats``: a request's metrics are its own (forward counters of a merged call are split by input count).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Optional, TypeVar
@@ -25,9 +24,10 @@ from .metrics import ServerMetrics
 T = TypeVar("T")
 
 CHARS_PER_TOKEN = 3
-"""How the batcher estimates a submission's tokens from its characters (no tokenizer call outside the model
-thread: fast tokenizers are not safe to share between threads). Conservative for English text; the model still
-packs its forward passes exactly under its own ``max_batch_tokens``."""
+"""Characters per token the engine's default ``max_call_chars`` assumes of the model's ``max_batch_tokens``: merged
+calls are sized in characters because tokens cannot be counted outside the model thread (fast tokenizers are not
+safe to share between threads). Conservative for English text; the model still packs its forward passes exactly
+under its own ``max_batch_tokens``."""
 
 REQUEST_THREAD_PREFIX = "rlhf-rewards-request"
 
@@ -55,9 +55,10 @@ class RewardEngine:
     Args:
         model: a model from :func:`rlhf_rewards.load_reward_model`.
         model_id: the name clients see in ``/v1/models`` and ``/classify`` answers (default: the preset's name).
-        max_batch_tokens: how many (estimated) tokens of concurrent requests one merged model call takes; the
-            model itself still splits it into forward passes under its own ``max_batch_tokens``. Default: the
-            model's.
+        max_call_chars: how many characters of model inputs (as :meth:`~rlhf_rewards.RewardModel.forward_chars`
+            counts them) of concurrent requests one merged model call takes; a larger request runs in chunks of
+            this size, taking turns with the others. The model itself still splits a call into forward passes under
+            its own ``max_batch_tokens``. Default: :data:`CHARS_PER_TOKEN` times the model's ``max_batch_tokens``.
         max_wait_ms: how long the oldest waiting request may wait for others to join its model call; ``0``: no
             merging, one request per model call.
         max_queue: model inputs allowed to wait for the model before requests are refused (HTTP 503, retry).
@@ -68,7 +69,7 @@ class RewardEngine:
     """
 
     def __init__(self, model: RewardModel, *, model_id: Optional[str] = None,
-                 max_batch_tokens: Optional[int] = None, max_wait_ms: float = 5.0, max_queue: int = 4096,
+                 max_call_chars: Optional[int] = None, max_wait_ms: float = 5.0, max_queue: int = 4096,
                  max_request_items: Optional[int] = None, max_concurrency: int = 64):
         self.model = model
         self.model_id = model_id or model.preset.name
@@ -76,7 +77,8 @@ class RewardEngine:
         # requests being prepared (parsed, rendered) rather than waiting for the model: the batcher's possible company
         self._preparing = 0
         self._preparing_lock = threading.Lock()
-        self.batcher = Batcher(self._forward, max_batch_tokens=max_batch_tokens or model.max_batch_tokens,
+        self.batcher = Batcher(self._forward,
+                               max_call_cost=max_call_chars or CHARS_PER_TOKEN * model.max_batch_tokens,
                                max_wait_ms=max_wait_ms, max_queue=max_queue,
                                max_request_items=max_request_items, observer=self.metrics,
                                company=lambda: self._preparing)
@@ -136,7 +138,7 @@ class RewardEngine:
         def submit(items: list[Any]) -> list[Any]:
             self._count_preparing(-1)
             try:
-                costs = [_cost(chars) for chars in self.model.forward_chars(items)]
+                costs = [max(1, chars) for chars in self.model.forward_chars(items)]
                 results, counters = self.batcher.submit_from_thread(loop, list(items), costs, ticket)
             finally:
                 self._count_preparing(+1)
@@ -177,7 +179,3 @@ class RewardEngine:
         """Stop the batcher and the request threads (after the work in progress)."""
         await self.batcher.close()
         self._threads.shutdown(wait=False)
-
-
-def _cost(chars: int) -> int:
-    return max(1, math.ceil(chars / CHARS_PER_TOKEN))

@@ -1,32 +1,21 @@
 """The work one request may ask for, checked once its body is parsed and before anything is rendered: how many
 samples, and how many characters in one sample (which bounds the tokens made before truncation: a tokenizer makes
-at most one token per UTF-8 byte, at most four per character)."""
+at most one token per UTF-8 byte, at most four per character).
+
+Both read a body's per-sample fields (:meth:`~rlhf_rewards.serving.endpoints.fields.RequestBody.columns`): by name,
+one list entry per sample."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel
-
 from .middleware import HTTPError
-from .schemas import ClassifyRequest
+
+Columns = dict[str, list[Any]]
 
 
-def columns(body: BaseModel) -> dict[str, list[Any]]:
-    """The request's per-sample fields by name (``prompts``, ``completions``, ``query``, ``input``, ...), each a
-    list with one entry per sample."""
-    if isinstance(body, ClassifyRequest):
-        refs = body.references()
-        return {"input": body.inputs(), **({"labels": refs} if refs is not None else {})}
-    return {name: value for name in type(body).model_fields if isinstance(value := getattr(body, name), list)}
-
-
-def samples(body: BaseModel) -> int:
-    """How many samples the request holds."""
-    return _count(columns(body))
-
-
-def _count(fields: dict[str, list[Any]]) -> int:
+def samples(fields: Columns) -> int:
+    """How many samples a request with these per-sample fields holds."""
     return max((len(column) for column in fields.values()), default=0)
 
 
@@ -45,11 +34,11 @@ def characters(value: Any) -> int:
     return total
 
 
-def check(body: BaseModel, *, max_request_items: int, max_sample_chars: int) -> None:
-    """Raise the 413 :class:`~rlhf_rewards.serving.middleware.HTTPError` of a request with more samples than
-    ``max_request_items`` or a sample (all its fields at one index) of more than ``max_sample_chars`` characters."""
-    fields = columns(body)
-    n = _count(fields)
+def check(fields: Columns, *, max_request_items: int, max_sample_chars: int) -> None:
+    """Raise the 413 :class:`~rlhf_rewards.serving.middleware.HTTPError` of a request (its per-sample ``fields``)
+    with more samples than ``max_request_items`` or a sample (all its fields at one index) of more than
+    ``max_sample_chars`` characters."""
+    n = samples(fields)
     if n > max_request_items:
         raise HTTPError(413, f"this request holds {n} samples; the server takes at most {max_request_items} per "
                              "request (max_request_items): send fewer samples per request",

@@ -49,7 +49,7 @@ class GuardMiddleware:
     passes the limit), body deadline (408 when the whole body has not arrived ``body_timeout_s`` after the
     headers), and the request metrics.
 
-    ``state`` is the app's state: ``settings`` (:class:`~rlhf_rewards.serving.app.ServerSettings`), ``engine`` (or
+    ``state`` is the app's state (:class:`~rlhf_rewards.serving.routing.Served`): ``settings``, ``engine`` (or
     ``None`` while loading) and ``routes`` (paths counted under their own name in the metrics; others as
     ``"other"``).
     """

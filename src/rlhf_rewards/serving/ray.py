@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -29,12 +30,14 @@ from ray.serve.context import _get_global_client
 from ray.serve.handle import DeploymentHandle
 from starlette.middleware import Middleware
 
-from . import contracts
-from .app import ServerSettings, build_app, request_limits
+from .app import ROUTES, build_app
+from .endpoints import models as models_endpoint
+from .endpoints import rewards as rewards_endpoint
 from .engine import RewardEngine
 from .ray_client import AsyncRayRewardFunction, RayRewardFunction
-from .schemas import RewardsRequest
+from .routing import Served
 from .server import is_loopback
+from .settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +191,18 @@ class _ReplicaEngine(RewardEngine):
         return result
 
 
+class ReplicaModelCard(models_endpoint.ModelCard):
+    """A replica's ``/v1/models`` entry: the plain server's, plus ``replicas`` (running replicas of the deployment;
+    ``None`` when the Serve controller could not say) and ``replica`` (the id of the one answering)."""
+
+    replicas: Optional[int]
+    replica: str
+
+
+class ReplicaModelList(models_endpoint.ModelList):
+    data: list[ReplicaModelCard]
+
+
 @serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress()
 class RewardReplica:
@@ -206,19 +221,27 @@ class RewardReplica:
         logger.info("replica %s ready: %s", self.replica_id, self.engine.describe())
 
     def __serve_build_asgi_app__(self):
-        app = build_app(self.engine, self.settings)
-        app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) != "/v1/models"]
-        app.add_api_route("/v1/models", self.models, methods=["GET"])
+        routes = [dataclasses.replace(route, handler=self._models_route, response_model=ReplicaModelList)
+                  if route.path == models_endpoint.MODELS_PATH else route for route in ROUTES]
+        app = build_app(self.engine, self.settings, routes=routes)
         app.add_middleware(_ReplicaHeaderMiddleware, replica_id=self.replica_id)
         return app
 
     async def models(self) -> dict[str, Any]:
-        """``/v1/models``: the plain server's entry plus ``replicas`` (running replicas of this deployment) and
-        ``replica`` (the one answering)."""
-        entry = {**self.engine.describe(), "limits": request_limits(self.engine, self.settings)}
-        entry["replicas"] = await asyncio.to_thread(self._running_replicas)
-        entry["replica"] = self.replica_id
-        return {"object": "list", "data": [entry]}
+        """What ``GET /v1/models`` answers, for callers holding the deployment handle (``RayRewardFunction`` reads
+        the limits from it)."""
+        return (await self._model_list()).model_dump()
+
+    async def _models_route(self, served: Served, body: None) -> ReplicaModelList:
+        return await self._model_list()
+
+    async def _model_list(self) -> ReplicaModelList:
+        """The plain server's entry plus ``replicas`` (running replicas of this deployment) and ``replica`` (the
+        one answering)."""
+        card = models_endpoint.model_card(self.engine, self.settings)
+        replicas = await asyncio.to_thread(self._running_replicas)
+        return ReplicaModelList(object="list", data=[ReplicaModelCard(**card.model_dump(), replicas=replicas,
+                                                                      replica=self.replica_id)])
 
     def _running_replicas(self) -> Optional[int]:
         try:
@@ -230,16 +253,14 @@ class RewardReplica:
 
     async def rewards(self, body: dict[str, Any]) -> dict[str, Any]:
         """What ``POST /v1/rewards`` answers for ``body``, for callers holding the deployment handle (no HTTP, no
-        API key: anyone who can reach the handle already runs code in the cluster). A body the model cannot use
-        raises ``ValueError``; a full queue raises :class:`~rlhf_rewards.serving.batcher.QueueFull`."""
-        request = RewardsRequest.model_validate(body)
-        metrics = self.engine.metrics
+        API key: anyone who can reach the handle already runs code in the cluster), plus ``replica``. A body the
+        model cannot use raises ``ValueError``; a full queue raises
+        :class:`~rlhf_rewards.serving.batcher.QueueFull`."""
+        request = rewards_endpoint.RewardsRequest.model_validate(body)
         with self.engine.request():  # as the app does for HTTP requests: the batcher waits for this one
-            result = await self.engine.run(lambda m: contracts.rewards(m, request))
-        metrics.samples.labels("handle").inc(len(request.prompts))  # as the app: only samples answered
-        metrics.unscored.labels("handle").inc(sum(r is None for r in result.rewards))
-        return {"rewards": result.rewards, "errors": result.errors, "stats": result.stats,
-                "replica": self.replica_id}
+            answer = await rewards_endpoint.run(self.engine, request, "handle")
+        self.engine.metrics.samples.labels("handle").inc(len(request.prompts))  # as the app: only samples answered
+        return {**answer.model_dump(), "replica": self.replica_id}
 
     def check_health(self) -> None:
         """Ray Serve's periodic probe: raising makes it replace this replica."""

@@ -15,8 +15,9 @@ from typing import Callable, Optional
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from .app import ServerSettings, build_app, get_engine, set_engine
+from .app import build_app, get_engine, set_engine
 from .engine import RewardEngine
+from .settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,49 @@
+"""``POST /v1/score``: ``rm.score(prompts, completions, baselines=...)``; for a pairwise model, against the
+baselines and through ``transform``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import BaseModel, model_validator
+
+from ...backends.base import RewardModel
+from ..routing import Route, Served
+from .fields import StrictBody, Text, TransformName, same_length
+
+PATH = "/v1/score"
+
+
+class ScoreRequest(StrictBody):
+    """Prompts (text, one user turn as it is, or message lists), one completion each, and optionally one baseline
+    each: the reward is then ``r(completion) - r(baseline)``. A pairwise model needs ``baselines``."""
+
+    prompts: list[Text]
+    completions: list[Text]
+    baselines: Optional[list[Text]] = None
+    transform: TransformName = "logodds"
+
+    @model_validator(mode="after")
+    def _lengths(self) -> ScoreRequest:
+        same_length(self, "prompts", "completions", "baselines")
+        return self
+
+
+class ScoreResponse(BaseModel):
+    """``rewards[i]``: the model's reward of ``completions[i]`` (a scalar model's logit scale; a pairwise model's
+    ``transform`` of ``P(completion better than baseline)``)."""
+
+    rewards: list[float]
+
+
+def score(model: RewardModel, body: ScoreRequest) -> ScoreResponse:
+    """What ``/v1/score`` answers, computed on ``model`` (a view): ``ValueError`` for input it cannot score."""
+    extra = {"transform": body.transform} if model.kind == "pairwise" else {}
+    return ScoreResponse(rewards=model.score(body.prompts, body.completions, baselines=body.baselines, **extra))
+
+
+async def handler(served: Served, body: ScoreRequest) -> ScoreResponse:
+    return await served.ready().run(lambda model: score(model, body))
+
+
+ROUTE = Route(PATH, ("POST",), handler, ScoreRequest, ScoreResponse)
