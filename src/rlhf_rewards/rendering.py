@@ -9,7 +9,9 @@ its card tokenizes the parts separately rather than one rendered string.
 
 from __future__ import annotations
 
-from typing import Callable
+import re
+from datetime import datetime
+from typing import Any, Callable
 
 from .conversation import Message
 
@@ -57,15 +59,42 @@ def render_chat_template(messages: list[Message], completion: str, tokenizer) ->
     from jinja2.exceptions import TemplateError
 
     conversation = messages + [{"role": "assistant", "content": completion}]
+    pinned = template_kwargs(tokenizer)
     try:
-        return tokenizer.apply_chat_template(conversation, tokenize=False)
+        return tokenizer.apply_chat_template(conversation, tokenize=False, **pinned)
     except TemplateError as err:
         if not any(m["role"] == "system" for m in messages):
             raise ValueError(f"the reward model's chat template rejects this conversation: {err}") from None
     try:
-        return tokenizer.apply_chat_template(fold_system(conversation), tokenize=False)
+        return tokenizer.apply_chat_template(fold_system(conversation), tokenize=False, **pinned)
     except TemplateError as err:
         raise ValueError(f"the reward model's chat template rejects this conversation: {err}") from None
+
+
+def render_chat_template_without_bos(messages: list[Message], completion: str, tokenizer) -> str:
+    """Skywork-Reward-V2's model card: :func:`render_chat_template`'s text with one leading BOS string removed,
+    because the card then tokenizes it with the tokenizer's own BOS added (one BOS either way; a template that
+    writes no BOS, such as Qwen3's, is left as it is)."""
+    text = render_chat_template(messages, completion, tokenizer)
+    bos = tokenizer.bos_token
+    return text[len(bos):] if bos and text.startswith(bos) else text
+
+
+TEMPLATE_DAY = datetime.now()
+"""When this process imported this module (at its first model load). A chat template that writes today's date (Llama-3.2's and 3.3's set
+``date_string`` from ``strftime_now``) writes this day's, as the model card's own call made that day does, and keeps
+writing it: a model's input text, and so its rewards, do not change at midnight while it runs."""
+
+_DATE_FROM_CLOCK = re.compile(r"""set\s+date_string\s*=\s*strftime_now\(\s*(['"])(.*?)\1\s*\)""")
+
+
+def template_kwargs(tokenizer: Any) -> dict[str, str]:
+    """Variables to render ``tokenizer``'s chat template with: ``date_string`` pinned to :data:`TEMPLATE_DAY` (in
+    the template's own format) when the template takes it from the clock, nothing otherwise (a template with a fixed
+    default, such as Llama-3.1's "26 Jul 2024", keeps it)."""
+    template = getattr(tokenizer, "chat_template", None)
+    found = _DATE_FROM_CLOCK.search(template) if isinstance(template, str) else None
+    return {"date_string": TEMPLATE_DAY.strftime(found.group(2))} if found else {}
 
 
 def render_yi_chatml(messages: list[Message], completion: str, tokenizer=None) -> str:
@@ -120,6 +149,7 @@ def render_rlhflow_pair(context: str, response_a: str, response_b: str, tokenize
 
 RENDERERS: dict[str, Renderer] = {
     "chat-template": render_chat_template,
+    "chat-template-without-bos": render_chat_template_without_bos,
     "yi-chatml": render_yi_chatml,
     "starling-llama2": render_starling_llama2,
 }

@@ -106,12 +106,18 @@ class ScalarRewardModel(ScalarModelBase):
         positions = [[list(range(len(ids))) + ([pos_id] if pos_id is not None else []) for ids, _, pos_id in row]
                      for row in rows]
         hidden_keys = [[len(ids) if pos_id is not None else -1 for ids, _, pos_id in row] for row in rows]
-        window = getattr(self.backbone.config, "sliding_window", None)
+        config = self.backbone.config
+        window = getattr(config, "sliding_window", None)
         input_ids, position_ids, mask, starts = packed_inputs(seqs, self.pad_id, self.device, positions=positions,
                                                               hidden_keys=hidden_keys, sliding_window=window)
         attention = None
         if not is_varlen(self.attn_implementation):
             attention = packed_mask(mask, self.attn_implementation, self.backbone.dtype)
+            if window is not None and "full_attention" in (getattr(config, "layer_types", None) or ()):
+                # sliding and full layers alternate (Gemma-2): one mask would window the full layers too
+                full = packed_inputs(seqs, self.pad_id, self.device, positions=positions, hidden_keys=hidden_keys)[2]
+                attention = {"full_attention": packed_mask(full, self.attn_implementation, self.backbone.dtype),
+                             "sliding_attention": attention}
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
                                use_cache=False).last_hidden_state
         items = [item for row in rows for item in row]

@@ -25,7 +25,7 @@ from transformers import (
 )
 
 from ..backends.value_head import ValueHeadRewardModel
-from . import tokenizers
+from . import skywork, tokenizers
 
 # Toy dimensions shared by every tiny model; presets override the number of key/value heads where the real model
 # uses grouped-query attention.
@@ -106,22 +106,33 @@ TINY_CHECKPOINTS: dict[str, TinyCheckpoint] = {
 }
 
 
-def make_tiny_checkpoint(preset: str, path: str, *, seed: int = 0) -> str:
+TINY_BASES: dict[str, dict[str, TinyCheckpoint]] = {}
+"""For presets whose cards cover several base models (Skywork-Reward-V2 on Llama-3.1, Llama-3.2 and Qwen3): each
+base's tiny checkpoint by name; :data:`TINY_CHECKPOINTS` holds the default one."""
+
+
+def make_tiny_checkpoint(preset: str, path: str, *, seed: int = 0, base: Optional[str] = None) -> str:
     """Write a tiny random checkpoint of ``preset`` into directory ``path`` (created if missing) and return ``path``.
 
     The weights are drawn from ``seed`` without touching the global torch random state; the same preset, seed and
-    library versions give the same files.
+    library versions give the same files. ``base`` picks the base model for presets covering several
+    (:data:`TINY_BASES`; default: the preset's first).
 
     Raises:
-        ValueError: ``preset`` has no tiny checkpoint.
+        ValueError: ``preset`` has no tiny checkpoint, or no base called ``base``.
     """
+    if base is not None:
+        bases = TINY_BASES.get(preset, {})
+        if base not in bases:
+            raise ValueError(f"preset {preset!r} has no tiny checkpoint on base {base!r}; known: "
+                             f"{', '.join(bases) or 'none (it has one base)'}")
     if preset == "pairrm":
         # PairRM (DeBERTa-v3 + pairwise head) has its own builder module; imported only when asked for.
         from .pairrm import write_tiny_pairrm
 
         return write_tiny_pairrm(path, seed)
     try:
-        spec = TINY_CHECKPOINTS[preset]
+        spec = TINY_BASES[preset][base] if base is not None else TINY_CHECKPOINTS[preset]
     except KeyError:
         known = ", ".join([*TINY_CHECKPOINTS, "pairrm"])
         raise ValueError(f"no tiny checkpoint for preset {preset!r}; known: {known}") from None
@@ -158,3 +169,13 @@ def _update_json(path: str, updates: dict[str, Any]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def _register_bases(family: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """Add a family module's checkpoints (``{preset: {base: TinyCheckpoint fields}}``, the first base the default)."""
+    for name, bases in family.items():
+        TINY_BASES[name] = {base: TinyCheckpoint(**fields) for base, fields in bases.items()}
+        TINY_CHECKPOINTS[name] = next(iter(TINY_BASES[name].values()))
+
+
+_register_bases(skywork.TINY_BASES)
