@@ -4,12 +4,8 @@ that disconnects while its 400 samples wait (they must be dropped, not computed)
 
 from __future__ import annotations
 
-import json
 import re
-import socket
 import threading
-import time
-from typing import Any, Callable
 
 import httpx
 import pytest
@@ -17,50 +13,14 @@ import pytest
 from rlhf_rewards import load_reward_model
 from rlhf_rewards.serving import RewardEngine, build_app
 
-from serving_helpers import ServerThread
+from serving_helpers import WAIT, GatedModel, ServerThread, post_unread, until
 
 PRESET = "starling-rm-34b"
-WAIT = 60  # bound of every wait below; reaching it fails the test
 
 
 @pytest.fixture(scope="module")
 def model(tiny_dir):
     return load_reward_model(tiny_dir(PRESET), preset=PRESET, device="cpu")
-
-
-class GatedModel:
-    """Wraps the engine's model call: records the texts of every call, and holds the first call until
-    :meth:`release` (so requests pile up behind it in a known state)."""
-
-    def __init__(self, engine: RewardEngine):
-        self.engine = engine
-        self.forward = engine.batcher._run
-        self.calls: list[list[str]] = []
-        self.started = threading.Event()
-        self.gate = threading.Event()
-        engine.batcher._run = self
-
-    def __call__(self, items: list[Any]):
-        self.calls.append([str(item) for item in items])
-        if len(self.calls) == 1:
-            self.started.set()
-            assert self.gate.wait(WAIT), "the test never released the model"
-        return self.forward(items)
-
-    def release(self) -> None:
-        self.gate.set()
-
-    def calls_with(self, marker: str) -> list[int]:
-        """Indexes of the calls that held a text containing ``marker``."""
-        return [i for i, texts in enumerate(self.calls) if any(marker in t for t in texts)]
-
-
-def until(condition: Callable[[], bool], what: str) -> None:
-    """Bounded polling of server state (not a sleep standing in for synchronisation)."""
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.01)
 
 
 def metric(url: str, name: str, labels: str = "") -> float:
@@ -121,11 +81,7 @@ def test_the_queued_work_of_a_disconnected_client_is_dropped(model):
         first = Sender(url, "FIRST", body("FIRST", 1), finished)
         first.start()
         assert gated.started.wait(WAIT)  # the model is busy with FIRST
-        payload = json.dumps(body("GONE", 400)).encode()
-        port = int(url.rsplit(":", 1)[1])
-        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as gone:
-            gone.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+        with post_unread(url, "/v1/score", body("GONE", 400)):
             until(lambda: engine.batcher.queued_items == 400, "the 400 samples wait for the model")
         # the client closed its connection
         until(lambda: metric(url, "rlhf_rewards_abandoned_items_total") == 400, "the server drops them")
