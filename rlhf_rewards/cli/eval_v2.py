@@ -51,6 +51,8 @@ def _kind(value: Any) -> str:
 
 
 def _what(value: Any) -> str:
+    if value is None:
+        return "null"
     return "a list of completions (RewardBench 2)" if _kind(value) == "v2" else \
         f"one completion ({type(value).__name__}: RewardBench)"
 
