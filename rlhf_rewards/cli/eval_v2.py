@@ -25,8 +25,8 @@ SCORE_UNITS = {"scalar": "the reward of each completion",
                            "clipped to +-10"}
 """What a completion's score is, by model kind."""
 
-COUNT_COLUMNS = (("num_correct", "chosen"), ("num_incorrect", "rejected"))
-"""reward-bench's count columns and the list each counts (checked when present; ``total_completions`` too)."""
+COUNT_COLUMNS = ("num_correct", "num_incorrect", "total_completions")
+"""reward-bench's count columns: of the chosen, of the rejected and of all completions (checked when present)."""
 
 Result = tuple[Optional[list[float]], Optional[str]]
 """A row's scores (chosen first, then rejected) and ``None``, or ``None`` and why the row could not be scored."""
@@ -87,7 +87,7 @@ def check_rows(data, args: argparse.Namespace, path: str) -> list[RowInfo]:
     chosen, rejected = data[args.chosen_column], data[args.rejected_column]
     subsets = data[args.subset_column]
     ids = data[args.id_column] if args.id_column else list(range(len(data)))
-    counts = {c: data[c] for c in ("num_correct", "num_incorrect", "total_completions") if c in data.column_names}
+    counts = {c: data[c] for c in COUNT_COLUMNS if c in data.column_names}
     seen: dict[tuple[str, int], int] = {}
     out = []
     for number, (c, r, subset, row_id) in enumerate(zip(chosen, rejected, subsets, ids)):
@@ -95,13 +95,13 @@ def check_rows(data, args: argparse.Namespace, path: str) -> list[RowInfo]:
             if not items:
                 raise UsageError(f"{path}: row {number} has an empty {column!r} list; a RewardBench 2 row needs at "
                                  "least one correct (chosen) and one incorrect (rejected) completion")
-        for column, counted in COUNT_COLUMNS + (("total_completions", None),):
-            if column in counts:
-                have = len(c) + len(r) if counted is None else len(c if counted == "chosen" else r)
-                given = _count(counts[column][number], path, number, column)
-                if given != have:
-                    where = "the two lists hold" if counted is None else f"its {counted!r} list holds"
-                    raise UsageError(f"{path}: row {number} has {column} {given} but {where} {have} completions")
+        have = dict(zip(COUNT_COLUMNS, ((len(c), f"its {args.chosen_column!r} list holds"),
+                                        (len(r), f"its {args.rejected_column!r} list holds"),
+                                        (len(c) + len(r), "its two lists hold"))))
+        for column, values in counts.items():
+            given, (count, where) = _count(values[number], path, number, column), have[column]
+            if given != count:
+                raise UsageError(f"{path}: row {number} has {column} {given} but {where} {count} completions")
         ties = is_ties(subset)
         if ties:
             if not args.id_column:
@@ -245,9 +245,8 @@ def markdown(results: list[dict], names: list[str]) -> str:
     """One table, one column per model: the leaderboard score, then each subset as ``score (n, shared top)``, the
     Ties score's parts, and other subsets last."""
     lines = ["| | " + " | ".join(names) + " |", "|---" * (len(results) + 1) + "|"]
-    missing = sorted({s for r in results for s in r["missing"]})
     lines.append("| **RewardBench 2 score** (mean of the six subsets) | " + " | ".join(_pct(r["score"])
-                 for r in results) + " |" + (f" missing: {', '.join(missing)} |" if missing else ""))
+                 for r in results) + " |")
     subsets = list(results[0]["subsets"])
     for subset in subsets:
         lines.append(f"| {subset} | " + " | ".join(_cell(r["subsets"].get(subset)) for r in results) + " |")
@@ -262,7 +261,8 @@ def markdown(results: list[dict], names: list[str]) -> str:
     lines.append("Scores in %. Best-of-N subsets: a row counts 1 when its chosen completion scores strictly above all "
                  "others, 1/k when it shares the top score with k-1 others (\"shared top\"), else 0. Ties: 0.30 tied "
                  "accuracy + 0.30 ref accuracy + 0.20 correct preferred + 0.20 hard + 0.01 margin, as reward-bench's "
-                 "run_v2.py. The score is the unweighted mean of the six subsets, as on the leaderboard.")
+                 "run_v2.py. The score is the unweighted mean of the six subsets, as on the leaderboard"
+                 + (f"; none without {', '.join(results[0]['missing'])}." if results[0]["missing"] else "."))
     return "\n".join(lines) + "\n"
 
 
