@@ -16,12 +16,24 @@ SAMPLE_PREFERENCES = "sample:preferences"
 """The name that stands for the preference file shipped with the package (RewardBench's layout, a few dozen rows
 over several of its subsets), so ``rlhf-rewards eval sample:preferences --model ...`` runs from an install."""
 
+SAMPLE_REWARD_BENCH_2 = "sample:reward-bench-2"
+"""The name that stands for the RewardBench 2 sample shipped with the package (its layout, a few rows in each of its
+six subsets, Ties rows paired by ``ref:``/``tied:`` ids)."""
+
+_SAMPLES = {SAMPLE_PREFERENCES: "preferences.jsonl", SAMPLE_REWARD_BENCH_2: "reward-bench-2.jsonl"}
+
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+
+
+def sample_path(name: str) -> str:
+    """Path of the file shipped with the package that ``name`` (``sample:preferences``, ``sample:reward-bench-2``)
+    stands for."""
+    return str(resources.files("rlhf_rewards") / "data" / _SAMPLES[name])
 
 
 def sample_preferences_path() -> str:
     """Path of the preference file shipped with the package."""
-    return str(resources.files("rlhf_rewards") / "data" / "preferences.jsonl")
+    return sample_path(SAMPLE_PREFERENCES)
 
 
 _KINDS = ((bool, "a boolean"), ((int, float), "a number"), (str, "a string"), (list, "a list"), (dict, "an object"))
@@ -127,8 +139,9 @@ def _bad_csv_line(path: str) -> Optional[str]:
 
 
 def input_path(data: str) -> str:
-    """The file or directory ``DATA`` stands for (``sample:preferences`` is the shipped file)."""
-    return sample_preferences_path() if data == SAMPLE_PREFERENCES else data
+    """The file or directory ``DATA`` stands for (``sample:preferences`` and ``sample:reward-bench-2`` are shipped
+    files)."""
+    return sample_path(data) if data in _SAMPLES else data
 
 
 def read_rows(path: str, split: Optional[str] = None):
@@ -217,7 +230,8 @@ def add_data_arguments(parser, *, prompt_column: bool = True, resumable: bool = 
     """The dataset input options the commands share; ``resumable`` for the commands that write as they go and
     have ``--resume``."""
     parser.add_argument("data", metavar="DATA",
-                        help=f"JSONL, JSON, CSV or Parquet file, a save_to_disk directory, or {SAMPLE_PREFERENCES}")
+                        help="JSONL, JSON, CSV or Parquet file, a save_to_disk directory, or a shipped sample: "
+                        + ", ".join(_SAMPLES))
     parser.add_argument("--split", help="the split to read from a saved DatasetDict")
     if prompt_column:
         parser.add_argument("--prompt-column", default="prompt",

@@ -1,5 +1,6 @@
-"""``rlhf-rewards eval``: preference accuracy on a RewardBench-layout file, per subset and per RewardBench section,
-for one or more models, with a table and two plots."""
+"""``rlhf-rewards eval``: a reward model benchmark for one or more models, with a table and two plots: RewardBench's
+preference accuracy per subset and section, or RewardBench 2's best-of-N and Ties scores (:mod:`.eval_v2`), told
+apart by the rows' layout."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ import sys
 import time
 from collections import defaultdict
 
+from . import eval_v2
 from .common import (Progress, UsageError, add_model_arguments, check_preset, load_model, model_specs,
                      reports_usage_errors, require)
 from .data_io import add_data_arguments, check_output_dir, chunks, read_rows, require_columns
+from .eval_plots import model_names
 from .outputs import write_rows
 
-HELP = "preference accuracy on a RewardBench-layout file (prompt, chosen, rejected, subset), per subset and section"
+HELP = ("RewardBench (v1: chosen and rejected texts) or RewardBench 2 (lists of chosen and rejected completions) "
+        "scores per subset, section and leaderboard")
 
 MARGIN_UNITS = {"scalar": "reward(chosen) - reward(rejected)",
                 "pairwise": "log(P(chosen better) / P(rejected better)), clipped to +-10"}
@@ -29,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rejected-column", default="rejected",
                         help="column of dispreferred completions (default: rejected)")
     parser.add_argument("--subset-column", default="subset", help="column of subset names (default: subset)")
+    parser.add_argument("--benchmark", choices=("auto", "v1", "v2"), default="auto",
+                        help="v1: RewardBench (one chosen and one rejected completion per row); v2: RewardBench 2 "
+                             "(lists of them; the id column defaults to 'id'); auto (default): told from the rows")
     parser.add_argument("--output-dir", default="eval-results",
                         help="where results.json, results.md, rows.jsonl, margins.png and subsets.png go "
                              "(default: eval-results)")
@@ -79,24 +86,30 @@ def summarize(subsets: list[str], margins: list[tuple]) -> dict:
             "score": overall_score(sections)}
 
 
-def evaluate(args: argparse.Namespace, spec: tuple, data) -> tuple[dict, list[tuple]]:
-    """One model's results and its per-row ``(margin, error)``; the model is freed afterwards."""
+def evaluate(args: argparse.Namespace, spec: tuple, data, info=None) -> tuple[dict, list[tuple]]:
+    """One model's results and its per-row results: ``(margin, error)`` for RewardBench, ``(scores, error)`` for
+    RewardBench 2 (``info``, the rows' :class:`~.eval_v2.RowInfo`, given); the model is freed afterwards."""
     from .row_scorer import RowScorer
 
     name, preset, tokenizer = spec
     model = load_model(args, name, preset, tokenizer)
     scorer = RowScorer(model)
-    margins: list[tuple] = []
+    values: list[tuple] = []
     with Progress(len(data), f"eval {os.path.basename(name.rstrip('/'))}", model) as progress:
         for _, rows in chunks(data, args.chunk_size):
-            margins += row_margins(model, scorer, rows, args)
+            values += (row_margins if info is None else eval_v2.row_scores)(model, scorer, rows, args)
             progress.update(len(rows))
-    result = {"model": name, "preset": model.preset.name, "kind": model.kind, "margin": MARGIN_UNITS[model.kind],
-              **summarize(data[args.subset_column], margins), "stats": model.stats.as_dict()}
+    result = {"model": name, "preset": model.preset.name, "kind": model.kind}
+    if info is None:
+        result.update(margin=MARGIN_UNITS[model.kind], **summarize(data[args.subset_column], values))
+    else:
+        result.update(benchmark="RewardBench 2", score_units=eval_v2.SCORE_UNITS[model.kind],
+                      **eval_v2.summarize(info, values))
+    result["stats"] = model.stats.as_dict()
     del scorer, model
     gc.collect()
     _free_accelerator()
-    return result, margins
+    return result, values
 
 
 def _free_accelerator() -> None:
@@ -114,7 +127,7 @@ def markdown(results: list[dict]) -> str:
     """One table, one column per model: RewardBench sections, then every subset as ``accuracy (n, ties)``."""
     from ..rewardbench import SECTIONS
 
-    names = [os.path.basename(r["model"].rstrip("/")) or r["model"] for r in results]
+    names = model_names(results)
     lines = ["| | " + " | ".join(names) + " |", "|---" * (len(results) + 1) + "|"]
     if any(r["sections"] for r in results):
         partial = any(s["missing"] for r in results for s in r["sections"].values())
@@ -145,24 +158,20 @@ def markdown(results: list[dict]) -> str:
 
 def plots(results: list[dict], margins: list[list[tuple]], out_dir: str) -> None:
     """``margins.png`` (each model's margin distribution) and ``subsets.png`` (accuracy per subset per model)."""
-    matplotlib = require("matplotlib")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .eval_plots import Bars, margin_histograms, subset_bars
 
-    names = [os.path.basename(r["model"].rstrip("/")) or r["model"] for r in results]
-    fig, axes = plt.subplots(len(results), 1, figsize=(7, 2.6 * len(results)), squeeze=False)
-    for ax, name, r, ms in zip(axes[:, 0], names, results, margins):
+    names = model_names(results)
+    panels = []
+    for name, r, ms in zip(names, results, margins):
         values = [m for m, _ in ms if m is not None]
-        ax.hist(values, bins=min(40, max(5, len(values) // 3)), color="tab:blue", alpha=0.8)
-        ax.axvline(0.0, color="black", linewidth=1)
-        ax.set_title(f"{name}: accuracy {_pct(r['overall']['accuracy'])}%, n={len(values)}", fontsize=9)
-        ax.set_xlabel(r["margin"], fontsize=8)
-        ax.set_ylabel("rows")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "margins.png"), dpi=100)
-    plt.close(fig)
-
-    _subsets_plot(plt, names, results, out_dir)
+        panels.append((f"{name}: accuracy {_pct(r['overall']['accuracy'])}%, n={len(values)}", values, r["margin"]))
+    margin_histograms(panels, os.path.join(out_dir, "margins.png"))
+    values = [{s: (c["accuracy"], "no rows scored" if c["accuracy"] is None else
+                   f"{100 * c['accuracy']:.0f}% of {c['n']}") for s, c in r["subsets"].items()} for r in results]
+    subset_bars(names, Bars(_sectioned(list(results[0]["subsets"])), values, 0.5, "50%: chance (a coin flip)",
+                            "accuracy % (chosen strictly above rejected; ties count as wrong)",
+                            "Preference accuracy per subset, by RewardBench section"),
+                os.path.join(out_dir, "subsets.png"))
 
 
 def _sectioned(subsets: list[str]) -> list[tuple[str, list[str]]]:
@@ -173,44 +182,6 @@ def _sectioned(subsets: list[str]) -> list[tuple[str, list[str]]]:
     known = {s for _, members in groups for s in members}
     groups.append(("Other subsets", [s for s in subsets if s not in known]))
     return [(section, members) for section, members in groups if members]
-
-
-def _subsets_plot(plt, names: list[str], results: list[dict], out_dir: str) -> None:
-    """``subsets.png``: one bar per model and subset, grouped by section, each labelled with its accuracy (so a 0%
-    bar is seen), the 50% chance line named in the legend, the legend above the bars."""
-    groups = _sectioned(list(results[0]["subsets"]))
-    labels: list[tuple[str, bool]] = []  # (text, is a section heading)
-    for section, members in groups:
-        labels.append((section, True))
-        labels += [(s, False) for s in members]
-    height = 0.8 / len(results)
-    fig, ax = plt.subplots(figsize=(8, 0.32 * len(labels) * max(1, len(results) * 0.7) + 2.2))
-    for k, (name, r) in enumerate(zip(names, results)):
-        rows = [(i, r["subsets"][text]) for i, (text, heading) in enumerate(labels) if not heading]
-        ys = [i + (k - (len(results) - 1) / 2) * height for i, _ in rows]
-        acc = [100 * (c["accuracy"] or 0.0) for _, c in rows]
-        bars = ax.barh(ys, acc, height=height * 0.95, label=name)
-        for y, (_, c), bar in zip(ys, rows, bars):
-            text = "no rows scored" if c["accuracy"] is None else f"{100 * c['accuracy']:.0f}% of {c['n']}"
-            ax.text(bar.get_width() + 1, y, text, va="center", fontsize=7)
-    ax.set_yticks(range(len(labels)), [t for t, _ in labels])
-    for tick, (_, heading) in zip(ax.get_yticklabels(), labels):
-        tick.set_fontweight("bold" if heading else "normal")
-        tick.set_fontsize(9 if heading else 8)
-    for i, (_, heading) in enumerate(labels):
-        if heading and i:
-            ax.axhline(i - 0.5, color="lightgrey", linewidth=0.8)
-    ax.invert_yaxis()
-    ax.axvline(50.0, color="grey", linestyle="--", linewidth=1, label="50%: chance (a coin flip)")
-    ax.set_xlim(0, 118)
-    ax.set_xticks(range(0, 101, 20))
-    ax.set_xlabel("accuracy % (chosen strictly above rejected; ties count as wrong)")
-    ax.set_title("Preference accuracy per subset, by RewardBench section", fontsize=11, pad=28)
-    ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=min(4, len(results) + 1),
-              frameon=False)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "subsets.png"), dpi=100)
-    plt.close(fig)
 
 
 @reports_usage_errors("eval")
@@ -230,23 +201,38 @@ def run(args: argparse.Namespace) -> int:
         if not isinstance(subset, str) or not subset:
             raise UsageError(f"{args.data}: row {number} has {args.subset_column!r} {subset!r}; every row needs a "
                              "subset name")
-    results, margins = [], []
+    info = None
+    layout = eval_v2.choose_layout(data, args.data, args.chosen_column, args.benchmark)
+    eval_v2.choose_layout(data, args.data, args.rejected_column, layout)
+    if layout == "v2":
+        if args.id_column is None and "id" in data.column_names:
+            args.id_column = "id"  # RewardBench 2's Ties rows are paired by their ids
+        info = eval_v2.check_rows(data, args, args.data)
+    results, per_model = [], []
     for spec in specs:
-        result, ms = evaluate(args, spec, data)
+        result, values = evaluate(args, spec, data, info)
         results.append(result)
-        margins.append(ms)
+        per_model.append(values)
     out = args.output_dir
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
         json.dump({"data": args.data, "rows": len(data), "models": results}, f, indent=2)
     with open(os.path.join(out, "rows.jsonl"), "w", encoding="utf-8") as f:
-        ids = data[args.id_column] if args.id_column else range(len(data))
-        write_rows(f, [{"id": i, "subset": s, **{f"margin_{k}": ms[n][0] for k, ms in enumerate(margins)},
-                        **{f"error_{k}": ms[n][1] for k, ms in enumerate(margins) if ms[n][1]}}
-                       for n, (i, s) in enumerate(zip(ids, data[args.subset_column]))])
-    table = markdown(results)
+        if info is not None:
+            write_rows(f, eval_v2.row_records(info, per_model))
+        else:
+            ids = data[args.id_column] if args.id_column else range(len(data))
+            write_rows(f, [{"id": i, "subset": s, **{f"margin_{k}": ms[n][0] for k, ms in enumerate(per_model)},
+                            **{f"error_{k}": ms[n][1] for k, ms in enumerate(per_model) if ms[n][1]}}
+                           for n, (i, s) in enumerate(zip(ids, data[args.subset_column]))])
+    if info is not None:
+        names = model_names(results)
+        table = eval_v2.markdown(results, names)
+        eval_v2.plots(results, per_model, info, names, out)
+    else:
+        table = markdown(results)
+        plots(results, per_model, out)
     with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
         f.write(table)
-    plots(results, margins, out)
     print(table)
     errors = sum(r["overall"]["errors"] for r in results)
     print(f"wrote {out}/results.json, results.md, rows.jsonl, margins.png, subsets.png in "

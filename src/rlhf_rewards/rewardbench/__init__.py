@@ -1,4 +1,5 @@
-"""RewardBench (v1) scoring: per-subset preference accuracy and the leaderboard's section scores.
+"""RewardBench (v1) scoring: per-subset preference accuracy and the leaderboard's section scores. RewardBench 2's
+best-of-N and Ties scoring is in :mod:`rlhf_rewards.rewardbench.v2`.
 
 The subset names, sections and per-subset example counts are RewardBench's own (``rewardbench/constants.py``:
 ``SUBSET_MAPPING`` and ``EXAMPLE_COUNTS``; ``math-prm`` is weighted 984, not its 447 rows, so math weighs as much as
