@@ -14,6 +14,7 @@ import pytest
 import rlhf_rewards
 from rlhf_rewards import list_presets
 from rlhf_rewards.cli import COMMANDS, main
+from rlhf_rewards.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,9 +36,11 @@ def test_demo_scores_with_every_preset(tmp_path, capsys):
         assert (tmp_path / name / "config.json").is_file()  # --out keeps the checkpoints
     scalar = re.findall(r"conversation \d: good answer [+-]\d\.\d{4}   bad answer [+-]\d\.\d{4}\n", out)
     pairwise = re.findall(r"conversation \d: [01]\.\d{4}\n", out)
-    assert len(scalar) == 4 * 3 and len(pairwise) == 2 * 3  # four scalar presets, two pairwise, three conversations
+    kinds = [PRESETS[name].kind for name in list_presets()]
+    n_scalar, n_pairwise = kinds.count("scalar"), kinds.count("pairwise")
+    assert len(scalar) == n_scalar * 3 and len(pairwise) == n_pairwise * 3  # three conversations each
     assert out.count("best of n, candidates [0] = bad answer, [1] = good answer; index chosen per conversation: [") \
-        == 6
+        == n_scalar + n_pairwise
     # the ids each model runs, decoded with every special token: Ray2333's card tokenizes the chat template's text,
     # which starts with <s>, with BOS added again
     assert "\n<s><s> [INST] What is the capital of France? [/INST]The capital of France is Paris.</s>\n" in out
@@ -46,7 +49,7 @@ def test_demo_scores_with_every_preset(tmp_path, capsys):
             "France?\n [RESPONSE A] The capital of France is Paris. [RESPONSE B] I believe it is Marseille."
             "<|eot_id|>\n") in out
     # stats as sentences, and the pair-PM's prefix reuse explained where computed tokens are fewer than real ones
-    assert out.count("model inputs scored in") == 6 and "{'samples'" not in out
+    assert out.count("model inputs scored in") == len(kinds) and "{'samples'" not in out
     assert "fewer computed than in the inputs" in out
 
 

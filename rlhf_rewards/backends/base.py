@@ -25,7 +25,7 @@ import copy
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Callable, ClassVar, Literal, Optional, TypeVar, Union
 
@@ -269,6 +269,17 @@ class RewardModel:
         view.stats = RewardStats()
         view._forward_via = forward
         return view
+
+    objective_names: tuple[str, ...] = ()
+    """The named objectives a multi-objective model scores besides its reward, in its card's order (empty for a
+    model with one reward)."""
+
+    def with_objectives(self, weights: Mapping[str, float]) -> RewardModel:
+        """A copy of the model whose reward is ``sum(weight * objective)`` over the objectives named in ``weights``
+        instead of its own reward (multi-objective models; see ``objective_names``). This model has none: raises
+        ``ValueError``."""
+        raise ValueError(f"{self.preset.name} gives one reward and has no named objectives to weigh; objectives=... "
+                         "needs a multi-objective reward model (rm.objective_names lists a model's objectives)")
 
     def score(self, prompts: Sequence[PromptInput], completions: Sequence[CompletionInput], *,
               baselines: Optional[Sequence[CompletionInput]] = None) -> list[float]:

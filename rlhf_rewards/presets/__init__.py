@@ -203,3 +203,4 @@ def resolve_preset(name_or_path: str, preset: Union[str, Preset, None]) -> Prese
 
 # the families' modules register their presets on import
 from . import seeds  # noqa: E402,F401  (registers on import)
+from . import armorm  # noqa: E402,F401  (registers on import)

@@ -18,8 +18,11 @@ from .schemas import CompareRequest, RewardsRequest, ScoreRequest
 logger = logging.getLogger(__name__)
 
 def score(model: RewardModel, body: ScoreRequest) -> list[float]:
-    """``/v1/score``: ``model.score`` (pairwise: against ``baselines``, through ``transform``)."""
+    """``/v1/score``: ``model.score`` (pairwise: against ``baselines``, through ``transform``; with ``objectives``,
+    the model's :meth:`~rlhf_rewards.RewardModel.with_objectives`)."""
     extra = {"transform": body.transform} if model.kind == "pairwise" else {}
+    if body.objectives is not None:
+        model = model.with_objectives(body.objectives)
     return model.score(body.prompts, body.completions, baselines=body.baselines, **extra)
 
 
@@ -39,7 +42,8 @@ def rewards(model: RewardModel, body: RewardsRequest) -> RewardsResult:
     reason of each ``None`` and this call's share of the model's counters."""
     function = RewardFunction(model, baseline_column="baselines" if body.baselines is not None else None,
                               pairing=body.pairing, group_size=body.group_size, group_mode=body.group_mode,
-                              transform=body.transform, parse_templates=body.parse_templates)
+                              transform=body.transform, parse_templates=body.parse_templates,
+                              objectives=body.objectives)
     columns = {"baselines": body.baselines} if body.baselines is not None else {}
     values, errors = function.rewards_with_reasons(body.prompts, body.completions, **columns)
     return RewardsResult(values, errors, model.stats.as_dict())

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
 Messages = list[dict[StrictStr, Any]]
 Text = Union[StrictStr, Messages]
 TransformName = Literal["logodds", "centered", "probability"]
+Objectives = Optional[dict[StrictStr, Union[StrictInt, StrictFloat]]]
+"""Objective name -> weight: the reward is the weighted sum of a multi-objective model's objectives (names and
+weights are checked by the model, a 422 naming the known objectives)."""
 
 
 class _Strict(BaseModel):
@@ -34,6 +37,7 @@ class ScoreRequest(_Strict):
     completions: list[Text]
     baselines: Optional[list[Text]] = None
     transform: TransformName = "logodds"
+    objectives: Objectives = None
 
     @model_validator(mode="after")
     def _lengths(self) -> ScoreRequest:
@@ -69,6 +73,7 @@ class RewardsRequest(_Strict):
     group_mode: Literal["round-robin", "anchor"] = "round-robin"
     transform: TransformName = "logodds"
     parse_templates: StrictBool = True
+    objectives: Objectives = None
 
     @model_validator(mode="after")
     def _lengths(self) -> RewardsRequest:
