@@ -16,6 +16,7 @@ from typing import Any, NamedTuple, Optional, Union
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaModel, LlamaPreTrainedModel
+from transformers import initialization as init
 
 from ..batching import pad_right, run_batched
 from ..conversation import CompletionInput, PromptInput
@@ -77,10 +78,12 @@ class ArmoRMModel(LlamaPreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if module is self:  # the remote code's starting values; a checkpoint overwrites both
-            with torch.no_grad():
-                self.reward_transform_matrix.copy_(torch.eye(self.num_objectives))
-                self.gating.logit_scale.fill_(1.0)
+        # the remote code's starting values, for a fresh model; transformers' init functions leave values loaded
+        # from a checkpoint alone
+        if module is self:
+            init.eye_(self.reward_transform_matrix)
+        elif isinstance(module, ArmoRMGating):
+            init.ones_(module.logit_scale)
 
     def heads(self, hidden: torch.Tensor, reward_at: torch.Tensor, gate_at: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:

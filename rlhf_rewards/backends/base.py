@@ -13,7 +13,9 @@ server, the command line) talk to a model, and what a new model family implement
   non-finite outputs); :attr:`RewardModel.lock`: the model's own lock;
 - :meth:`RewardModel.forward`, :meth:`RewardModel.forward_chars` and :meth:`RewardModel.view`: the batched forward
   entry point, what it reads in characters, and a copy of the model whose forward calls go elsewhere (the server's
-  cross-request batcher).
+  cross-request batcher);
+- :attr:`RewardModel.objective_names` and :meth:`RewardModel.with_objectives`: a multi-objective model's named
+  objectives, and a copy of it whose reward is a weighted sum of them (a model with one reward has none).
 
 :class:`~rlhf_rewards.backends.scalar_base.ScalarModelBase` backends implement ``_forward_texts``;
 :class:`~rlhf_rewards.backends.pairwise_base.PairwiseRewardModel` backends implement ``_compare_both_orders``.
