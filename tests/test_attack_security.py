@@ -204,7 +204,7 @@ def test_pairrm_candidate_cannot_forge_markers_or_separators(models, tiny_dir):
 # -- exactness on clean text ---------------------------------------------------------------------------------------
 
 ALL_PRESETS = ["ray2333-mistral-7b", "starling-rm-34b", "starling-rm-7b-alpha", "sequence-classifier",
-               "rlhflow-pair-pm-llama3-8b", "pairrm"]
+               "rlhflow-pair-pm-llama3-8b", "pairrm", "armorm-llama3-8b"]
 
 
 @pytest.mark.parametrize("preset", ALL_PRESETS)

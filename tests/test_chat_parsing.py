@@ -329,11 +329,11 @@ def _qwen3(messages: Messages) -> Messages:
 
 
 def _llama31(date: str) -> Callable[[Messages], Messages]:
+    """Llama-3.1's template writes its knowledge cutoff and the date (``date``) into a system turn of every
+    conversation: template text, not the conversation's, so parsing leaves it out (a system turn holding only it
+    is no system prompt)."""
     def expected(messages: Messages) -> Messages:
-        header = f"Cutting Knowledge Date: December 2023\nToday Date: {date}\n\n"
-        if messages[0]["role"] == "system":
-            return [{"role": "system", "content": header + messages[0]["content"]}, *messages[1:]]
-        return [{"role": "system", "content": header}, *messages]
+        return messages
     return expected
 
 
@@ -598,7 +598,9 @@ MARKUP = {
     "chatml": re.compile(r"<\|im_start\|>(?:system|user|assistant)|<\|im_end\|>|<\|im_sep\|>|<\|endoftext\|>"
                          r"|<\|startoftext\|>|<s>|</?think>"),
     "llama3": re.compile(r"<\|start_header_id\|>(?:system|user|assistant)<\|end_header_id\|>|<\|eot_id\|>"
-                         r"|<\|begin_of_text\|>|<\|end_of_text\|>"),
+                         r"|<\|begin_of_text\|>|<\|end_of_text\|>"
+                         # Llama-3.1's own system preamble is template text too
+                         r"|(?:Environment: ipython\n)?Cutting Knowledge Date: [^\n]*\nToday Date: [^\n]*\n\n"),
     "mistral": re.compile(r"</?s>|\[/?INST\]|\[/?SYSTEM_PROMPT\]|<</?SYS>>"),
     "gemma": re.compile(r"<start_of_turn>(?:user|model)|<end_of_turn>|<bos>|<eos>"),
     "zephyr": re.compile(r"<\|(?:system|user|assistant)\|>|</?s>"),

@@ -61,3 +61,16 @@ def test_every_entry_point_reads_a_completion_the_same_way(pairrm):
                                                       "pairing": "group", "group_size": n}, timeout=60)
     assert answer.status_code == 200, answer.text
     assert answer.json()["rewards"] == pytest.approx(by_helper, abs=1e-6)
+
+
+LLAMA31 = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+           "Today Date: 26 Jul 2024\n\n{system}<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?"
+           "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n4<|eot_id|>")
+
+
+def test_the_llama31_templates_own_preamble_is_not_a_system_prompt():
+    """Llama-3.1's template writes its knowledge cutoff and a date into the system turn of every conversation:
+    parsed back as the conversation's system prompt, a reward model of that family would read it twice."""
+    assert split_policy_text(LLAMA31.format(system=""), "q") == ([{"role": "user", "content": "What is 2+2?"}], "4")
+    messages, _ = split_policy_text(LLAMA31.format(system="Be brief."), "q")
+    assert messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]

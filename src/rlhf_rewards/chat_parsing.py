@@ -68,6 +68,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Optional
 
 from .conversation import Message
 
@@ -114,6 +115,8 @@ class _TurnSyntax:
     eos: tuple[str, ...]  # tokens that may follow the last turn, and trail an unclosed final assistant turn
     nested: re.Pattern[str]  # markup that cannot occur inside content: finding it means a turn lost its ``end``
     generation_markup: tuple[str, ...] = ()  # what a generation prompt may add after the assistant header
+    # what the template itself writes at the start of the first system turn (not the conversation's own words)
+    system_preamble: Optional[re.Pattern] = None
 
 
 _STANDARD_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
@@ -142,6 +145,8 @@ _LLAMA3 = _TurnSyntax(
     separator="",
     eos=("<|end_of_text|>",),
     nested=re.compile(r"<\|(?:start_header_id|end_header_id|begin_of_text)\|>"),
+    # Llama-3.1 and later templates open every conversation with their knowledge cutoff and a date
+    system_preamble=re.compile(r"(?:Environment: ipython\n)?Cutting Knowledge Date: [^\n]*\nToday Date: [^\n]*\n\n"),
 )
 _GEMMA = _TurnSyntax(
     name="gemma",
@@ -307,7 +312,12 @@ def _parse_turns(text: str, syn: _TurnSyntax, where: str) -> list[Message]:
             if content and content not in syn.generation_markup:
                 messages.append({"role": role, "content": content})
             break
-        messages.append({"role": role, "content": text[start:stop]})
+        content = text[start:stop]
+        preamble = syn.system_preamble.match(content) if syn.system_preamble and not messages else None
+        if role == "system" and preamble is not None:
+            content = content[preamble.end():]  # re-rendering in a template of this family writes it again
+        if content or role != "system" or preamble is None:
+            messages.append({"role": role, "content": content})
         pos = stop + len(syn.end)
         if text.startswith(syn.separator, pos):
             pos += len(syn.separator)

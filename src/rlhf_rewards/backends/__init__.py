@@ -20,4 +20,5 @@ LOADERS: dict[str, Callable] = {
     "value-head": _lazy("scalar", "load_value_head"),
     "causal-lm-pair": _lazy("pair_pm", "load_pair_pm"),
     "pairrm": _lazy("pairrm_loading", "load_pairrm_reward_model"),
+    "armorm": _lazy("armorm", "load_armorm"),
 }

@@ -13,7 +13,9 @@ server, the command line) talk to a model, and what a new model family implement
   non-finite outputs); :attr:`RewardModel.lock`: the model's own lock;
 - :meth:`RewardModel.forward`, :meth:`RewardModel.forward_chars` and :meth:`RewardModel.view`: the batched forward
   entry point, what it reads in characters, and a copy of the model whose forward calls go elsewhere (the server's
-  cross-request batcher).
+  cross-request batcher);
+- :attr:`RewardModel.objective_names` and :meth:`RewardModel.with_objectives`: a multi-objective model's named
+  objectives, and a copy of it whose reward is a weighted sum of them (a model with one reward has none).
 
 :class:`~rlhf_rewards.backends.scalar_base.ScalarModelBase` backends implement ``_forward_texts``;
 :class:`~rlhf_rewards.backends.pairwise_base.PairwiseRewardModel` backends implement ``_compare_both_orders``.
@@ -25,7 +27,7 @@ import copy
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Callable, ClassVar, Literal, Optional, TypeVar, Union
 
@@ -269,6 +271,17 @@ class RewardModel:
         view.stats = RewardStats()
         view._forward_via = forward
         return view
+
+    objective_names: tuple[str, ...] = ()
+    """The named objectives a multi-objective model scores besides its reward, in its card's order (empty for a
+    model with one reward)."""
+
+    def with_objectives(self, weights: Mapping[str, float]) -> RewardModel:
+        """A copy of the model whose reward is ``sum(weight * objective)`` over the objectives named in ``weights``
+        instead of its own reward (multi-objective models; see ``objective_names``). This model has none: raises
+        ``ValueError``."""
+        raise ValueError(f"{self.preset.name} gives one reward and has no named objectives to weigh; objectives=... "
+                         "needs a multi-objective reward model (rm.objective_names lists a model's objectives)")
 
     def score(self, prompts: Sequence[PromptInput], completions: Sequence[CompletionInput], *,
               baselines: Optional[Sequence[CompletionInput]] = None) -> list[float]:

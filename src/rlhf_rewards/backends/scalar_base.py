@@ -100,8 +100,11 @@ class ScalarModelBase(RewardModel):
             prepared = self.prepare(prompts, completions, baselines)
             return _located(prepared, self.run(prepared), lambda i, r: f"{r.about}s[{i}]")
 
-    def run(self, samples: Sequence[Union[Sample, SampleError, None]]) -> list[Union[float, SampleError, None]]:
-        results: list[Union[float, SampleError, None]] = [None] * len(samples)
+    def _render_samples(self, samples: Sequence[Union[Sample, SampleError, None]]
+                        ) -> tuple[list[Optional[SampleError]], dict[int, tuple[str, Optional[str]]]]:
+        """Per prepared sample its rendering error (``None`` where there is none), and the rendered texts of the
+        completion and baseline (``None`` without one) of each renderable :class:`Sample`, by index."""
+        errors: list[Optional[SampleError]] = [None] * len(samples)
         texts: dict[int, tuple[str, Optional[str]]] = {}
         for i, sample in enumerate(samples):
             if not isinstance(sample, Sample):
@@ -111,22 +114,38 @@ class ScalarModelBase(RewardModel):
                 text = self._render_at(messages, completion, "")
                 base = None if baseline is None else self._render_at(messages, baseline, "")
             except ValueError as err:
-                results[i] = SampleError(i, str(err))
+                errors[i] = SampleError(i, str(err))
                 continue
             texts[i] = (text, base)
+        return errors, texts
+
+    def _reward_of(self, output: Any) -> Union[float, SampleError]:
+        """The reward in what :meth:`forward` gave for one text: the output itself, a float; backends whose forward
+        gives more (or an error for one text) override this."""
+        return output
+
+    def run(self, samples: Sequence[Union[Sample, SampleError, None]]) -> list[Union[float, SampleError, None]]:
+        results: list[Union[float, SampleError, None]]
+        results, texts = self._render_samples(samples)  # type: ignore[assignment]
         done = list(texts)
         # each distinct baseline once: a group's shared reference is scored once
         bases = list(dict.fromkeys(texts[i][1] for i in done if texts[i][1] is not None))
-        rewards = self.forward([texts[i][0] for i in done] + bases) if done else []
-        self.stats.nonfinite += sum(nonfinite(r) is not None for r in rewards)
+        outputs = self.forward([texts[i][0] for i in done] + bases) if done else []
+        rewards = [self._reward_of(out) for out in outputs]
+        self.stats.nonfinite += sum(not isinstance(r, SampleError) and nonfinite(r) is not None for r in rewards)
         base_reward = dict(zip(bases, rewards[len(done):]))
         for i, r in zip(done, rewards):
             base = texts[i][1]
+            b = None if base is None else base_reward[base]
+            if isinstance(r, SampleError) or isinstance(b, SampleError):
+                bad, of = (r, "") if isinstance(r, SampleError) else (b, "this sample's baseline: ")
+                results[i] = SampleError(i, f"{of}{bad}", bad.about)
+                continue
             what, of = nonfinite(r), "this sample"
-            if what is None and base is not None:
-                what, of = nonfinite(base_reward[base]), "this sample's baseline"
+            if what is None and b is not None:
+                what, of = nonfinite(b), "this sample's baseline"
             if what is not None:
                 results[i] = NonFiniteRewardError(i, f"{self.preset.name} returned {what} for {of}")
             else:
-                results[i] = r - base_reward[base] if base is not None else r
+                results[i] = r - b if b is not None else r
         return results

@@ -131,10 +131,15 @@ def make_tiny_checkpoint(preset: str, path: str, *, seed: int = 0, base: Optiona
         from .pairrm import write_tiny_pairrm
 
         return write_tiny_pairrm(path, seed)
+    if preset == "armorm-llama3-8b":
+        # ArmoRM (Llama-3 + objective regression + gating, the hub's remote-code layout) has its own builder module.
+        from .armorm import write_tiny_armorm
+
+        return write_tiny_armorm(path, seed)
     try:
         spec = TINY_BASES[preset][base] if base is not None else TINY_CHECKPOINTS[preset]
     except KeyError:
-        known = ", ".join([*TINY_CHECKPOINTS, "pairrm"])
+        known = ", ".join([*TINY_CHECKPOINTS, "pairrm", "armorm-llama3-8b"])
         raise ValueError(f"no tiny checkpoint for preset {preset!r}; known: {known}") from None
 
     os.makedirs(path, exist_ok=True)

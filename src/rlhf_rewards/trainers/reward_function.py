@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Literal, Optional, Union
 
 from ..backends.base import RewardModel
@@ -58,14 +58,22 @@ class RewardFunction:
         name: the function's ``__name__``, TRL's logging key; default ``"reward_<preset>"``.
         parse_templates: parse text prompts rendered with a policy chat template back into messages (default
             ``True``); when off, a text prompt is one user turn as it is.
+        objectives: for a multi-objective model (``model.objective_names`` non-empty, e.g. ArmoRM), objective name
+            -> weight: the reward is the weighted sum of those objectives' rewards instead of the model's own
+            reward (see ``model.with_objectives``). Unknown names, weights that are not finite numbers, and models
+            without objectives fail here, at construction.
     """
 
     def __init__(self, model: RewardModel, *, baseline_column: Optional[str] = None,
                  pairing: Optional[Pairing] = None, group_size: Optional[int] = None,
                  group_mode: GroupMode = "round-robin", transform: Transform = "logodds",
-                 name: Optional[str] = None, parse_templates: bool = True):
+                 name: Optional[str] = None, parse_templates: bool = True,
+                 objectives: Optional[Mapping[str, float]] = None):
         set_options(self, baseline_column=baseline_column, pairing=pairing, group_size=group_size,
                     group_mode=group_mode, transform=transform, parse_templates=parse_templates)
+        if objectives is not None:
+            model = model.with_objectives(objectives)  # checked before anything else is kept
+        self.objectives = None if objectives is None else dict(objectives)
         if model.kind == "pairwise" and pairing is None and baseline_column is None:
             raise ValueError(
                 f"{model.preset.name} is a pairwise model: it needs something to compare each completion with. "
@@ -103,6 +111,8 @@ class RewardFunction:
 
             name_or_path, load_kwargs = state["_source"]
             self.model = load_reward_model(name_or_path, **load_kwargs)
+            if self.objectives is not None:
+                self.model = self.model.with_objectives(self.objectives)
 
     def __repr__(self) -> str:
         how = f"pairing={self.pairing!r}" if self.baseline_column is None else f"baseline={self.baseline_column!r}"

@@ -7,13 +7,16 @@ Message lists are checked here only for being lists of objects; roles, content a
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, StrictStr
+from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr
 
 Messages = list[dict[StrictStr, Any]]
 Text = Union[StrictStr, Messages]
 TransformName = Literal["logodds", "centered", "probability"]
+Objectives = Optional[dict[StrictStr, Union[StrictInt, StrictFloat]]]
+"""Objective name -> weight: the reward is the weighted sum of a multi-objective model's objectives (names and
+weights are checked by the model: a 422 naming the known objectives)."""
 
 
 class RequestBody(BaseModel):

@@ -13,7 +13,7 @@ from ...stats import RewardStats
 from ...trainers.reward_function import RewardFunction
 from ..engine import RewardEngine
 from ..routing import Route, Served
-from .fields import StrictBody, TransformName, same_length
+from .fields import Objectives, StrictBody, TransformName, same_length
 
 PATH = "/v1/rewards"
 
@@ -33,6 +33,7 @@ class RewardsRequest(StrictBody):
     group_mode: Literal["round-robin", "anchor"] = "round-robin"
     transform: TransformName = "logodds"
     parse_templates: StrictBool = True
+    objectives: Objectives = None
 
     @model_validator(mode="after")
     def _lengths(self) -> RewardsRequest:
@@ -55,7 +56,8 @@ def call_reward_function(model: RewardModel, body: RewardsRequest) -> RewardsRes
     ``ValueError`` for options the batch does not fit (e.g. groups that do not split)."""
     function = RewardFunction(model, baseline_column="baselines" if body.baselines is not None else None,
                               pairing=body.pairing, group_size=body.group_size, group_mode=body.group_mode,
-                              transform=body.transform, parse_templates=body.parse_templates)
+                              transform=body.transform, parse_templates=body.parse_templates,
+                              objectives=body.objectives)
     columns = {"baselines": body.baselines} if body.baselines is not None else {}
     values, errors = function.rewards_with_reasons(body.prompts, body.completions, **columns)
     return RewardsResponse(rewards=values, errors=errors, stats=dataclasses.replace(model.stats))

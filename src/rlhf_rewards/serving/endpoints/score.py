@@ -9,7 +9,7 @@ from pydantic import BaseModel, model_validator
 
 from ...backends.base import RewardModel
 from ..routing import Route, Served
-from .fields import StrictBody, Text, TransformName, same_length
+from .fields import Objectives, StrictBody, Text, TransformName, same_length
 
 PATH = "/v1/score"
 
@@ -22,6 +22,7 @@ class ScoreRequest(StrictBody):
     completions: list[Text]
     baselines: Optional[list[Text]] = None
     transform: TransformName = "logodds"
+    objectives: Objectives = None
 
     @model_validator(mode="after")
     def _lengths(self) -> ScoreRequest:
@@ -37,8 +38,11 @@ class ScoreResponse(BaseModel):
 
 
 def score(model: RewardModel, body: ScoreRequest) -> ScoreResponse:
-    """What ``/v1/score`` answers, computed on ``model`` (a view): ``ValueError`` for input it cannot score."""
+    """What ``/v1/score`` answers, computed on ``model`` (a view): ``ValueError`` for input it cannot score. With
+    ``objectives``, the model's :meth:`~rlhf_rewards.RewardModel.with_objectives` scores."""
     extra = {"transform": body.transform} if model.kind == "pairwise" else {}
+    if body.objectives is not None:
+        model = model.with_objectives(body.objectives)
     return ScoreResponse(rewards=model.score(body.prompts, body.completions, baselines=body.baselines, **extra))
 
 
