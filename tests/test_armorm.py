@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaModel
 
-from rlhf_rewards import RewardFunction, load_reward_model
+from rlhf_rewards import RemoteRewardFunction, RewardFunction, load_reward_model
 from rlhf_rewards.cli import main
 from rlhf_rewards.errors import SampleError
 from rlhf_rewards.presets import get_preset, resolve_preset
@@ -293,6 +293,11 @@ def test_server_score_and_rewards_with_objectives(rm, expected):
         assert bad.status_code == 422 and "unknown objective 'x'" in bad.json()["detail"]
         assert post("/v1/score", {"prompts": messages, "completions": completions,
                                   "objectives": {"code-style": "1"}}).status_code == 422
+        # the remote reward function sends its objectives: the same rewards as in-process
+        remote = RemoteRewardFunction(url, objectives=WEIGHTS)
+        assert remote(messages, completions) == pytest.approx(want, abs=TOL)
+        with pytest.raises(ValueError, match="unknown objective 'x'"):
+            RemoteRewardFunction(url, objectives={"x": 1})(messages, completions)
 
 
 def test_score_command(path, rm, expected, tmp_path):

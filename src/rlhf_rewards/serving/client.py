@@ -15,7 +15,7 @@ import random
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional, Union
 
 import httpx
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 RETRY_STATUS = frozenset({429, 502, 503, 504})
 """Answers that mean "try again, maybe elsewhere": overloaded, starting, or a proxy that lost the server."""
 
-_OPTIONS = ("pairing", "group_size", "group_mode", "transform", "parse_templates")
+_OPTIONS = ("pairing", "group_size", "group_mode", "transform", "parse_templates", "objectives")
 _STAT_KEYS = ("samples", "truncated", "real_tokens", "computed_tokens", "comparisons", "order_disagreements",
               "control_text")
 
@@ -44,7 +44,7 @@ class AsyncRemoteRewardFunction:
                  max_backoff: float = 10.0, max_shard_size: Optional[int] = None, name: Optional[str] = None,
                  baseline_column: Optional[str] = None, pairing: Optional[str] = None,
                  group_size: Optional[int] = None, group_mode: str = "round-robin", transform: str = "logodds",
-                 parse_templates: bool = True):
+                 parse_templates: bool = True, objectives: Optional[Mapping[str, float]] = None):
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         if not self.urls:
             raise ValueError("give at least one server URL, e.g. 'http://rm-node:8000'")
@@ -54,6 +54,10 @@ class AsyncRemoteRewardFunction:
                 raise ValueError(f"server URL {u!r} must start with http:// or https://")
         set_options(self, baseline_column=baseline_column, pairing=pairing, group_size=group_size,
                     group_mode=group_mode, transform=transform, parse_templates=parse_templates)
+        if objectives is not None and (not isinstance(objectives, Mapping) or not objectives):
+            raise ValueError(f"objectives must be a non-empty mapping of objective name to weight, got {objectives!r}")
+        # the server's model checks the names and weights (a 422 naming its objectives)
+        self.objectives = None if objectives is None else dict(objectives)
         if timeout <= 0 or max_retries < 0 or backoff < 0 or (deadline is not None and deadline <= 0):
             raise ValueError("timeout and deadline must be positive, max_retries and backoff non-negative")
         if max_shard_size is not None and max_shard_size < 1:
@@ -223,7 +227,7 @@ class RemoteRewardFunction(AsyncRemoteRewardFunction):
             the defaults and one request per server: 250 s.
         max_shard_size: at most this many samples per request (default: the batch split evenly over the URLs).
         name: the function's ``__name__``, TRL's logging key (default ``"reward_remote"``).
-        baseline_column, pairing, group_size, group_mode, transform, parse_templates: as for
+        baseline_column, pairing, group_size, group_mode, transform, parse_templates, objectives: as for
             :class:`~rlhf_rewards.RewardFunction`.
 
     ``stats`` (:class:`~rlhf_rewards.serving.dispatch.RemoteStats`) counts, over all calls, the samples returned
