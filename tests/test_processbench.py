@@ -205,6 +205,8 @@ def stand_in_rewards(rows: list[dict]) -> dict:
     rewards[bad["math-91"]] = [0.9, 0.9]                           # 2 rewards for 4 steps
     rewards[bad["olympiadbench-92"]] = [0.9, float("nan"), 0.9, 0.9]  # NaN would read as above any threshold
     rewards[bad["omnimath-93"]] = [0.9, 1.5, 0.9, 0.9]              # not a probability
+    omnimath_0 = next(k for k, v in rewards.items() if v is SAMPLE_REWARDS["omnimath-0"])
+    rewards[omnimath_0] = [np.float32(0.6)] * 4                     # numpy floats are numbers too
     rewards[bad["gsm8k-94"]] = [0.9] * 4                            # its batch raises, and so does its own call
     return rewards                                                  # gsm8k-90: no reward, a SampleError
 
@@ -255,7 +257,7 @@ def test_eval_on_the_shipped_sample_with_a_process_model(tmp_path, fake_models, 
     assert reasons["omnimath-93"] == "step 1's reward 1.5 is not a number in [0, 1]"
     for w in written:
         if w["id"] in SAMPLE_REWARDS:
-            assert w["step_rewards_0"] == SAMPLE_REWARDS[w["id"]] and "error_0" not in w
+            assert w["step_rewards_0"] == pytest.approx(SAMPLE_REWARDS[w["id"]]) and "error_0" not in w
             assert w["match_0"] == (w["prediction_0"] == w["label"])
         else:
             assert w["step_rewards_0"] is None and w["prediction_0"] is None and w["match_0"] is None

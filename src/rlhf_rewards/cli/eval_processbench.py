@@ -11,6 +11,7 @@ its splits is read whole, each split's name its rows' subset."""
 from __future__ import annotations
 
 import argparse
+import numbers
 import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Optional
@@ -159,7 +160,7 @@ def _checked(found: Any, steps: int) -> Result:
     if len(found) != steps:
         return None, f"the model gave {len(found)} step rewards for {steps} steps"
     for k, r in enumerate(found):
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r <= 1.0:
+        if isinstance(r, bool) or not isinstance(r, numbers.Real) or not 0.0 <= r <= 1.0:
             return None, f"step {k}'s reward {r!r} is not a number in [0, 1]"
     return [float(r) for r in found], None
 
