@@ -20,14 +20,19 @@ SAMPLE_REWARD_BENCH_2 = "sample:reward-bench-2"
 """The name that stands for the RewardBench 2 sample shipped with the package (its layout, a few rows in each of its
 six subsets, Ties rows paired by ``ref:``/``tied:`` ids)."""
 
-_SAMPLES = {SAMPLE_PREFERENCES: "preferences.jsonl", SAMPLE_REWARD_BENCH_2: "reward-bench-2.jsonl"}
+SAMPLE_PROCESSBENCH = "sample:processbench"
+"""The name that stands for the ProcessBench sample shipped with the package (its layout, erroneous and correct rows
+in each of its four subsets, the subset named by each ``SUBSET-N`` id)."""
+
+_SAMPLES = {SAMPLE_PREFERENCES: "preferences.jsonl", SAMPLE_REWARD_BENCH_2: "reward-bench-2.jsonl",
+            SAMPLE_PROCESSBENCH: "processbench.jsonl"}
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
 
 def sample_path(name: str) -> str:
-    """Path of the file shipped with the package that ``name`` (``sample:preferences``, ``sample:reward-bench-2``)
-    stands for."""
+    """Path of the file shipped with the package that ``name`` (``sample:preferences``, ``sample:reward-bench-2``,
+    ``sample:processbench``) stands for."""
     return str(resources.files("rlhf_rewards") / "data" / _SAMPLES[name])
 
 
@@ -139,8 +144,8 @@ def _bad_csv_line(path: str) -> Optional[str]:
 
 
 def input_path(data: str) -> str:
-    """The file or directory ``DATA`` stands for (``sample:preferences`` and ``sample:reward-bench-2`` are shipped
-    files)."""
+    """The file or directory ``DATA`` stands for (``sample:preferences``, ``sample:reward-bench-2`` and
+    ``sample:processbench`` are shipped files)."""
     return sample_path(data) if data in _SAMPLES else data
 
 

@@ -1,26 +1,28 @@
 """``rlhf-rewards eval``: a reward model benchmark for one or more models, with a table and two plots: RewardBench's
-preference accuracy per subset and section, or RewardBench 2's best-of-N and Ties scores (:mod:`.eval_v2`), told
-apart by the rows' layout."""
+preference accuracy per subset and section, RewardBench 2's best-of-N and Ties scores (:mod:`.eval_v2`), or
+ProcessBench's per-subset F1 for process reward models (:mod:`.eval_processbench`), told apart by the rows' layout."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
 import sys
 import time
 from collections import defaultdict
+from typing import Optional
 
-from . import eval_v2
+from . import eval_processbench, eval_v2
 from .common import (Progress, UsageError, add_model_arguments, check_preset, load_model, model_specs,
                      reports_usage_errors, require)
-from .data_io import add_data_arguments, check_output_dir, chunks, read_rows, require_columns
+from .data_io import add_data_arguments, check_output_dir, chunks, require_columns
 from .eval_plots import model_names
 from .outputs import write_rows
 
 HELP = ("RewardBench (v1: chosen and rejected texts) or RewardBench 2 (lists of chosen and rejected completions) "
-        "scores per subset, section and leaderboard")
+        "scores per subset, section and leaderboard; ProcessBench F1 per subset for process reward models")
 
 MARGIN_UNITS = {"scalar": "reward(chosen) - reward(rejected)",
                 "pairwise": "log(P(chosen better) / P(rejected better)), clipped to +-10"}
@@ -33,9 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rejected-column", default="rejected",
                         help="column of dispreferred completions (default: rejected)")
     parser.add_argument("--subset-column", default="subset", help="column of subset names (default: subset)")
-    parser.add_argument("--benchmark", choices=("auto", "v1", "v2"), default="auto",
+    parser.add_argument("--benchmark", choices=("auto", "v1", "v2", "processbench"), default="auto",
                         help="v1: RewardBench (one chosen and one rejected completion per row); v2: RewardBench 2 "
-                             "(lists of them; the id column defaults to 'id'); auto (default): told from the rows")
+                             "(lists of them; the id column defaults to 'id'); processbench: ProcessBench (a problem, "
+                             "its steps and the earliest wrong step's index per row); auto (default): told from the "
+                             "rows")
+    eval_processbench.add_arguments(parser)
     parser.add_argument("--output-dir", default="eval-results",
                         help="where results.json, results.md, rows.jsonl, margins.png and subsets.png go "
                              "(default: eval-results)")
@@ -86,27 +91,34 @@ def summarize(subsets: list[str], margins: list[tuple]) -> dict:
             "score": overall_score(sections)}
 
 
-def evaluate(args: argparse.Namespace, spec: tuple, data, info=None) -> tuple[dict, list[tuple]]:
-    """One model's results and its per-row results: ``(margin, error)`` for RewardBench, ``(scores, error)`` for
-    RewardBench 2 (``info``, the rows' :class:`~.eval_v2.RowInfo`, given); the model is freed afterwards."""
+def evaluate(args: argparse.Namespace, spec: tuple, data, layout: str, info=None) -> tuple[dict, list[tuple]]:
+    """One model's results and its per-row results: ``(margin, error)`` for RewardBench (``layout`` ``"v1"``),
+    ``(scores, error)`` for RewardBench 2 (``"v2"``), ``(step rewards, error)`` for ProcessBench
+    (``"processbench"``), ``info`` the rows' ``RowInfo`` for the last two; the model is freed afterwards."""
     from .row_scorer import RowScorer
 
     name, preset, tokenizer = spec
     model = load_model(args, name, preset, tokenizer)
-    scorer = RowScorer(model)
+    if layout == "processbench":
+        score = functools.partial(eval_processbench.row_rewards, model, args=args)
+    else:  # one RowScorer per model: each distinct input is scored once in the run
+        score = functools.partial(row_margins if layout == "v1" else eval_v2.row_scores, model, RowScorer(model),
+                                  args=args)
     values: list[tuple] = []
     with Progress(len(data), f"eval {os.path.basename(name.rstrip('/'))}", model) as progress:
         for _, rows in chunks(data, args.chunk_size):
-            values += (row_margins if info is None else eval_v2.row_scores)(model, scorer, rows, args)
+            values += score(rows)
             progress.update(len(rows))
     result = {"model": name, "preset": model.preset.name, "kind": model.kind}
-    if info is None:
+    if layout == "v1":
         result.update(margin=MARGIN_UNITS[model.kind], **summarize(data[args.subset_column], values))
-    else:
+    elif layout == "v2":
         result.update(benchmark="RewardBench 2", score_units=eval_v2.SCORE_UNITS[model.kind],
                       **eval_v2.summarize(info, values))
+    else:
+        result.update(eval_processbench.summarize(info, values, args.threshold))
     result["stats"] = model.stats.as_dict()
-    del scorer, model
+    del score, model  # the scorer's cache goes with it, so the accelerator memory can be freed
     gc.collect()
     _free_accelerator()
     return result, values
@@ -188,36 +200,36 @@ def _sectioned(subsets: list[str]) -> list[tuple[str, list[str]]]:
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     specs = model_specs(args)
-    for name, preset, _ in specs:
-        check_preset(name, preset)
+    presets = [check_preset(name, preset) for name, preset, _ in specs]
     check_output_dir(args.output_dir)
     require("matplotlib")  # the plots come last: fail before the scoring, not after
-    data = read_rows(args.data, args.split)
-    columns = (args.prompt_column, args.chosen_column, args.rejected_column, args.subset_column, args.id_column)
-    require_columns(data, args.data, columns)
+    data = eval_processbench.read_data(args)
     if len(data) == 0:
         raise UsageError(f"{args.data}: has no rows")
-    for number, subset in enumerate(data[args.subset_column]):
-        if not isinstance(subset, str) or not subset:
-            raise UsageError(f"{args.data}: row {number} has {args.subset_column!r} {subset!r}; every row needs a "
-                             "subset name")
-    info = None
-    layout = eval_v2.choose_layout(data, args.data, args.chosen_column, args.benchmark)
-    eval_v2.choose_layout(data, args.data, args.rejected_column, layout)
-    if layout == "v2":
-        if args.id_column is None and "id" in data.column_names:
-            args.id_column = "id"  # RewardBench 2's Ties rows are paired by their ids
-        info = eval_v2.check_rows(data, args, args.data)
+    if eval_processbench.is_layout(data, args):
+        layout = "processbench"
+        eval_processbench.check_models(specs, presets)
+        info = eval_processbench.check_rows(data, args, args.data)
+        if args.threshold is None:
+            from ..rewardbench.processbench import DEFAULT_THRESHOLD
+
+            args.threshold = DEFAULT_THRESHOLD
+    else:
+        if args.threshold is not None:
+            raise UsageError("--threshold is ProcessBench's (step rewards); these rows are RewardBench's")
+        layout, info = _check_rewardbench(data, args)
     results, per_model = [], []
     for spec in specs:
-        result, values = evaluate(args, spec, data, info)
+        result, values = evaluate(args, spec, data, layout, info)
         results.append(result)
         per_model.append(values)
     out = args.output_dir
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
         json.dump({"data": args.data, "rows": len(data), "models": results}, f, indent=2)
     with open(os.path.join(out, "rows.jsonl"), "w", encoding="utf-8") as f:
-        if info is not None:
+        if layout == "processbench":
+            write_rows(f, eval_processbench.row_records(info, per_model, args.threshold))
+        elif layout == "v2":
             write_rows(f, eval_v2.row_records(info, per_model))
         else:
             ids = data[args.id_column] if args.id_column else range(len(data))
@@ -226,8 +238,9 @@ def run(args: argparse.Namespace) -> int:
                            for n, (i, s) in enumerate(zip(ids, data[args.subset_column]))])
     if info is not None:
         names = model_names(results)
-        table = eval_v2.markdown(results, names)
-        eval_v2.plots(results, per_model, info, names, out)
+        bench = eval_v2 if layout == "v2" else eval_processbench
+        table = bench.markdown(results, names)
+        bench.plots(results, per_model, info, names, out)
     else:
         table = markdown(results)
         plots(results, per_model, out)
@@ -239,3 +252,20 @@ def run(args: argparse.Namespace) -> int:
           f"{time.perf_counter() - start:.1f} s" + (f"; {errors} rows could not be scored (see rows.jsonl)"
                                                     if errors else ""), file=sys.stderr)
     return 0
+
+
+def _check_rewardbench(data, args: argparse.Namespace) -> tuple[str, Optional[list]]:
+    """The RewardBench layout of the rows (``"v1"`` or ``"v2"``), checked, and RewardBench 2's ``RowInfo`` list."""
+    columns = (args.prompt_column, args.chosen_column, args.rejected_column, args.subset_column, args.id_column)
+    require_columns(data, args.data, columns)
+    for number, subset in enumerate(data[args.subset_column]):
+        if not isinstance(subset, str) or not subset:
+            raise UsageError(f"{args.data}: row {number} has {args.subset_column!r} {subset!r}; every row needs a "
+                             "subset name")
+    layout = eval_v2.choose_layout(data, args.data, args.chosen_column, args.benchmark)
+    eval_v2.choose_layout(data, args.data, args.rejected_column, layout)
+    if layout == "v1":
+        return layout, None
+    if args.id_column is None and "id" in data.column_names:
+        args.id_column = "id"  # RewardBench 2's Ties rows are paired by their ids
+    return layout, eval_v2.check_rows(data, args, args.data)

@@ -12,11 +12,12 @@ from .common import require
 
 class Bars(NamedTuple):
     """What ``subsets.png`` shows: ``groups`` are ``(heading, subsets)``; ``values[model][subset]`` is ``(fraction
-    or None, the bar's label)``; a dashed line at ``chance`` (a fraction) named ``chance_label`` in the legend."""
+    or None, the bar's label)``; a dashed line at ``chance`` (a fraction; none when ``None``) named ``chance_label``
+    in the legend."""
 
     groups: list[tuple[str, list[str]]]
     values: list[dict[str, tuple[Optional[float], str]]]
-    chance: float
+    chance: Optional[float]
     chance_label: str
     xlabel: str
     title: str
@@ -69,12 +70,14 @@ def subset_bars(names: Sequence[str], bars: Bars, path: str) -> None:
         if heading and i:
             ax.axhline(i - 0.5, color="lightgrey", linewidth=0.8)
     ax.invert_yaxis()
-    ax.axvline(100 * bars.chance, color="grey", linestyle="--", linewidth=1, label=bars.chance_label)
+    if bars.chance is not None:
+        ax.axvline(100 * bars.chance, color="grey", linestyle="--", linewidth=1, label=bars.chance_label)
     ax.set_xlim(0, 118)
     ax.set_xticks(range(0, 101, 20))
     ax.set_xlabel(bars.xlabel)
     ax.set_title(bars.title, fontsize=11, pad=28)
-    ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=min(4, len(names) + 1), frameon=False)
+    ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.0),
+              ncol=min(4, len(names) + (bars.chance is not None)), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
