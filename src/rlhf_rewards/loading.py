@@ -102,7 +102,7 @@ def load_reward_model(
         raise ValueError(f"{', '.join(process)}: only process reward models take it; {chosen.name} is a "
                          f"{chosen.kind} model")
     if aggregate is not None:
-        from .backends.process_base import check_aggregate
+        from .reward_options import check_aggregate
 
         check_aggregate(aggregate)
     dev = resolve_device(device)

@@ -13,39 +13,18 @@ per-sample errors, aggregation, the per-sample protocol):
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 from ..conversation import CompletionInput, Message, PromptInput, Sample, check_same_length, is_step_list, \
     normalize_steps
 from ..errors import NonFiniteRewardError, SampleError, nonfinite, raise_first
 from ..policy_text import completion_text
+from ..reward_options import Aggregate, aggregate_steps, check_aggregate
 from .base import RewardModel, _decoded, _located
-
-Aggregate = Literal["min", "last", "mean", "product"]
-AGGREGATES: tuple[str, ...] = ("min", "last", "mean", "product")
 
 StepRewards = Union[list[float], SampleError]
 """One sample's step rewards (each in [0, 1], in step order), or why it has none."""
-
-
-def check_aggregate(value: object) -> Aggregate:
-    """``value`` if it names an aggregate, else ``ValueError`` listing them."""
-    if value not in AGGREGATES:
-        raise ValueError(f"aggregate must be one of {', '.join(repr(a) for a in AGGREGATES)}, got {value!r}")
-    return value  # type: ignore[return-value]
-
-
-def aggregate_steps(rewards: Sequence[float], how: Aggregate) -> float:
-    """One completion's reward from its step rewards: their minimum, the last one, their mean or their product."""
-    if how == "min":
-        return min(rewards)
-    if how == "last":
-        return rewards[-1]
-    if how == "mean":
-        return math.fsum(rewards) / len(rewards)
-    return math.prod(rewards)
 
 
 class ProcessRewardModel(RewardModel):
