@@ -144,7 +144,7 @@ class ProcessRewardModel(RewardModel):
 
     def _checked(self, i: int, out: StepRewards, steps: int) -> StepRewards:
         if isinstance(out, SampleError):
-            return SampleError(i, str(out), out.about)
+            return type(out)(i, str(out), out.about)
         if len(out) != steps:
             # a step marker inside a step's own text (control_text="tokens"), or one cut away: the rewards would
             # belong to other steps than the caller's

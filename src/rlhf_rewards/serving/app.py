@@ -43,8 +43,8 @@ def build_app(engine: Optional[RewardEngine], settings: Optional[ServerSettings]
             503 and scoring routes 503 with ``Retry-After`` until :func:`set_engine` installs it).
         settings: API key, limits, timeouts (see :class:`~rlhf_rewards.serving.ServerSettings`).
         routes: the routes served (default :data:`ROUTES`: ``GET``/``HEAD /health``, ``GET /v1/models``, ``GET
-            /metrics``, ``POST /v1/score``, ``/v1/score_steps``, ``/v1/compare``, ``/v1/rewards``, ``/get_reward`` (OpenRLHF),
-            ``/classify`` (vLLM's contract, as verl calls it)).
+            /metrics``, ``POST /v1/score``, ``/v1/score_steps``, ``/v1/compare``, ``/v1/rewards``, ``/get_reward``
+            (OpenRLHF), ``/classify`` (vLLM's contract, as verl calls it)).
 
     The app starts nothing at import or build time: the engine's batcher starts on the first request, on whatever
     event loop serves it.

@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional, Union
 import httpx
 
 from ..conversation import normalize_completion, normalize_prompt
-from ..reward_options import call_baselines, log_call_metrics, set_options
+from ..reward_options import call_baselines, check_aggregate, log_call_metrics, set_options
 from .dispatch import Dispatch, Failure, Fatal, RemoteStats
 from .sharding import Layout, ServerLimits, Shard, pack
 
