@@ -131,7 +131,7 @@ class ProcessRewardModel(RewardModel):
         for i, sample in enumerate(samples):
             if not isinstance(sample, Sample):
                 continue
-            messages, steps = self._guard(sample.messages, list(sample.completion))
+            messages, steps = self._guard(sample.messages, self._sample_steps(sample))
             try:
                 texts[i] = self._render_steps(messages, steps)  # type: ignore[arg-type]
             except ValueError as err:
@@ -139,8 +139,15 @@ class ProcessRewardModel(RewardModel):
         done = list(texts)
         outputs = self.forward([texts[i] for i in done]) if done else []
         for i, out in zip(done, outputs):
-            results[i] = self._checked(i, out, len(samples[i].completion))  # type: ignore[union-attr]
+            results[i] = self._checked(i, out, len(self._sample_steps(samples[i])))  # type: ignore[arg-type]
         return results
+
+    def _sample_steps(self, sample: Sample) -> list[str]:
+        """A sample's steps: :meth:`prepare` gives them as a tuple; text from callers that build samples of any
+        model (Bradley-Terry comparisons in :mod:`rlhf_rewards.pairwise`) is split as :meth:`prepare` splits it."""
+        if isinstance(sample.completion, str):
+            return sample.completion.split(self.step_separator)
+        return list(sample.completion)
 
     def _checked(self, i: int, out: StepRewards, steps: int) -> StepRewards:
         if isinstance(out, SampleError):
