@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoTokenizer, Qwen2Config, Qwen2Model
 
-from rlhf_rewards import RemoteRewardFunction, RewardFunction, load_reward_model
+from rlhf_rewards import ProcessRewardModel, RemoteRewardFunction, RewardFunction, load_reward_model
 from rlhf_rewards.cli import main
 from rlhf_rewards.errors import SampleError, TooLongError
 from rlhf_rewards.presets import get_preset, resolve_preset
@@ -101,7 +101,7 @@ def test_resolution_layout_and_golden_ids(path, prm):
     assert config["architectures"] == ["Qwen2ForProcessRewardModel"] and config["model_type"] == "qwen2"
     names = set(load_file(f"{path}/model.safetensors"))
     assert {"score.0.weight", "score.0.bias", "score.2.weight", "score.2.bias"} <= names
-    assert prm.kind == "process" and prm.aggregate == "min" and prm.step_separator == "\n\n"
+    assert isinstance(prm, ProcessRewardModel) and prm.kind == "process" and prm.aggregate == "min" and prm.step_separator == "\n\n"
     # the real vocabulary: the preset's golden ids were checked at load (same vocabulary size)
     assert len(prm.tokenizer) == get_preset(PRESET).golden_ids[0].vocab_size
     assert prm.step_tag_id == 151651 == prm.tokenizer.encode("<extra_0>")[0]
