@@ -37,7 +37,8 @@ def test_demo_scores_with_every_preset(tmp_path, capsys):
     scalar = re.findall(r"conversation \d: good answer [+-]\d\.\d{4}   bad answer [+-]\d\.\d{4}\n", out)
     pairwise = re.findall(r"conversation \d: [01]\.\d{4}\n", out)
     kinds = [get_preset(name).kind for name in list_presets()]
-    assert len(scalar) == kinds.count("scalar") * 3 and len(pairwise) == kinds.count("pairwise") * 3  # 3 conversations
+    # a process model's line gives each answer's reward (the minimum of its step rewards) as a scalar model's does
+    assert len(scalar) == (kinds.count("scalar") + kinds.count("process")) * 3 and len(pairwise) == kinds.count("pairwise") * 3  # 3 conversations
     assert out.count("best of n, candidates [0] = bad answer, [1] = good answer; index chosen per conversation: [") \
         == len(kinds)
     # the ids each model runs, decoded with every special token: Ray2333's card tokenizes the chat template's text,

@@ -96,6 +96,12 @@ def test_score_and_compare_equal_in_process(servers, preset):
     prompts = [m for m, _ in CONVERSATIONS] + ["Plain text prompt"]
     completions = [c for _, c in CONVERSATIONS] + ["A plain answer."]
     baselines = [REFERENCE] * len(prompts)
+    if model.kind == "process":  # no baselines; its step rewards are tests/test_process_rewards.py's
+        r = post(url, "/v1/score", {"prompts": prompts, "completions": completions})
+        assert r.status_code == 200 and r.json()["rewards"] == pytest.approx(model.score(prompts, completions), **TOL)
+        assert post(url, "/v1/score", {"prompts": prompts, "completions": completions,
+                                       "baselines": baselines}).status_code == 422
+        return
     if model.kind == "scalar":
         r = post(url, "/v1/score", {"prompts": prompts, "completions": completions})
         assert r.status_code == 200
@@ -128,6 +134,8 @@ def rewards_cases(kind: str):
     prompts = ["Hello there"] * 3 + [[{"role": "user", "content": "Name a colour."}]] * 3
     completions = ["Hi!", "Hello, friend.", "Hi!", "Blue.", "Red, surely.", "Green."]
     ref = ["Hey."] * 6
+    if kind == "process":  # each completion on its own: no pairing, no baselines
+        return [({}, prompts, completions)]
     cases = [({"pairing": "group", "group_size": 3}, prompts, completions),
              ({"pairing": "group", "group_mode": "anchor", "transform": "probability"}, prompts, completions),
              ({"pairing": "halves"}, prompts[:2] + prompts[:2], completions[:4]),

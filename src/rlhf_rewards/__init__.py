@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 # transformers; each entry is the submodule that defines the name.
 _EXPORTS = {
     "PairwiseRewardModel": ".backends.pairwise_base",
+    "ProcessRewardModel": ".backends.process_base",
     "RewardModel": ".backends.base",
     "ScalarModelBase": ".backends.scalar_base",
     "SampleError": ".errors",
@@ -41,6 +42,7 @@ _EXPORTS = {
 if TYPE_CHECKING:
     from .backends.base import RewardModel
     from .backends.pairwise_base import PairwiseRewardModel
+    from .backends.process_base import ProcessRewardModel
     from .backends.scalar_base import ScalarModelBase
     from .errors import NonFiniteRewardError, SampleError, TooLongError
     from .loading import load_reward_model
@@ -76,6 +78,7 @@ __all__ = [
     "PPORewardAdapter",
     "PairwiseRewardModel",
     "Preset",
+    "ProcessRewardModel",
     "RemoteRewardFunction",
     "RewardFunction",
     "RewardModel",

@@ -16,8 +16,9 @@ Message = dict[str, str]
 PromptInput = Union[str, Sequence[Mapping[str, str]]]
 """A prompt: a plain string (one user turn) or a list of messages (system/user/assistant, multi-turn)."""
 
-CompletionInput = Union[str, Sequence[Mapping[str, str]]]
-"""A completion: a string, or TRL's conversational form ``[{"role": "assistant", "content": ...}]``."""
+CompletionInput = Union[str, Sequence[Mapping[str, str]], Sequence[str]]
+"""A completion: a string, or TRL's conversational form ``[{"role": "assistant", "content": ...}]``; for a process
+reward model also an explicit list of step strings (see :func:`normalize_steps`)."""
 
 ROLES = ("system", "user", "assistant")
 
@@ -25,10 +26,11 @@ ROLES = ("system", "user", "assistant")
 class Sample(NamedTuple):
     """One sample validated and ready for a reward model (what :meth:`RewardModel.prepare
     <rlhf_rewards.backends.base.RewardModel.prepare>` returns): the prompt's messages, the completion's text, and
-    the text it is compared with (a scalar model's baseline, a pairwise model's other completion) or ``None``."""
+    the text it is compared with (a scalar model's baseline, a pairwise model's other completion) or ``None``. A
+    process reward model's sample holds the completion's steps, a tuple of strings, as ``completion``."""
 
     messages: list[Message]
-    completion: str
+    completion: Union[str, tuple[str, ...]]
     other: Optional[str] = None
 
 
@@ -110,6 +112,21 @@ def normalize_completion(completion: object, where: str) -> str:
     if msg["role"] != "assistant":
         raise ValueError(f"{where}[0]: a completion's role must be 'assistant', got {msg['role']!r}")
     return msg["content"]
+
+
+def is_step_list(completion: object) -> bool:
+    """Whether ``completion`` is an explicit list of steps (a list or tuple of strings, or an empty one) rather than
+    a completion's text or TRL's conversational form."""
+    return (isinstance(completion, (list, tuple)) and
+            all(isinstance(step, str) for step in completion))
+
+
+def normalize_steps(steps: Sequence[str], where: str) -> tuple[str, ...]:
+    """An explicit list of step strings (process reward models only) as a tuple, each step checked as text; an empty
+    list has no step to score and is refused. Empty strings are steps (the model cards score them)."""
+    if len(steps) == 0:
+        raise ValueError(f"{where}: no steps (an empty list); a process reward model scores at least one step")
+    return tuple(_check_text(step, f"{where}[{j}]") for j, step in enumerate(steps))
 
 
 def check_same_length(**named: Sequence) -> int:

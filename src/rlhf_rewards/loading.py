@@ -37,6 +37,8 @@ def load_reward_model(
     parse_templates: bool = True,
     packing: Union[bool, Literal["auto"]] = "auto",
     control_text: ControlTextMode = "text",
+    aggregate: Optional[str] = None,
+    step_separator: Optional[str] = None,
 ) -> RewardModel:
     """Load a reward model exactly as its model card does, on its own device.
 
@@ -73,10 +75,15 @@ def load_reward_model(
             tokenized as ordinary text, so a completion cannot forge template turns; ``"tokens"``: it becomes that
             token, as the model cards' own code does (for parity checks). Counted in ``stats.control_text`` either
             way; texts without such strings get the card's ids in both modes. See ``docs/security.md``.
+        aggregate: process reward models only: how one reward per completion is made of its step rewards,
+            ``"min"`` (default), ``"last"``, ``"mean"`` or ``"product"`` (see ``ProcessRewardModel.aggregate``).
+        step_separator: process reward models only: where a completion string is split into steps (default: the
+            preset's, e.g. ``"\n\n"`` for Qwen2.5-Math-PRM).
 
     Returns:
         A :class:`~rlhf_rewards.backends.base.RewardModel`: ``kind == "scalar"`` models have ``score``;
-        ``kind == "pairwise"`` models have ``compare`` and ``score(..., baselines=...)``.
+        ``kind == "pairwise"`` models have ``compare`` and ``score(..., baselines=...)``; ``kind == "process"``
+        models have ``score_steps`` and ``score(..., aggregate=...)``.
     """
     # everything the caller can get wrong is checked here, before any weights load
     chosen = resolve_preset(name_or_path, preset) if preset is not None else None  # a bad name fails first
@@ -90,6 +97,14 @@ def load_reward_model(
     if local is None:
         name_or_path = canonical_hub_id(name_or_path)
     chosen = chosen or resolve_preset(local or name_or_path, None)
+    process = {k: v for k, v in (("aggregate", aggregate), ("step_separator", step_separator)) if v is not None}
+    if process and chosen.kind != "process":
+        raise ValueError(f"{', '.join(process)}: only process reward models take it; {chosen.name} is a "
+                         f"{chosen.kind} model")
+    if aggregate is not None:
+        from .reward_options import check_aggregate
+
+        check_aggregate(aggregate)
     dev = resolve_device(device)
     check_device(dev, device)
     weights_dtype = resolve_dtype(dtype, chosen, dev)
@@ -108,5 +123,7 @@ def load_reward_model(
                    max_length=max_length, max_batch_tokens=max_batch_tokens, quantization=quantization,
                    adapter=adapter, packing=packing)
     model.parse_templates = parse_templates
+    for option, value in process.items():
+        setattr(model, option, value)
     model.control_text = control_text  # "text" first checks the tokenizer reads control text exactly as text
     return model

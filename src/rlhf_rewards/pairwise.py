@@ -239,7 +239,7 @@ def best_of_n(model, prompts: Sequence[PromptInput], candidates: Sequence[Sequen
     groups = _check_candidates(prompts, candidates)
     if not groups:
         return []
-    if model.kind == "scalar":
+    if model.kind != "pairwise":  # scalar and process models score each candidate
         return [g.first[max(range(len(s)), key=lambda u: (s[u], -u))]
                 for g, s in zip(groups, _scores_once(model, groups))]
     return knockout(model, prompts, candidates)
@@ -280,7 +280,7 @@ def rank(model, prompts: Sequence[PromptInput], candidates: Sequence[Sequence[Co
     once, get exactly equal values and stay in index order.
     """
     groups = _check_candidates(prompts, candidates)
-    if model.kind == "scalar":
+    if model.kind != "pairwise":
         values = _scores_once(model, groups)
     else:
         pairs = _distinct_pairs(groups, "round-robin")

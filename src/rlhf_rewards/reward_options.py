@@ -4,12 +4,36 @@ HTTP and Ray clients stay light."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional
 
 from .conversation import check_same_length
 from .groups import check_group_size
 from .transforms import check_transform
+
+Aggregate = Literal["min", "last", "mean", "product"]
+AGGREGATES: tuple[str, ...] = ("min", "last", "mean", "product")
+"""How a process reward model's step rewards become one reward per completion (see
+:attr:`rlhf_rewards.backends.process_base.ProcessRewardModel.aggregate`)."""
+
+
+def check_aggregate(value: object) -> Aggregate:
+    """``value`` if it names an aggregate, else ``ValueError`` listing them."""
+    if value not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {', '.join(repr(a) for a in AGGREGATES)}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def aggregate_steps(rewards: Sequence[float], how: Aggregate) -> float:
+    """One completion's reward from its step rewards: their minimum, the last one, their mean or their product."""
+    if how == "min":
+        return min(rewards)
+    if how == "last":
+        return rewards[-1]
+    if how == "mean":
+        return math.fsum(rewards) / len(rewards)
+    return math.prod(rewards)
 
 
 def set_options(target: Any, *, baseline_column: Optional[str], pairing: Optional[str], group_size: Optional[int],

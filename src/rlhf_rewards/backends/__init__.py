@@ -21,4 +21,5 @@ LOADERS: dict[str, Callable] = {
     "causal-lm-pair": _lazy("pair_pm", "load_pair_pm"),
     "pairrm": _lazy("pairrm_loading", "load_pairrm_reward_model"),
     "armorm": _lazy("armorm", "load_armorm"),
+    "qwen2-prm": _lazy("qwen_prm", "load_qwen2_prm"),
 }

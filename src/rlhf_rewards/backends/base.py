@@ -18,7 +18,9 @@ server, the command line) talk to a model, and what a new model family implement
   objectives, and a copy of it whose reward is a weighted sum of them (a model with one reward has none).
 
 :class:`~rlhf_rewards.backends.scalar_base.ScalarModelBase` backends implement ``_forward_texts``;
-:class:`~rlhf_rewards.backends.pairwise_base.PairwiseRewardModel` backends implement ``_compare_both_orders``.
+:class:`~rlhf_rewards.backends.pairwise_base.PairwiseRewardModel` backends implement ``_compare_both_orders``;
+:class:`~rlhf_rewards.backends.process_base.ProcessRewardModel` backends implement ``_render_steps`` and
+``_forward_steps``.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class RewardModel:
     """Base class of loaded reward models (see :func:`rlhf_rewards.load_reward_model`).
 
     Attributes:
-        kind: ``"scalar"`` or ``"pairwise"``.
+        kind: ``"scalar"``, ``"pairwise"`` or ``"process"`` (step rewards; see :mod:`.process_base`).
         preset: the :class:`~rlhf_rewards.presets.Preset` describing the model.
         tokenizer: the reward model's own tokenizer (never the policy's).
         device: where the model's weights live; inputs are moved there and rewards come back as Python floats.
@@ -80,7 +82,7 @@ class RewardModel:
             ``stats`` is its own.
     """
 
-    kind: ClassVar[Literal["scalar", "pairwise"]]
+    kind: ClassVar[Literal["scalar", "pairwise", "process"]]
     packing: bool = False
     packing_reason: str = "this backend pads its batches"
     control_markers: ClassVar[tuple[str, ...]] = ()

@@ -99,6 +99,12 @@ def _score_presets(root: str, names: list[str]) -> None:
             print("reward (the model's own scale; higher means better):")
             for i, (rg, rb) in enumerate(zip(rm.score(prompts, good), rm.score(prompts, bad)), 1):
                 print(f"  conversation {i}: good answer {rg:+.4f}   bad answer {rb:+.4f}")
+        elif rm.kind == "process":
+            _show_input("what the model reads for conversation 1 with the good answer (one step)",
+                        rm.format(prompts[0], good[0], tokens=True))
+            print("step rewards (each in [0, 1]; one step per answer here) and the reward, their minimum:")
+            for i, (sg, sb) in enumerate(zip(rm.score_steps(prompts, good), rm.score_steps(prompts, bad)), 1):
+                print(f"  conversation {i}: good answer {min(sg):+.4f}   bad answer {min(sb):+.4f}")
         else:
             _show_input("what the model reads for conversation 1, order A = good answer, B = bad answer",
                         rm.format(prompts[0], good[0], bad[0], tokens=True)[0])

@@ -27,7 +27,7 @@ class RowScorer:
     """Scores rows with one loaded reward model, remembering every distinct input's value for the run.
 
     Args:
-        model: a loaded reward model (``kind`` ``"scalar"`` or ``"pairwise"``).
+        model: a loaded reward model (``kind`` ``"scalar"``, ``"pairwise"`` or ``"process"``).
     """
 
     def __init__(self, model):
@@ -77,6 +77,12 @@ class RowScorer:
 
         with self.model.session("score"):  # one control-text (and truncation) warning per batch of rows
             return self._score(list(zip(prompts, completions)), read, self.model.score_texts)
+
+    def steps(self, prompts: Sequence[PromptInput], completions: Sequence[CompletionInput]
+              ) -> list[tuple[Optional[list[float]], Optional[str]]]:
+        """A process model's step rewards for each row (``(None, error message)`` for a row without them)."""
+        results = self.model.score_steps_samples(list(prompts), list(completions))
+        return [(None, str(r)) if isinstance(r, Exception) else (r, None) for r in results]
 
     def preferences(self, prompts: Sequence[PromptInput], completions_a: Sequence[CompletionInput],
                     completions_b: Sequence[CompletionInput]) -> list[Result]:

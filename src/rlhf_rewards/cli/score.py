@@ -8,6 +8,7 @@ import os
 import sys
 import time
 
+from ..reward_options import aggregate_steps
 from .common import (Progress, UsageError, add_model_arguments, check_preset, field_name, load_model,
                      reports_usage_errors)
 from .data_io import add_data_arguments, chunks, id_key, input_path, read_rows, require_columns, unique_ids
@@ -20,12 +21,16 @@ HELP = "add a reward to every row of a dataset (JSONL out, resumable)"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser)
     parser.add_argument("--completion-column", default="completion",
-                        help="column of completions: text, or [{'role': 'assistant', ...}] (default: completion)")
+                        help="column of completions: text, or [{'role': 'assistant', ...}]; for a process reward "
+                             "model also a list of step strings (default: completion)")
     parser.add_argument("--baseline-column",
                         help="column of reference completions: a pairwise model's reward is transform(P(completion "
                              "better than baseline)); a scalar model's is r(completion) - r(baseline)")
     parser.add_argument("--transform", default="logodds", choices=("logodds", "centered", "probability"),
                         help="pairwise models: how P becomes a reward (default: logodds)")
+    parser.add_argument("--aggregate", choices=("min", "last", "mean", "product"),
+                        help="process reward models: how the step rewards become the reward (default: the model's, "
+                             "min); the step rewards go in <reward-column>_steps")
     parser.add_argument("--reward-column", default="reward", type=field_name,
                         help="name of the added field (default: reward)")
     parser.add_argument("--output", help="JSONL file to write (default: stdout)")
@@ -130,12 +135,18 @@ def run(args: argparse.Namespace) -> int:
     if preset.kind == "pairwise" and args.baseline_column is None:
         raise UsageError(f"{args.model} is a pairwise model ({preset.name}): it scores a completion against a "
                          "baseline; pass --baseline-column")
+    if preset.kind == "process" and args.baseline_column is not None:
+        raise UsageError(f"{args.model} is a process reward model ({preset.name}): it scores each completion's "
+                         "steps on their own; --baseline-column does not apply")
+    if preset.kind != "process" and args.aggregate is not None:
+        raise UsageError(f"--aggregate: only process reward models take it; {preset.name} is a {preset.kind} model")
     check_outputs({"--output": args.output}, input_path(args.data), resume=args.resume)
     data = read_rows(args.data, args.split)
     require_columns(data, args.data, (args.prompt_column, args.completion_column, args.baseline_column,
                                       args.id_column))
     error_field = f"{args.reward_column}_error"
-    for field in (args.reward_column, error_field):
+    steps_field = f"{args.reward_column}_steps" if preset.kind == "process" else None
+    for field in filter(None, (args.reward_column, error_field, steps_field)):
         if field in data.column_names:
             raise UsageError(f"{args.data}: already has a column {field!r}; name the added field with "
                              "--reward-column")
@@ -143,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     record = describe_run("score", args, preset, input_path(args.data), **{
         "--prompt-column": args.prompt_column, "--completion-column": args.completion_column,
         "--baseline-column": args.baseline_column, "--transform": args.transform,
-        "--reward-column": args.reward_column})
+        "--reward-column": args.reward_column, "--aggregate": args.aggregate})
     resuming = args.resume and os.path.exists(args.output)
     stats = RunningStats()
     with open_outputs([args.output], append=args.resume) as (out,):
@@ -163,6 +174,8 @@ def run(args: argparse.Namespace) -> int:
         from .row_scorer import RowScorer
 
         model = load_model(args, args.model, args.preset, args.tokenizer)
+        if args.aggregate is not None:
+            model.aggregate = args.aggregate
         scorer = RowScorer(model)
         with Progress(len(data), "score", model, initial=resumed) as progress:
             for first, rows in chunks(data, args.chunk_size):
@@ -172,10 +185,17 @@ def run(args: argparse.Namespace) -> int:
                     rows = [r for r in rows if id_key(r[args.id_column]) not in done]
                 if not rows:
                     continue
-                results = scorer.against([r[args.prompt_column] for r in rows],
-                                         [r[args.completion_column] for r in rows],
-                                         None if args.baseline_column is None
-                                         else [r[args.baseline_column] for r in rows], args.transform)
+                prompts = [r[args.prompt_column] for r in rows]
+                completions = [r[args.completion_column] for r in rows]
+                if steps_field is not None:
+                    step_results = scorer.steps(prompts, completions)
+                    results = [(None if s is None else aggregate_steps(s, model.aggregate), e)
+                               for s, e in step_results]
+                    for row, (steps, _) in zip(rows, step_results):
+                        row[steps_field] = steps
+                else:
+                    results = scorer.against(prompts, completions, None if args.baseline_column is None
+                                             else [r[args.baseline_column] for r in rows], args.transform)
                 for row, (value, error) in zip(rows, results):
                     row[args.reward_column] = value
                     if error is not None:

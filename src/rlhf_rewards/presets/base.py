@@ -9,7 +9,7 @@ from typing import Literal, Optional, Union
 
 from ..sources import check_local, read_json_file
 
-Kind = Literal["scalar", "pairwise"]
+Kind = Literal["scalar", "pairwise", "process"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,8 @@ class Preset:
 
     Attributes:
         name: the preset's name, e.g. ``"starling-rm-34b"``.
-        kind: ``"scalar"`` (a score per completion) or ``"pairwise"`` (a preference between two completions).
+        kind: ``"scalar"`` (a score per completion), ``"pairwise"`` (a preference between two completions) or
+            ``"process"`` (a reward per step of a completion).
         hub_ids: hub repositories this preset is chosen for automatically.
         backend: which model backend runs it (see :mod:`rlhf_rewards.backends`).
         text_format: which renderer in :mod:`rlhf_rewards.rendering` builds the model's input text.

@@ -12,7 +12,7 @@ from typing import Optional
 
 from fastapi import FastAPI, Request
 
-from .endpoints import classify, compare, get_reward, models, rewards, score
+from .endpoints import classify, compare, get_reward, models, rewards, score, score_steps
 from .engine import RewardEngine
 from .middleware import GuardMiddleware, HTTPError, error_response
 from .routing import Route, Served, add_route
@@ -21,6 +21,7 @@ from .settings import ServerSettings
 ROUTES: tuple[Route, ...] = (
     *models.ROUTES,  # /health, /v1/models, /metrics
     score.ROUTE,
+    score_steps.ROUTE,  # process reward models' step rewards
     compare.ROUTE,
     rewards.ROUTE,
     get_reward.ROUTE,  # OpenRLHF
@@ -42,8 +43,8 @@ def build_app(engine: Optional[RewardEngine], settings: Optional[ServerSettings]
             503 and scoring routes 503 with ``Retry-After`` until :func:`set_engine` installs it).
         settings: API key, limits, timeouts (see :class:`~rlhf_rewards.serving.ServerSettings`).
         routes: the routes served (default :data:`ROUTES`: ``GET``/``HEAD /health``, ``GET /v1/models``, ``GET
-            /metrics``, ``POST /v1/score``, ``/v1/compare``, ``/v1/rewards``, ``/get_reward`` (OpenRLHF),
-            ``/classify`` (vLLM's contract, as verl calls it)).
+            /metrics``, ``POST /v1/score``, ``/v1/score_steps``, ``/v1/compare``, ``/v1/rewards``, ``/get_reward``
+            (OpenRLHF), ``/classify`` (vLLM's contract, as verl calls it)).
 
     The app starts nothing at import or build time: the engine's batcher starts on the first request, on whatever
     event loop serves it.

@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional, Union
 import httpx
 
 from ..conversation import normalize_completion, normalize_prompt
-from ..reward_options import call_baselines, log_call_metrics, set_options
+from ..reward_options import call_baselines, check_aggregate, log_call_metrics, set_options
 from .dispatch import Dispatch, Failure, Fatal, RemoteStats
 from .sharding import Layout, ServerLimits, Shard, pack
 
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 RETRY_STATUS = frozenset({429, 502, 503, 504})
 """Answers that mean "try again, maybe elsewhere": overloaded, starting, or a proxy that lost the server."""
 
-_OPTIONS = ("pairing", "group_size", "group_mode", "transform", "parse_templates", "objectives")
+_OPTIONS = ("pairing", "group_size", "group_mode", "transform", "parse_templates", "objectives", "aggregate")
 _STAT_KEYS = ("samples", "truncated", "real_tokens", "computed_tokens", "comparisons", "order_disagreements",
               "control_text")
 
@@ -44,7 +44,8 @@ class AsyncRemoteRewardFunction:
                  max_backoff: float = 10.0, max_shard_size: Optional[int] = None, name: Optional[str] = None,
                  baseline_column: Optional[str] = None, pairing: Optional[str] = None,
                  group_size: Optional[int] = None, group_mode: str = "round-robin", transform: str = "logodds",
-                 parse_templates: bool = True, objectives: Optional[Mapping[str, float]] = None):
+                 parse_templates: bool = True, objectives: Optional[Mapping[str, float]] = None,
+                 aggregate: Optional[str] = None):
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         if not self.urls:
             raise ValueError("give at least one server URL, e.g. 'http://rm-node:8000'")
@@ -58,6 +59,7 @@ class AsyncRemoteRewardFunction:
             raise ValueError(f"objectives must be a non-empty mapping of objective name to weight, got {objectives!r}")
         # the server's model checks the names and weights (a 422 naming its objectives)
         self.objectives = None if objectives is None else dict(objectives)
+        self.aggregate = None if aggregate is None else check_aggregate(aggregate)
         if timeout <= 0 or max_retries < 0 or backoff < 0 or (deadline is not None and deadline <= 0):
             raise ValueError("timeout and deadline must be positive, max_retries and backoff non-negative")
         if max_shard_size is not None and max_shard_size < 1:
@@ -227,8 +229,9 @@ class RemoteRewardFunction(AsyncRemoteRewardFunction):
             the defaults and one request per server: 250 s.
         max_shard_size: at most this many samples per request (default: the batch split evenly over the URLs).
         name: the function's ``__name__``, TRL's logging key (default ``"reward_remote"``).
-        baseline_column, pairing, group_size, group_mode, transform, parse_templates, objectives: as for
-            :class:`~rlhf_rewards.RewardFunction`.
+        baseline_column, pairing, group_size, group_mode, transform, parse_templates, objectives, aggregate: as
+            for :class:`~rlhf_rewards.RewardFunction` (``aggregate``: a process reward model server's step rewards
+            become one reward per completion by it).
 
     ``stats`` (:class:`~rlhf_rewards.serving.dispatch.RemoteStats`) counts, over all calls, the samples returned
     as ``None`` and those no server scored, requests, failed attempts and splits. ``log_metric``, when the trainer

@@ -136,10 +136,15 @@ def make_tiny_checkpoint(preset: str, path: str, *, seed: int = 0, base: Optiona
         from .armorm import write_tiny_armorm
 
         return write_tiny_armorm(path, seed)
+    if preset == "qwen2.5-math-prm":
+        # Qwen2.5-Math-PRM (Qwen2 + two-label head, the hub's remote-code layout) has its own builder module.
+        from .qwen_prm import write_tiny_qwen_prm
+
+        return write_tiny_qwen_prm(path, seed)
     try:
         spec = TINY_BASES[preset][base] if base is not None else TINY_CHECKPOINTS[preset]
     except KeyError:
-        known = ", ".join([*TINY_CHECKPOINTS, "pairrm", "armorm-llama3-8b"])
+        known = ", ".join([*TINY_CHECKPOINTS, "pairrm", "armorm-llama3-8b", "qwen2.5-math-prm"])
         raise ValueError(f"no tiny checkpoint for preset {preset!r}; known: {known}") from None
 
     os.makedirs(path, exist_ok=True)

@@ -18,7 +18,7 @@ from ..conversation import Sample
 from ..errors import SampleError
 from ..groups import group_bounds, halves
 from ..pairwise import GroupMode, rewards_within_groups
-from ..reward_options import call_baselines, log_call_metrics, set_options
+from ..reward_options import aggregate_steps, call_baselines, log_call_metrics, set_options
 from ..transforms import Transform, apply_transform
 
 logger = logging.getLogger(__name__)
@@ -62,18 +62,38 @@ class RewardFunction:
             -> weight: the reward is the weighted sum of those objectives' rewards instead of the model's own
             reward (see ``model.with_objectives``). Unknown names, weights that are not finite numbers, and models
             without objectives fail here, at construction.
+        aggregate: for a process reward model (``model.kind == "process"``): how a completion's step rewards become
+            its reward, ``"min"``, ``"last"``, ``"mean"`` or ``"product"`` (default: the model's ``aggregate``). Each
+            call logs ``<name>/mean_step_reward`` and ``<name>/steps_per_completion`` through ``log_metric``, and
+            keeps the step rewards (per sample a list, ``None`` when unscored) as ``last_step_rewards``.
+        on_step_rewards: for a process reward model: called after each call with that call's step rewards (as
+            ``last_step_rewards``), e.g. to log or shape per-step rewards yourself.
     """
 
     def __init__(self, model: RewardModel, *, baseline_column: Optional[str] = None,
                  pairing: Optional[Pairing] = None, group_size: Optional[int] = None,
                  group_mode: GroupMode = "round-robin", transform: Transform = "logodds",
                  name: Optional[str] = None, parse_templates: bool = True,
-                 objectives: Optional[Mapping[str, float]] = None):
+                 objectives: Optional[Mapping[str, float]] = None, aggregate: Optional[str] = None,
+                 on_step_rewards: Optional[Callable[[list[Optional[list[float]]]], None]] = None):
         set_options(self, baseline_column=baseline_column, pairing=pairing, group_size=group_size,
                     group_mode=group_mode, transform=transform, parse_templates=parse_templates)
         if objectives is not None:
             model = model.with_objectives(objectives)  # checked before anything else is kept
         self.objectives = None if objectives is None else dict(objectives)
+        if model.kind == "process":
+            if pairing is not None or baseline_column is not None:
+                raise ValueError(f"{model.preset.name} is a process reward model: it scores each completion's steps "
+                                 "on their own; pairing and baseline_column do not apply")
+            if aggregate is not None:
+                model = model.with_aggregate(aggregate)  # type: ignore[attr-defined]
+        elif aggregate is not None or on_step_rewards is not None:
+            raise ValueError(f"aggregate and on_step_rewards need a process reward model; {model.preset.name} is "
+                             f"a {model.kind} model")
+        self.aggregate = aggregate
+        self.on_step_rewards = on_step_rewards
+        self.last_step_rewards: Optional[list[Optional[list[float]]]] = None
+        self._steps_of_call: list[Optional[list[float]]] = []
         if model.kind == "pairwise" and pairing is None and baseline_column is None:
             raise ValueError(
                 f"{model.preset.name} is a pairwise model: it needs something to compare each completion with. "
@@ -113,6 +133,8 @@ class RewardFunction:
             self.model = load_reward_model(name_or_path, **load_kwargs)
             if self.objectives is not None:
                 self.model = self.model.with_objectives(self.objectives)
+            if self.aggregate is not None:
+                self.model = self.model.with_aggregate(self.aggregate)
 
     def __repr__(self) -> str:
         how = f"pairing={self.pairing!r}" if self.baseline_column is None else f"baseline={self.baseline_column!r}"
@@ -144,6 +166,7 @@ class RewardFunction:
                     rewards = self._score_halves(prompts, samples, reasons)
                 else:
                     rewards = self._score_groups(prompts, samples, reasons)
+                steps_of_call = self._steps_of_call  # this call's, before another thread's call replaces it
             after = model.stats.as_dict()
         unscored = [(i, reason) for i, reason in enumerate(reasons) if reason is not None]
         for i, _ in unscored:
@@ -157,6 +180,10 @@ class RewardFunction:
         if log_metric is not None:
             delta = {k: after[k] - before[k] for k in after}
             self._log(log_metric, delta, time.perf_counter() - start, len(unscored) / max(len(rewards), 1))
+        if model.kind == "process":
+            steps = self.last_step_rewards = [s if r is not None else None
+                                              for s, r in zip(steps_of_call, rewards)]
+            self._log_steps(log_metric, steps)
         return rewards, reasons
 
     @staticmethod
@@ -174,9 +201,16 @@ class RewardFunction:
         """Each completion on its own: its score, or its comparison with its baseline."""
         ok = [i for i, s in enumerate(samples) if isinstance(s, Sample)]
         rewards: list[Optional[float]] = [None] * len(samples)
+        self._steps_of_call = [None] * len(samples)
         if not ok:
             return rewards
-        if self.model.kind == "scalar":
+        if self.model.kind == "process":
+            steps = self.model.run_steps([samples[i] for i in ok])  # type: ignore[attr-defined]
+            for i, s in zip(ok, steps):
+                self._steps_of_call[i] = s if isinstance(s, list) else None
+            how = self.model.aggregate  # type: ignore[attr-defined]
+            values = [aggregate_steps(s, how) if isinstance(s, list) else s for s in steps]
+        elif self.model.kind == "scalar":
             values = self.model.run([samples[i] for i in ok])
         else:
             probs = self.model.run([samples[i] for i in ok])
@@ -231,6 +265,18 @@ class RewardFunction:
                                            mode=self.group_mode, transform=self.transform)
             self._scored(values, [i for g in groups for i in g], rewards, reasons)
         return rewards
+
+    def _log_steps(self, log_metric: Optional[Callable[[str, float], None]],
+                   steps: list[Optional[list[float]]]) -> None:
+        """A process model's call: its mean step reward and steps per completion (over scored samples) to
+        ``log_metric``, and the step rewards to ``on_step_rewards``."""
+        scored = [s for s in steps if s is not None]
+        if log_metric is not None and scored:
+            flat = [r for s in scored for r in s]
+            log_metric(f"{self.__name__}/mean_step_reward", sum(flat) / len(flat))
+            log_metric(f"{self.__name__}/steps_per_completion", len(flat) / len(scored))
+        if self.on_step_rewards is not None:
+            self.on_step_rewards(steps)
 
     def _log(self, log_metric: Callable[[str, float], None], delta: dict[str, float], seconds: float,
              unscored_rate: float) -> None:

@@ -13,7 +13,7 @@ from ...stats import RewardStats
 from ...trainers.reward_function import RewardFunction
 from ..engine import RewardEngine
 from ..routing import Route, Served
-from .fields import Objectives, StrictBody, TransformName, same_length
+from .fields import AggregateName, Objectives, StrictBody, TransformName, same_length
 
 PATH = "/v1/rewards"
 
@@ -34,6 +34,7 @@ class RewardsRequest(StrictBody):
     transform: TransformName = "logodds"
     parse_templates: StrictBool = True
     objectives: Objectives = None
+    aggregate: AggregateName = None
 
     @model_validator(mode="after")
     def _lengths(self) -> RewardsRequest:
@@ -57,7 +58,7 @@ def call_reward_function(model: RewardModel, body: RewardsRequest) -> RewardsRes
     function = RewardFunction(model, baseline_column="baselines" if body.baselines is not None else None,
                               pairing=body.pairing, group_size=body.group_size, group_mode=body.group_mode,
                               transform=body.transform, parse_templates=body.parse_templates,
-                              objectives=body.objectives)
+                              objectives=body.objectives, aggregate=body.aggregate)
     columns = {"baselines": body.baselines} if body.baselines is not None else {}
     values, errors = function.rewards_with_reasons(body.prompts, body.completions, **columns)
     return RewardsResponse(rewards=values, errors=errors, stats=dataclasses.replace(model.stats))
