@@ -283,3 +283,34 @@ def test_score_command_writes_reward_steps(path, prm, tmp_path):
     assert "no steps" in written[2]["reward_error"]
     assert main(["score", str(data), "--model", path, "--output", str(tmp_path / "b.jsonl"),
                  "--baseline-column", "prompt"]) == 2
+
+
+# -- ProcessBench with the real model --------------------------------------------------------------------------
+
+def test_processbench_eval_with_the_prm(path, prm, tmp_path):
+    """``eval`` on ProcessBench's layout predicts, per row, the first step whose reward is at most the threshold
+    (or -1), from this model's own step rewards; per subset: accuracy on erroneous and on correct rows, and F1."""
+    from rlhf_rewards.cli.data_io import SAMPLE_PROCESSBENCH, sample_path
+
+    rows = [json.loads(line) for line in open(sample_path(SAMPLE_PROCESSBENCH), encoding="utf-8")]
+    threshold = 0.5
+    rewards = prm.score_steps([r["problem"] for r in rows], [r["steps"] for r in rows])
+    hits: dict = {}
+    for row, steps in zip(rows, rewards):
+        predicted = next((k for k, r in enumerate(steps) if r <= threshold), -1)
+        subset = row["id"].rsplit("-", 1)[0]
+        kind = "correct" if row["label"] == -1 else "error"
+        hits.setdefault(subset, {"correct": [], "error": []})[kind].append(predicted == row["label"])
+    out = tmp_path / "eval"
+    assert main(["eval", "sample:processbench", "--model", path, "--output-dir", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    subsets = results["models"][0]["subsets"] if "models" in results else results[0]["subsets"]
+    for subset, got in hits.items():
+        err, cor = sum(got["error"]) / len(got["error"]), sum(got["correct"]) / len(got["correct"])
+        f1 = 0.0 if err + cor == 0 else 2 * err * cor / (err + cor)
+        assert subsets[subset]["f1"] == pytest.approx(f1, abs=1e-9), subset
+
+
+def test_a_process_model_on_rewardbench_rows_is_refused_before_loading(path, tmp_path, capsys):
+    assert main(["eval", "sample:preferences", "--model", path, "--output-dir", str(tmp_path / "e")]) == 2
+    assert "process reward model" in capsys.readouterr().err

@@ -217,6 +217,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.threshold is not None:
             raise UsageError("--threshold is ProcessBench's (step rewards); these rows are RewardBench's")
+        for (name, _, _), preset in zip(specs, presets):
+            if preset.kind == "process":
+                raise UsageError(f"{name}: preset {preset.name!r} is a process reward model (a reward per step); "
+                                 "evaluate it on ProcessBench rows (e.g. sample:processbench)")
         layout, info = _check_rewardbench(data, args)
     results, per_model = [], []
     for spec in specs:
