@@ -20,4 +20,10 @@ LOADERS: dict[str, Callable] = {
     "value-head": _lazy("scalar", "load_value_head"),
     "causal-lm-pair": _lazy("pair_pm", "load_pair_pm"),
     "pairrm": _lazy("pairrm_loading", "load_pairrm_reward_model"),
+    "inform": _lazy("inform", "load_inform"),
+    "first-token-score": _lazy("first_token", "load_first_token_model"),
 }
+
+SPLITTABLE: frozenset[str] = frozenset({"sequence-classification", "value-head", "inform", "first-token-score"})
+"""Backends whose loader takes ``device_map`` (a :class:`~rlhf_rewards.backends.placement.Split`): their layers can
+be spread over several devices."""

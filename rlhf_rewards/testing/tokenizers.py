@@ -271,15 +271,17 @@ def write_chatml_bpe_tokenizer(path: str, vocab_size: int = 400) -> PreTrainedTo
     return tok
 
 
-def write_llama3_tokenizer(path: str) -> PreTrainedTokenizerFast:
+def write_llama3_tokenizer(path: str, *, special_tokens: Optional[list[str]] = None,
+                           chat_template: str = LLAMA3_CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
     """Meta-Llama-3-8B-Instruct's tokenizer as RLHFlow's preference model ships it: Meta's ``tokenizer.model``
     converted to a ``tokenizer.json`` (byte-level BPE, whole vocabulary words taken before merging as tiktoken does)
     with Llama-3.0's 256 special tokens, BOS ``<|begin_of_text|>`` (added by the tokenizer), EOS ``<|eot_id|>``, no
-    pad token, the Llama-3 chat template."""
+    pad token, the Llama-3 chat template. Later Llama-3 releases (3.1, 3.3) share the vocabulary and rename special
+    tokens: pass their ``special_tokens`` (ids 128000 up, in order) and ``chat_template``."""
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     backend = TikTokenConverter(vocab_file=llama3_tokenizer_model(), pattern=_LLAMA3_PATTERN,
-                                extra_special_tokens=llama3_special_tokens()).converted()
+                                extra_special_tokens=special_tokens or llama3_special_tokens()).converted()
     bos = "<|begin_of_text|>"
     backend.post_processor = processors.Sequence([
         processors.ByteLevel(trim_offsets=False),
@@ -291,7 +293,7 @@ def write_llama3_tokenizer(path: str) -> PreTrainedTokenizerFast:
     _write_json(os.path.join(path, "tokenizer_config.json"), {
         "bos_token": bos,
         "eos_token": "<|eot_id|>",
-        "chat_template": LLAMA3_CHAT_TEMPLATE,
+        "chat_template": chat_template,
         # Meta's config says true; transformers 5 ignores it for BPE with a warning on every load.
         "clean_up_tokenization_spaces": False,
         "model_input_names": list(_MODEL_INPUTS),
