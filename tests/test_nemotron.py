@@ -116,7 +116,8 @@ def test_top_p_and_the_default_top_k_under_sampling(tiny_dir, tmp_path):
 
 def test_settings_not_reproduced_are_refused_naming_them(tiny_dir, tmp_path):
     refused = [({"num_beams": 2}, "num_beams"), ({"suppress_tokens": [0]}, "suppress_tokens"),
-               ({"no_repeat_ngram_size": 2}, "no_repeat_ngram_size")]
+               ({"no_repeat_ngram_size": 2}, "no_repeat_ngram_size"),
+               ({"do_sample": True, "temperature": 0.0}, "temperature=0.0")]
     for i, (settings, name) in enumerate(refused):
         path = with_generation_config(tiny_dir, tmp_path / str(i), settings)
         with pytest.raises(ValueError, match=name):

@@ -81,6 +81,9 @@ class FirstTokenScoring:
                 raise ValueError(f"{where}: {name} is set and token id {token_id} is an end-of-sequence id; the card's "
                                  "generate() would set its score to -inf before that length")
         sampling = bool(get("do_sample"))
+        if sampling and not float(get("temperature")) > 0:
+            raise ValueError(f"{where}: its generation config samples with temperature={get('temperature')!r}; "
+                             "generate() refuses that (a temperature must be positive)")
         return cls(token_id=token_id, repetition_penalty=float(get("repetition_penalty")), sampling=sampling,
                    temperature=float(get("temperature")), top_k=int(get("top_k") or 0), top_p=float(get("top_p")),
                    min_p=getattr(config, "min_p", None), typical_p=float(get("typical_p")),
