@@ -9,6 +9,7 @@ its card tokenizes the parts separately rather than one rendered string.
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 from .conversation import Message
@@ -68,6 +69,23 @@ def render_chat_template(messages: list[Message], completion: str, tokenizer) ->
         raise ValueError(f"the reward model's chat template rejects this conversation: {err}") from None
 
 
+# What Llama-3.1/3.2/3.3 chat templates write at the top of every system header, whatever the conversation (a
+# knowledge cut-off and a date), then the caller's system text.
+_LLAMA31_HEADER = re.compile(r"\ACutting Knowledge Date: [^\n]*\nToday Date: [^\n]*(?:\n\n|\n?\Z)")
+
+
+def render_llama31_chat_template(messages: list[Message], completion: str, tokenizer) -> str:
+    """:func:`render_chat_template` for reward models whose own template is Llama-3.1's, which writes a knowledge
+    cut-off and date lines into every system header. A prompt parsed back from text a Llama-3.1-style template
+    rendered (a policy's, or verl's input to ``/classify``) carries those lines as its system message; they are the
+    template's, not the conversation's, so they are removed (and a system message left empty dropped) before the
+    reward model's template writes its own, as the card would for the conversation itself."""
+    if messages and messages[0]["role"] == "system" and _LLAMA31_HEADER.match(messages[0]["content"]):
+        rest = _LLAMA31_HEADER.sub("", messages[0]["content"], count=1)
+        messages = ([{**messages[0], "content": rest}] if rest else []) + list(messages[1:])
+    return render_chat_template(messages, completion, tokenizer)
+
+
 def render_yi_chatml(messages: list[Message], completion: str, tokenizer=None) -> str:
     """Starling-RM-34B's model card: ``<|im_start|>{role}\\n{content}<|im_end|>`` turns joined by ``\\n``, the
     completion as the last assistant turn, nothing after its ``<|im_end|>`` (as in the card's test sample)."""
@@ -120,6 +138,7 @@ def render_rlhflow_pair(context: str, response_a: str, response_b: str, tokenize
 
 RENDERERS: dict[str, Renderer] = {
     "chat-template": render_chat_template,
+    "llama31-chat-template": render_llama31_chat_template,
     "yi-chatml": render_yi_chatml,
     "starling-llama2": render_starling_llama2,
 }

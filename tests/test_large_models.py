@@ -76,6 +76,19 @@ def test_v1_score_and_the_score_command_equal_in_process(models, tiny_dir, tmp_p
     assert written == pytest.approx(expected, abs=1e-5)
 
 
+@pytest.mark.parametrize("preset", LARGE)
+def test_prompts_rendered_by_a_llama31_template_score_as_their_conversation(models, preset):
+    """A Llama-3.1-style template writes a cut-off and date lines into every system header: parsed back from a
+    policy's text (or verl's /classify input) they are the template's, not a system prompt of the conversation."""
+    rm = models(preset)
+    for messages in ([{"role": "user", "content": "Why is the sky blue?"}],
+                     [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Why?"}]):
+        text = rm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        dated = text.replace("Today Date: 26 Jul 2024", "Today Date: 07 Dec 2026")  # Llama-3.2 writes today's date
+        expected = rm.score([messages], ["Rayleigh scattering."])[0]
+        assert rm.score([text, dated], ["Rayleigh scattering."] * 2) == pytest.approx([expected] * 2, abs=1e-6)
+
+
 # -- the placement plan (no GPU needed: accelerate plans from sizes and budgets) -----------------------------------
 
 def first_device_budget(sizes: dict, head: str, *, layers: float) -> int:

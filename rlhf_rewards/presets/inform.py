@@ -24,7 +24,7 @@ register(Preset(
     kind="scalar",
     hub_ids=("infly/INF-ORM-Llama3.1-70B",),
     backend="inform",
-    text_format="chat-template",
+    text_format="llama31-chat-template",  # the template's date header is not the conversation's
     add_special_tokens=False,  # apply_chat_template(tokenize=True): the template's BOS is the only one
     max_length=None,
     reward_position="before-first-config-pad",

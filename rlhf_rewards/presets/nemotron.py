@@ -12,7 +12,7 @@ register(Preset(
     hub_ids=("nvidia/Llama-3.1-Nemotron-70B-Reward-HF", "nvidia/Llama-3.3-Nemotron-70B-Reward",
              "nvidia/Llama-3.3-Nemotron-70B-Reward-Multilingual"),
     backend="first-token-score",
-    text_format="chat-template",
+    text_format="llama31-chat-template",  # the template's date header is not the conversation's
     add_special_tokens=False,  # apply_chat_template(tokenize=True): the template's BOS is the only one
     max_length=None,
     reward_position="last",
