@@ -7,7 +7,8 @@ from typing import Literal, Optional, Union
 
 import torch
 
-from .backends import LOADERS
+from .backends import LOADERS, SPLITTABLE
+from .backends.placement import DeviceList, MemoryBudget, resolve_split
 from .backends.base import RewardModel
 from .control_text import ControlTextMode, check_mode
 from .backends.weights import DeviceSpec, check_device, resolve_device, resolve_dtype
@@ -39,6 +40,8 @@ def load_reward_model(
     control_text: ControlTextMode = "text",
     aggregate: Optional[str] = None,
     step_separator: Optional[str] = None,
+    device_map: Optional[DeviceList] = None,
+    max_memory: Optional[MemoryBudget] = None,
 ) -> RewardModel:
     """Load a reward model exactly as its model card does, on its own device.
 
@@ -79,6 +82,13 @@ def load_reward_model(
             ``"min"`` (default), ``"last"``, ``"mean"`` or ``"product"`` (see ``ProcessRewardModel.aggregate``).
         step_separator: process reward models only: where a completion string is split into steps (default: the
             preset's, e.g. ``"\n\n"`` for Qwen2.5-Math-PRM).
+        device_map: for a model too large for one device, the devices to split its layers over, in order
+            (``["cuda:0", "cuda:1"]``; ``"cpu"`` and ``"disk"`` after them offload the rest): whole decoder layers
+            as each device's memory budget allows (accelerate), inputs on the first device, the final norm and the
+            reward head on the last; ``rm.device`` is the first. Instead of ``device`` (whose list means one device
+            per local rank). Not with ``adapter``. See ``docs/multi-gpu.md``.
+        max_memory: with ``device_map``, the bytes (or sizes such as ``"40GiB"``) each listed device may hold, every
+            device but ``"disk"`` named; default: the devices' free memory, balanced over the GPUs.
 
     Returns:
         A :class:`~rlhf_rewards.backends.base.RewardModel`: ``kind == "scalar"`` models have ``score``;
@@ -105,8 +115,26 @@ def load_reward_model(
         from .reward_options import check_aggregate
 
         check_aggregate(aggregate)
-    dev = resolve_device(device)
-    check_device(dev, device)
+    split = None
+    if device_map is not None:
+        if device is not None:
+            raise ValueError("give device (one device, or one per local rank) or device_map (one model split over "
+                             "several devices), not both")
+        split = resolve_split(device_map, max_memory)
+        if adapter is not None:
+            raise ValueError("adapter cannot be combined with device_map: merging an adapter into a model split "
+                             "over devices is not supported; merge it into the checkpoint first")
+        if chosen.backend not in SPLITTABLE:
+            raise ValueError(f"preset {chosen.name!r} cannot be split over devices (device_map); load it on one")
+        for entry in split.devices:
+            if entry != "disk":
+                check_device(torch.device(entry), entry)
+        dev = split.first
+    elif max_memory is not None:
+        raise ValueError("max_memory is the budget of a device_map split; pass device_map too")
+    else:
+        dev = resolve_device(device)
+        check_device(dev, device)
     weights_dtype = resolve_dtype(dtype, chosen, dev)
     try:
         loader = LOADERS[chosen.backend]
@@ -121,7 +149,7 @@ def load_reward_model(
         adapter = locate(adapter, "adapter")
     model = loader(source, preset=chosen, tokenizer=tokenizer, device=dev, dtype=weights_dtype,
                    max_length=max_length, max_batch_tokens=max_batch_tokens, quantization=quantization,
-                   adapter=adapter, packing=packing)
+                   adapter=adapter, packing=packing, **({"device_map": split} if split is not None else {}))
     model.parse_templates = parse_templates
     for option, value in process.items():
         setattr(model, option, value)

@@ -22,4 +22,10 @@ LOADERS: dict[str, Callable] = {
     "pairrm": _lazy("pairrm_loading", "load_pairrm_reward_model"),
     "armorm": _lazy("armorm", "load_armorm"),
     "qwen2-prm": _lazy("qwen_prm", "load_qwen2_prm"),
+    "inform": _lazy("inform", "load_inform"),
+    "first-token-score": _lazy("first_token", "load_first_token_model"),
 }
+
+SPLITTABLE: frozenset[str] = frozenset({"sequence-classification", "value-head", "inform", "first-token-score"})
+"""Backends whose loader takes ``device_map`` (a :class:`~rlhf_rewards.backends.placement.Split`): their layers can
+be spread over several devices."""

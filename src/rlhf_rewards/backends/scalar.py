@@ -69,6 +69,10 @@ class ScalarRewardModel(ScalarModelBase):
                     if ids[j] != self.config_pad_id:
                         return j, None
             return len(ids) - 1, None
+        if rule == "before-first-config-pad":
+            # INF-ORM's pooling on its unpadded input: argmax(ids == pad) - 1, modulo the length
+            first = next((j for j, t in enumerate(ids) if t == self.config_pad_id), 0)
+            return (first - 1) % len(ids), None
         if rule == "before-first-pad-id":
             first = next((j for j, t in enumerate(ids) if t == self.card_pad_id), len(ids))
             if first > 0:
@@ -94,7 +98,7 @@ class ScalarRewardModel(ScalarModelBase):
         # the card's appended pad (which must not attend to itself); without one the causal fast path runs
         hidden = self.backbone(input_ids=input_ids, attention_mask=mask if position_ids is not None else None,
                                position_ids=position_ids, use_cache=False).last_hidden_state
-        return self._read(hidden, list(range(len(batch))), [index for _, index, _ in batch])
+        return self._read(hidden, list(range(len(batch))), [index for _, index, _ in batch], batch)
 
     @torch.inference_mode()
     def _forward_packed(self, rows: list[list[_Item]]) -> list[float]:
@@ -121,17 +125,19 @@ class ScalarRewardModel(ScalarModelBase):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
                                use_cache=False).last_hidden_state
         items = [item for row in rows for item in row]
-        return self._read(hidden, [r for r, _ in starts], [at + index for (_, at), (_, index, _) in zip(starts, items)])
+        return self._read(hidden, [r for r, _ in starts], [at + index for (_, at), (_, index, _) in zip(starts, items)],
+                          items)
 
-    def _read(self, hidden: torch.Tensor, rows: list[int], cols: list[int]) -> list[float]:
-        """The head's output at ``hidden[rows[k], cols[k]]`` for each ``k``, as floats."""
+    def _read(self, hidden: torch.Tensor, rows: list[int], cols: list[int], items: list[_Item]) -> list[float]:
+        """The head's output at ``hidden[rows[k], cols[k]]`` (the read position of ``items[k]``) for each ``k``, as
+        floats."""
         picked = hidden[torch.tensor(rows, device=hidden.device), torch.tensor(cols, device=hidden.device)]
         rewards = self.head(picked.to(self._head_dtype())).float().reshape(len(rows), -1)[:, 0]
         return rewards.cpu().tolist()
 
     def _head_dtype(self) -> torch.dtype:
-        weight = getattr(self.head, "weight", None)
-        return weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else torch.float32
+        # a head of several layers (INF-ORM's) takes its first layer's dtype
+        return next((p.dtype for p in self.head.parameters() if p.is_floating_point()), torch.float32)
 
     def _forward_texts(self, texts: Sequence[str]) -> list[float]:
         """Rewards of already-rendered texts, in input order (each text tokenized as the card does)."""
@@ -166,7 +172,7 @@ def _max_length(requested: Optional[int], preset_limit: Optional[int], config) -
 
 
 def load_sequence_classifier(name_or_path: str, *, preset, tokenizer, device, dtype, max_length, max_batch_tokens,
-                             quantization, adapter, packing="auto") -> ScalarRewardModel:
+                             quantization, adapter, packing="auto", device_map=None) -> ScalarRewardModel:
     """A transformers ``AutoModelForSequenceClassification`` reward model with one label (loaded as Ray2333's model card does)."""
     from transformers import AutoModelForSequenceClassification
 
@@ -175,7 +181,8 @@ def load_sequence_classifier(name_or_path: str, *, preset, tokenizer, device, dt
 
     tokenizer = load_tokenizer(preset, name_or_path, tokenizer)
     model = from_pretrained_checked(AutoModelForSequenceClassification, name_or_path, dtype=dtype, device=device,
-                                    quantization=quantization, skip_modules=("score", "classifier"), num_labels=1)
+                                    quantization=quantization, skip_modules=("score", "classifier"),
+                                    split=device_map, num_labels=1)
     model = apply_adapter(model, adapter, quantized=quantization is not None)
     backbone = getattr(model, model.base_model_prefix, None)
     head = getattr(model, "score", None)
@@ -187,7 +194,7 @@ def load_sequence_classifier(name_or_path: str, *, preset, tokenizer, device, dt
 
 
 def load_value_head(name_or_path: str, *, preset, tokenizer, device, dtype, max_length, max_batch_tokens,
-                    quantization, adapter, packing="auto") -> ScalarRewardModel:
+                    quantization, adapter, packing="auto", device_map=None) -> ScalarRewardModel:
     """A Starling value-head model: ``from_pretrained`` files (Starling-RM-34B), or a plain state dict over a
     Llama config (Starling-RM-7B-alpha, whose config comes from its base model when its repository has none)."""
     from transformers import AutoConfig
@@ -200,8 +207,11 @@ def load_value_head(name_or_path: str, *, preset, tokenizer, device, dtype, max_
     state_file = find_state_dict_file(name_or_path)
     if state_file is None:
         model = from_pretrained_checked(ValueHeadRewardModel, name_or_path, dtype=dtype, device=device,
-                                        quantization=quantization, skip_modules=("v_head",))
+                                        quantization=quantization, skip_modules=("v_head",), split=device_map)
     else:
+        if device_map is not None:
+            raise ValueError(f"{name_or_path}: device_map needs safetensors/from_pretrained weights; this "
+                             "checkpoint is a plain state dict (convert it with save_pretrained first)")
         if quantization_config(quantization, dtype, ()) is not None:
             raise ValueError(f"{name_or_path}: quantization needs safetensors/from_pretrained weights; this "
                              "checkpoint is a plain state dict (convert it with save_pretrained first)")

@@ -142,14 +142,29 @@ def check_loading_info(name_or_path: str, info: dict) -> None:
 
 
 def from_pretrained_checked(cls, name_or_path: str, *, dtype: torch.dtype, device: torch.device,
-                            quantization: Optional[str], skip_modules: Sequence[str], **kwargs) -> nn.Module:
-    """``cls.from_pretrained`` in ``dtype`` on ``device`` (quantized if asked), failing on missing weights."""
+                            quantization: Optional[str], skip_modules: Sequence[str], split=None,
+                            **kwargs) -> nn.Module:
+    """``cls.from_pretrained`` in ``dtype`` on ``device`` (quantized if asked), failing on missing weights.
+
+    ``split`` (a :class:`~rlhf_rewards.backends.placement.Split`) spreads the layers over several devices instead,
+    the reward head (``skip_modules``, also kept out of quantization) on the last one."""
     qconfig = quantization_config(quantization, dtype, skip_modules)
+    placed = {}
+    if split is not None:
+        from .placement import split_loading_kwargs
+
+        placed = split_loading_kwargs(cls, name_or_path, split, heads=skip_modules, dtype=dtype, config_kwargs=kwargs)
+    elif qconfig is not None:
+        placed = {"device_map": {"": str(device)}}
     if qconfig is not None:
-        kwargs.update(quantization_config=qconfig, device_map={"": str(device)})
-    model, info = cls.from_pretrained(name_or_path, dtype=dtype, output_loading_info=True, **kwargs)
+        kwargs.update(quantization_config=qconfig)
+    model, info = cls.from_pretrained(name_or_path, dtype=dtype, output_loading_info=True, **placed, **kwargs)
     check_loading_info(name_or_path, info)
-    if qconfig is None:
+    if split is not None:
+        from .placement import remove_with
+
+        remove_with(model, placed.get("offload_folder"))
+    elif qconfig is None:
         model.to(device)
     return model.eval().requires_grad_(False)
 

@@ -45,7 +45,10 @@ class Preset:
             ``"last-non-pad"``: the rightmost token whose id is not the config's ``pad_token_id`` (transformers'
             sequence-classification pooling); ``"before-first-pad-id"``: one before the first occurrence of
             ``card_pad_id`` in the sequence padded to ``max_length``, wrapping to the last padded position when
-            that occurrence is the first token (the Starling cards' loop).
+            that occurrence is the first token (the Starling cards' loop); ``"before-first-config-pad"``: one before
+            the first occurrence of the config's ``pad_token_id`` in the unpadded input, else (no occurrence, or at
+            position 0) the last token (``argmax(input_ids == pad) - 1`` modulo the length, as INF-ORM's class
+            computes it); ``"last"``: the last token.
         card_pad_id: for ``"before-first-pad-id"``: an id, or ``"first-id-of-pad-token"`` for cards that compute
             ``tokenizer(tokenizer.pad_token)["input_ids"][0]`` (which is BOS when the tokenizer adds one).
         pad_token: the token to pad with when the tokenizer has none (cards that set ``pad_token = unk_token``).
@@ -71,7 +74,7 @@ class Preset:
     add_special_tokens: bool = True
     max_length: Optional[int] = None
     truncation_side: Literal["left", "right"] = "left"
-    reward_position: Literal["last-non-pad", "before-first-pad-id", "last"] = "last-non-pad"
+    reward_position: Literal["last-non-pad", "before-first-pad-id", "before-first-config-pad", "last"] = "last-non-pad"
     card_pad_id: Union[int, Literal["first-id-of-pad-token"], None] = None
     pad_token: Optional[str] = None
     accelerator_dtype: str = "bfloat16"

@@ -24,8 +24,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from ..backends.inform import INFORMRewardModel
 from ..backends.value_head import ValueHeadRewardModel
 from . import skywork, tokenizers
+from .llama31 import write_llama31_tokenizer
 
 # Toy dimensions shared by every tiny model; presets override the number of key/value heads where the real model
 # uses grouped-query attention.
@@ -101,6 +103,25 @@ TINY_CHECKPOINTS: dict[str, TinyCheckpoint] = {
         config_class=LlamaConfig,
         model_class=LlamaForCausalLM,
         config=dict(max_position_embeddings=8192, rope_theta=5e5, tie_word_embeddings=False),
+        preset_hint=True,
+    ),
+    # Llama-3.1-70B-Instruct + INF-ORM's Linear-ReLU-Linear score head. The real config's pad_token_id could not be
+    # read offline: Llama-3.1's <|finetune_right_pad_id|> stands in (the package reads the checkpoint's own value).
+    "inf-orm-llama3.1-70b": TinyCheckpoint(
+        write_tokenizer=write_llama31_tokenizer,
+        config_class=LlamaConfig,
+        model_class=INFORMRewardModel,
+        config=dict(num_labels=1, pad_token_id=128004, max_position_embeddings=131072, rope_theta=5e5,
+                    tie_word_embeddings=False),
+        architectures=("INFORMForSequenceClassification",),
+    ),
+    # Llama-3.1-70B-Instruct as a causal LM whose logit of id 0 is the reward; Llama-3.1's three end ids.
+    "nemotron-reward": TinyCheckpoint(
+        write_tokenizer=write_llama31_tokenizer,
+        config_class=LlamaConfig,
+        model_class=LlamaForCausalLM,
+        config=dict(eos_token_id=[128001, 128008, 128009], max_position_embeddings=131072, rope_theta=5e5,
+                    tie_word_embeddings=False),
         preset_hint=True,
     ),
 }
