@@ -18,7 +18,7 @@ from . import eval_processbench, eval_v2
 from .common import (Progress, UsageError, add_model_arguments, check_preset, load_model, model_specs,
                      reports_usage_errors, require)
 from .data_io import add_data_arguments, check_output_dir, chunks, require_columns
-from .eval_plots import model_names
+from .eval_plots import model_names, percent
 from .outputs import write_rows
 
 HELP = ("RewardBench (v1: chosen and rejected texts) or RewardBench 2 (lists of chosen and rejected completions) "
@@ -131,9 +131,6 @@ def _free_accelerator() -> None:
         torch.cuda.empty_cache()
 
 
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
-
 
 def markdown(results: list[dict]) -> str:
     """One table, one column per model: RewardBench sections, then every subset as ``accuracy (n, ties)``."""
@@ -144,22 +141,22 @@ def markdown(results: list[dict]) -> str:
     if any(r["sections"] for r in results):
         partial = any(s["missing"] for r in results for s in r["sections"].values())
         lines.append("| **RewardBench score** (mean of the four sections) | "
-                     + " | ".join(_pct(r["score"]) + (" (partial)" if partial and r["score"] is not None else "")
+                     + " | ".join(percent(r["score"]) + (" (partial)" if partial and r["score"] is not None else "")
                                   for r in results) + " |")
         for section in SECTIONS:
             if any(section in r["sections"] for r in results):
                 cells = []
                 for r in results:
                     s = r["sections"].get(section)
-                    cells.append("-" if s is None else _pct(s["score"]) + (" (partial)" if s["missing"] else ""))
+                    cells.append("-" if s is None else percent(s["score"]) + (" (partial)" if s["missing"] else ""))
                 lines.append(f"| **{section}** | " + " | ".join(cells) + " |")
     overall = [r["overall"] for r in results]
     lines.append("| **all rows** accuracy % (n, ties) | "
-                 + " | ".join(f"{_pct(o['accuracy'])} ({o['n']}, {o['ties']})" for o in overall) + " |")
+                 + " | ".join(f"{percent(o['accuracy'])} ({o['n']}, {o['ties']})" for o in overall) + " |")
     for subset in results[0]["subsets"]:
         cells = [r["subsets"][subset] for r in results]
         lines.append(f"| {subset} | " + " | ".join(
-            f"{_pct(c['accuracy'])} ({c['n']}, {c['ties']})" + (f" {c['errors']} errors" if c["errors"] else "")
+            f"{percent(c['accuracy'])} ({c['n']}, {c['ties']})" + (f" {c['errors']} errors" if c["errors"] else "")
             for c in cells) + " |")
     lines.append("")
     lines.append("Accuracy in %: chosen strictly above rejected (ties count as wrong, as in RewardBench). Sections "
@@ -176,7 +173,7 @@ def plots(results: list[dict], margins: list[list[tuple]], out_dir: str) -> None
     panels = []
     for name, r, ms in zip(names, results, margins):
         values = [m for m, _ in ms if m is not None]
-        panels.append((f"{name}: accuracy {_pct(r['overall']['accuracy'])}%, n={len(values)}", values, r["margin"]))
+        panels.append((f"{name}: accuracy {percent(r['overall']['accuracy'])}%, n={len(values)}", values, r["margin"]))
     margin_histograms(panels, os.path.join(out_dir, "margins.png"))
     values = [{s: (c["accuracy"], "no rows scored" if c["accuracy"] is None else
                    f"{100 * c['accuracy']:.0f}% of {c['n']}") for s, c in r["subsets"].items()} for r in results]
@@ -217,11 +214,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.threshold is not None:
             raise UsageError("--threshold is ProcessBench's (step rewards); these rows are RewardBench's")
+        layout, info = _check_rewardbench(data, args)
         for (name, _, _), preset in zip(specs, presets):
             if preset.kind == "process":
                 raise UsageError(f"{name}: preset {preset.name!r} is a process reward model (a reward per step); "
                                  "evaluate it on ProcessBench rows (e.g. sample:processbench)")
-        layout, info = _check_rewardbench(data, args)
     results, per_model = [], []
     for spec in specs:
         result, values = evaluate(args, spec, data, layout, info)

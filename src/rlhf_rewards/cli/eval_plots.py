@@ -83,6 +83,11 @@ def subset_bars(names: Sequence[str], bars: Bars, path: str) -> None:
     plt.close(fig)
 
 
+def percent(x: Optional[float]) -> str:
+    """A share as a percentage with one decimal for the report tables, ``-`` when there is none."""
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
 def model_names(results: Sequence[dict]) -> list[str]:
     """Each model's short name for tables and legends: its directory's or hub id's last part."""
     return [os.path.basename(r["model"].rstrip("/")) or r["model"] for r in results]

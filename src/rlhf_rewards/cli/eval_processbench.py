@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple, Optional
 
 from .common import UsageError, require
+from .eval_plots import percent
 
 Result = tuple[Optional[list[float]], Optional[str]]
 """A row's step rewards and ``None``, or ``None`` and why the row could not be scored."""
@@ -225,14 +226,11 @@ def row_records(info: Sequence[RowInfo], per_model: Sequence[Sequence[Result]], 
     return out
 
 
-def _pct(x: Optional[float]) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
-
 
 def _cell(entry: Optional[dict]) -> str:
     if entry is None:
         return "-"
-    text = (f"{_pct(entry['f1'])} ({_pct(entry['error_accuracy'])} / {_pct(entry['correct_accuracy'])}; "
+    text = (f"{percent(entry['f1'])} ({percent(entry['error_accuracy'])} / {percent(entry['correct_accuracy'])}; "
             f"{entry['erroneous']} + {entry['correct']})")
     return text + (f" {entry['errors']} errors" if entry["errors"] else "")
 
@@ -244,7 +242,7 @@ def markdown(results: list[dict], names: list[str]) -> str:
     lines = ["| F1 (error accuracy / correct accuracy; erroneous + correct rows) | " + " | ".join(names) + " |",
              "|---" * (len(results) + 1) + "|",
              "| **ProcessBench average F1** (mean of the four subsets) | "
-             + " | ".join(_pct(r["average_f1"]) for r in results) + " |"]
+             + " | ".join(percent(r["average_f1"]) for r in results) + " |"]
     for subset in results[0]["subsets"]:
         lines.append(f"| {subset} | " + " | ".join(_cell(r["subsets"].get(subset)) for r in results) + " |")
     missing = results[0]["missing"]
@@ -265,7 +263,7 @@ def plots(results: list[dict], per_model: Sequence[Sequence[Result]], info: Sequ
     panels = []
     for name, r, results_k in zip(names, results, per_model):
         values = [row_margin(s, i.label, threshold) for i, (s, _) in zip(info, results_k) if s is not None]
-        panels.append((f"{name}: ProcessBench average F1 {_pct(r['average_f1'])}%, rows scored {len(values)}", values,
+        panels.append((f"{name}: ProcessBench average F1 {percent(r['average_f1'])}%, rows scored {len(values)}", values,
                        f"row margin: step rewards' distance to the threshold {threshold:g} on the side that "
                        "matches (> 0: matched, < 0: missed)"))
     margin_histograms(panels, os.path.join(out_dir, "margins.png"))
@@ -273,8 +271,8 @@ def plots(results: list[dict], per_model: Sequence[Sequence[Result]], info: Sequ
     groups = [("ProcessBench", [s for s in SUBSETS if s in subsets]),
               ("Other subsets", [s for s in subsets if s not in SUBSETS])]
     values = [{s: (e["f1"], "no F1" if e["f1"] is None else
-                   f"F1 {100 * e['f1']:.0f}% (error {_pct(e['error_accuracy'])} / correct "
-                   f"{_pct(e['correct_accuracy'])})") for s, e in r["subsets"].items()} for r in results]
+                   f"F1 {100 * e['f1']:.0f}% (error {percent(e['error_accuracy'])} / correct "
+                   f"{percent(e['correct_accuracy'])})") for s, e in r["subsets"].items()} for r in results]
     subset_bars(names, Bars([g for g in groups if g[1]], values, None, "",
                             f"F1 % (harmonic mean of the accuracies on erroneous and correct rows; threshold "
                             f"{threshold:g})", "ProcessBench F1 per subset"),

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple, Optional
 
 from .common import UsageError
+from .eval_plots import percent
 
 SCORE_UNITS = {"scalar": "the reward of each completion",
                "pairwise": "round robin: mean over the row's other completions of log(P(better) / P(worse)), each "
@@ -225,14 +226,11 @@ def row_records(info: Sequence[RowInfo], per_model: Sequence[Sequence[Result]]) 
     return out
 
 
-def _pct(x: Optional[float]) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
-
 
 def _cell(entry: Optional[dict]) -> str:
     if entry is None:
         return "-"
-    text = f"{_pct(entry['score'])} ({entry['n']}"
+    text = f"{percent(entry['score'])} ({entry['n']}"
     if entry.get("shared_top"):
         text += f", {entry['shared_top']} shared top"
     text += ")"
@@ -245,7 +243,7 @@ def markdown(results: list[dict], names: list[str]) -> str:
     """One table, one column per model: the leaderboard score, then each subset as ``score (n, shared top)``, the
     Ties score's parts, and other subsets last."""
     lines = ["| | " + " | ".join(names) + " |", "|---" * (len(results) + 1) + "|"]
-    lines.append("| **RewardBench 2 score** (mean of the six subsets) | " + " | ".join(_pct(r["score"])
+    lines.append("| **RewardBench 2 score** (mean of the six subsets) | " + " | ".join(percent(r["score"])
                  for r in results) + " |")
     subsets = list(results[0]["subsets"])
     for subset in subsets:
@@ -253,10 +251,10 @@ def markdown(results: list[dict], names: list[str]) -> str:
         if "ties" in results[0]["subsets"][subset]:
             parts = [r["subsets"][subset]["ties"] for r in results]
             lines.append(f"| {subset}: accuracy ref / tied | "
-                         + " | ".join(f"{_pct(t['ref_accuracy'])} / {_pct(t['tied_accuracy'])}" for t in parts) + " |")
+                         + " | ".join(f"{percent(t['ref_accuracy'])} / {percent(t['tied_accuracy'])}" for t in parts) + " |")
             lines.append(f"| {subset}: correct preferred / hard / margin | "
-                         + " | ".join(f"{_pct(t['correctness_preferred'])} / {_pct(t['correctness_preferred_hard'])}"
-                                      f" / {_pct(t['correctness_margin_score'])}" for t in parts) + " |")
+                         + " | ".join(f"{percent(t['correctness_preferred'])} / {percent(t['correctness_preferred_hard'])}"
+                                      f" / {percent(t['correctness_margin_score'])}" for t in parts) + " |")
     lines.append("")
     lines.append("Scores in %. Best-of-N subsets: a row counts 1 when its chosen completion scores strictly above all "
                  "others, 1/k when it shares the top score with k-1 others (\"shared top\"), else 0. Ties: 0.30 tied "
@@ -276,7 +274,7 @@ def plots(results: list[dict], per_model: Sequence[Sequence[Result]], info: Sequ
     panels = []
     for name, r, results_k in zip(names, results, per_model):
         values = [row_margin(s, i.num_correct, i.ties) for i, (s, _) in zip(info, results_k) if s is not None]
-        panels.append((f"{name}: RewardBench 2 score {_pct(r['score'])}%, rows scored {len(values)}", values,
+        panels.append((f"{name}: RewardBench 2 score {percent(r['score'])}%, rows scored {len(values)}", values,
                        "best-of-N: first chosen - best other; Ties: worst correct - best incorrect ("
                        + ("reward" if r["kind"] == "scalar" else "round-robin log-odds") + ")"))
     margin_histograms(panels, os.path.join(out_dir, "margins.png"))
