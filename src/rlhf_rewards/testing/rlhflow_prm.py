@@ -9,33 +9,33 @@ import os
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from .checkpoints import _TOY_SIZE, _update_json
 from .llama31 import write_llama31_tokenizer
 
 GOOD_ID, BAD_ID = 10, 12  # "+" and "-" in Llama-3's vocabulary
 
 
-_PROBE = [("Sue has 6 white and 12 pink flamingos. How many more pink than white?", "Pink: 12."), ("White: 6.", None),
-          ("12 - 6 = 6.", None), ("The answer is 6.", None), ("", None), ("Check: 6 + 6 = 12.", None)]
+# a question's first step, and later steps: the user turns of the probe conversation
+_PROBE = ("Sue has 6 white and 12 pink flamingos. How many more pink than white? Pink: 12.", "White: 6.", "12 - 6 = 6.",
+          "The answer is 6.", "", "Check: 6 + 6 = 12.")
 
 
 def write_tiny_rlhflow_prm(path: str, seed: int = 0) -> str:
     """Write a tiny random RLHFlow PRM into directory ``path`` and return ``path``.
 
     A random 2-layer model's hidden state where a reward is read is mostly that of the token there (always the
-    ``\n\n`` after an assistant header), so random "+"/"-" rows would give every step nearly the same reward. The
+    ``\\n\\n`` after an assistant header), so random "+"/"-" rows would give every step nearly the same reward. The
     rows are drawn (from ``seed``) so that their difference is orthogonal to the mean hidden state at those positions
     of a probe conversation and spreads its logit difference there to a standard deviation of 0.7: step rewards vary
     over (0, 1) with the context, and reading a wrong position changes them well beyond float noise."""
     os.makedirs(path, exist_ok=True)
     tok = write_llama31_tokenizer(path)
-    config = LlamaConfig(**{**_TOY_SIZE, "vocab_size": len(tok), "bos_token_id": tok.bos_token_id,
-                            "eos_token_id": [128001, 128008, 128009], "max_position_embeddings": 131072,
-                            "rope_theta": 5e5, "tie_word_embeddings": False})
-    turns = []
-    for k, (step, prefix) in enumerate(_PROBE):
-        turns += [{"role": "user", "content": f"{step} {prefix}" if prefix else step},
-                  {"role": "assistant", "content": "+"}]
+    # LlamaForCausalLM alone does not tell this preset from other Llama causal LMs: config.json names it
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, dtype="float32", vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                         eos_token_id=[128001, 128008, 128009], max_position_embeddings=131072, rope_theta=5e5,
+                         tie_word_embeddings=False, rlhf_rewards_preset="rlhflow-prm")
+    turns = [turn for step in _PROBE for turn in ({"role": "user", "content": step},
+                                                  {"role": "assistant", "content": "+"})]
     ids = tok.apply_chat_template(turns, tokenize=True, return_dict=False)
     ends = [j for j, t in enumerate(ids) if t == tok.convert_tokens_to_ids("<|eot_id|>")][2::2]  # after each "+"
     with torch.random.fork_rng(devices=[]):
@@ -51,6 +51,4 @@ def write_tiny_rlhflow_prm(path: str, seed: int = 0) -> str:
             model.lm_head.weight[GOOD_ID] = good
             model.lm_head.weight[BAD_ID] = good - direction
     model.save_pretrained(path)
-    # LlamaForCausalLM alone does not tell this preset from other Llama causal LMs
-    _update_json(os.path.join(path, "config.json"), {"rlhf_rewards_preset": "rlhflow-prm"})
     return path
