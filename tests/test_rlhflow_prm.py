@@ -122,6 +122,11 @@ def test_a_system_message_goes_where_the_template_puts_it(prm, card):
     messages = [{"role": "system", "content": "Be exact."}, {"role": "user", "content": QUESTION}]
     got = prm.score_steps([messages], [SOLUTIONS[1]])[0]
     assert got == pytest.approx(card(QUESTION, SOLUTIONS[1], system="Be exact."), abs=TOL)
+    # a policy's Llama-3.1-templated prompt: parsed back, its template's own date lines not written twice
+    rendered = prm.tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False,
+                                                 add_generation_prompt=True)
+    got = prm.score_steps([rendered], ["Pink: 12.\n\nSo 6.<|eot_id|>"])[0]
+    assert got == pytest.approx(card(QUESTION, ["Pink: 12.", "So 6."]), abs=TOL)
 
 
 def test_batch_invariance_and_packing(path, prm):
