@@ -48,7 +48,8 @@ class StepLabelProcessRewardModel(ProcessRewardModel):
         self.label_bias = head.bias[list(self.label_ids)].detach() if getattr(head, "bias", None) is not None \
             else None
         convert = self.tokenizer.convert_tokens_to_ids
-        self._assistant_header = [convert("<|start_header_id|>"), self._one_id("assistant"), convert("<|end_header_id|>")]
+        self._assistant_header = [convert("<|start_header_id|>"), self._one_id("assistant"),
+                                  convert("<|end_header_id|>")]
         self._end_of_turn = convert("<|eot_id|>")
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self._end_of_turn
         self.attn_implementation = getattr(self.backbone.config, "_attn_implementation", None)
