@@ -336,7 +336,8 @@ def test_bad_rows_and_non_process_models_are_refused_before_loading(tmp_path, fa
         return write_jsonl(tmp_path / f"{name}.jsonl", rows)
 
     fails("sample:processbench", "preset 'ray2333-mistral-7b' is a scalar reward model",
-          "ProcessBench needs a process reward model", "qwen2.5-math-prm, fake-prm)",
+          "ProcessBench needs a process reward model", "(presets: ", "qwen2.5-math-prm", "rlhflow-prm",
+          "fake-prm)",
           model=("--model", "/no/such/model", "--preset", "ray2333-mistral-7b"))
     fails(variant("high", 2, label=3), "row 2 has 'label' 3; expected the index of its earliest wrong step (0 to 2)")
     fails(variant("low", 2, label=-2), "row 2 has 'label' -2")

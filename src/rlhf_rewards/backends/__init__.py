@@ -22,6 +22,7 @@ LOADERS: dict[str, Callable] = {
     "pairrm": _lazy("pairrm_loading", "load_pairrm_reward_model"),
     "armorm": _lazy("armorm", "load_armorm"),
     "qwen2-prm": _lazy("qwen_prm", "load_qwen2_prm"),
+    "llama-step-label-prm": _lazy("rlhflow_prm", "load_step_label_prm"),
     "inform": _lazy("inform", "load_inform"),
     "first-token-score": _lazy("first_token", "load_first_token_model"),
 }

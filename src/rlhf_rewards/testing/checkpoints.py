@@ -162,10 +162,16 @@ def make_tiny_checkpoint(preset: str, path: str, *, seed: int = 0, base: Optiona
         from .qwen_prm import write_tiny_qwen_prm
 
         return write_tiny_qwen_prm(path, seed)
+    if preset == "rlhflow-prm":
+        # RLHFlow's PRM (a Llama-3.1 causal LM whose "+"/"-" head rows are drawn wide) has its own builder module.
+        from .rlhflow_prm import write_tiny_rlhflow_prm
+
+        return write_tiny_rlhflow_prm(path, seed)
     try:
         spec = TINY_BASES[preset][base] if base is not None else TINY_CHECKPOINTS[preset]
     except KeyError:
-        known = ", ".join([*TINY_CHECKPOINTS, "pairrm", "armorm-llama3-8b", "qwen2.5-math-prm"])
+        known = ", ".join([*TINY_CHECKPOINTS, "pairrm", "armorm-llama3-8b", "qwen2.5-math-prm",
+                           "rlhflow-prm"])
         raise ValueError(f"no tiny checkpoint for preset {preset!r}; known: {known}") from None
 
     os.makedirs(path, exist_ok=True)
