@@ -13,18 +13,49 @@ per-sample errors, aggregation, the per-sample protocol):
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
 
+import torch
+from torch import nn
+
+from ..batching import pad_right, run_batched
 from ..conversation import CompletionInput, Message, PromptInput, Sample, check_same_length, is_step_list, \
     normalize_steps
-from ..errors import NonFiniteRewardError, SampleError, nonfinite, raise_first
+from ..errors import NonFiniteRewardError, SampleError, TooLongError, nonfinite, raise_first
 from ..policy_text import completion_text
 from ..reward_options import Aggregate, aggregate_steps, check_aggregate
 from .base import RewardModel, _decoded, _located
 
 StepRewards = Union[list[float], SampleError]
 """One sample's step rewards (each in [0, 1], in step order), or why it has none."""
+
+MarkedInput = tuple[list[int], list[int]]
+"""A tokenized input: ``(ids, positions of its step markers)``."""
+
+
+def hidden_at_markers(backbone: nn.Module, batch: Sequence[MarkedInput], pad_id: int, device: torch.device
+                      ) -> Optional[torch.Tensor]:
+    """The backbone's last hidden state at every step marker of ``batch``, one row per marker (sample by sample, in
+    marker order), from one right-padded pass; ``None`` when no input holds a marker."""
+    input_ids, _ = pad_right([ids for ids, _ in batch], pad_id, device)
+    # right padding under causal attention: no real token attends to a pad, so each row's hidden states are those of
+    # its sample alone
+    hidden = backbone(input_ids=input_ids, use_cache=False).last_hidden_state
+    rows = [r for r, (_, at) in enumerate(batch) for _ in at]
+    cols = [c for _, at in batch for c in at]
+    if not cols:
+        return None
+    return hidden[torch.tensor(rows, device=hidden.device), torch.tensor(cols, device=hidden.device)]
+
+
+def per_sample(values: Sequence[float], batch: Sequence[MarkedInput]) -> list[list[float]]:
+    """``values`` (one per marker, as :func:`hidden_at_markers` orders them) cut into each input's list."""
+    out, start = [], 0
+    for _, at in batch:
+        out.append(list(values[start:start + len(at)]))
+        start += len(at)
+    return out
 
 
 class ProcessRewardModel(RewardModel):
@@ -87,6 +118,31 @@ class ProcessRewardModel(RewardModel):
     def _forward_steps(self, texts: Sequence[str]) -> list[StepRewards]:
         """Per rendered text its step rewards in order (one per step marker), or its error."""
         raise NotImplementedError
+
+    def _rewards_at_markers(self, texts: Sequence[str], marker_id: int,
+                            forward: Callable[[list[MarkedInput]], list[list[float]]]) -> list[StepRewards]:
+        """For families that read a reward at every occurrence of one marker token: per rendered text, tokenized
+        as the preset says (control text guarded), the rewards ``forward`` gives at its markers, run in
+        token-budgeted batches; a text longer than ``max_length`` is refused, never cut."""
+        results: list[Any] = [None] * len(texts)
+        batch: list[MarkedInput] = []
+        places = []
+        for k, ids in enumerate(self._token_ids(texts, self.preset.add_special_tokens)):
+            if self.max_length is not None and len(ids) > self.max_length:
+                # cutting would drop step markers: the rewards would no longer be the steps'
+                results[k] = TooLongError(k, f"{len(ids)} tokens, more than max_length={self.max_length}; a process "
+                                             "reward model's input is never cut (its steps would lose their "
+                                             "markers)", "completion")
+                continue
+            batch.append((ids, [j for j, t in enumerate(ids) if t == marker_id]))
+            places.append(k)
+        if batch:
+            outs = run_batched(batch, [len(ids) for ids, _ in batch], forward, stats=self.stats,
+                               max_batch_tokens=self.max_batch_tokens)
+            for k, out in zip(places, outs):
+                results[k] = out
+        self.stats.samples += len(texts)
+        return results
 
     # -- the per-sample protocol ----------------------------------------------------------------------------------
     def _steps(self, completion: object, fmt: str, where: str) -> tuple[str, ...]:
