@@ -21,6 +21,7 @@ from rlhf_rewards.errors import SampleError, TooLongError
 from rlhf_rewards.presets import get_preset, resolve_preset
 from rlhf_rewards.serving import RewardEngine, build_app
 from rlhf_rewards.testing.tokenizers import mistral_tokenizer_model
+from rlhf_rewards.tokenization import SENTENCEPIECE_PROBES
 
 from serving_helpers import ServerThread
 
@@ -197,6 +198,9 @@ def test_control_text_of_mistrals_tokenizer(path, prm, card):
     tokens = load_reward_model(path, device="cpu", control_text="tokens")
     as_eos = tokens.score_steps([QUESTION], [steps])[0]
     assert len(as_eos) == 2 and as_eos[0] != pytest.approx(got[0], abs=TOL)  # the card's raw reading: an EOS id
+    # the guarded tokenization, forced on text without control text, is the tokenizer's own bit for bit
+    rendered = [prm.format(QUESTION, [text, text]) for text in SENTENCEPIECE_PROBES]
+    assert prm._control.encode(rendered) == prm.tokenizer(rendered)["input_ids"]
 
 
 def test_too_long_is_refused_not_cut(path):
