@@ -95,16 +95,43 @@ def test_resolution_layout_and_golden_ids(path, prm):
     assert prm.step_separator == "\n"
     # the real vocabulary: the preset's golden ids were checked at load (same vocabulary size)
     assert len(prm.tokenizer) == get_preset(PRESET).golden_ids[0].vocab_size == 32000
-    assert prm.step_tag_id == 12902 and prm.candidate_ids == (648, 387)
+    assert prm.step_tag_id == 12902 and prm.label_ids == (648, 387)
     # transformers 5 loads this LlamaTokenizer without the dummy prefix; the package's tokenizer is sentencepiece's
     sp = sentencepiece.SentencePieceProcessor(model_file=mistral_tokenizer_model())
     text = f"{QUESTION} {CARD_OUTPUT}"
     assert prm.tokenizer.encode(text) == [1] + sp.encode(text)
 
 
-def test_packing_is_refused(path):
-    with pytest.raises(ValueError, match="packing=True is not possible"):
-        load_reward_model(path, device="cpu", packing=True)
+def test_packed_rows_equal_padded_batches(path, prm):
+    packed = load_reward_model(path, device="cpu", packing=True)
+    assert packed.packing and not prm.packing  # auto: padded on sdpa, as every model
+    prompts = [QUESTION] * len(SOLUTIONS)
+    for a, b in zip(packed.score_steps(prompts, SOLUTIONS), prm.score_steps(prompts, SOLUTIONS)):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
+
+def test_the_sliding_window_holds_padded_and_packed(path, tmp_path):
+    """Mistral-7B v0.1 attends 4096 tokens back; here a window of 8 makes every solution longer than it, so a
+    forward that ignored the window would differ from the card's."""
+    import shutil
+
+    small = tmp_path / "window"
+    shutil.copytree(path, small)
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "sliding_window": 8}))
+    sp = sentencepiece.SentencePieceProcessor(model_file=mistral_tokenizer_model())
+    model = MistralForCausalLM.from_pretrained(str(small), dtype=torch.float32).eval()
+    whole = load_reward_model(str(path), device="cpu")
+    for packing in (False, True):
+        prm = load_reward_model(str(small), device="cpu", packing=packing)
+        got = prm.score_steps([QUESTION] * 2, SOLUTIONS[1:3])
+        for steps, rewards in zip(SOLUTIONS[1:3], got):
+            ids = torch.tensor([[1] + sp.encode(f"{QUESTION} {tagged(steps)}")])
+            with torch.no_grad():
+                want = model(ids).logits[:, :, [648, 387]].softmax(-1)[:, :, 0][ids == 12902].tolist()
+            assert rewards == pytest.approx(want, abs=TOL)
+            assert rewards != pytest.approx(whole.score_steps([QUESTION], [steps])[0], abs=TOL)
 
 
 # -- parity with the card --------------------------------------------------------------------------------------

@@ -17,9 +17,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
 
 import torch
-from torch import nn
 
-from ..batching import pad_right, run_batched
+from ..batching import run_batched
 from ..conversation import CompletionInput, Message, PromptInput, Sample, check_same_length, is_step_list, \
     normalize_steps
 from ..errors import NonFiniteRewardError, SampleError, TooLongError, nonfinite, raise_first
@@ -31,28 +30,23 @@ StepRewards = Union[list[float], SampleError]
 """One sample's step rewards (each in [0, 1], in step order), or why it has none."""
 
 MarkedInput = tuple[list[int], list[int]]
-"""A tokenized input: ``(ids, positions of its step markers)``."""
+"""A tokenized input: ``(ids, positions where its step rewards are read, in step order)``."""
 
 
-def hidden_at_markers(backbone: nn.Module, batch: Sequence[MarkedInput], pad_id: int, device: torch.device
-                      ) -> Optional[torch.Tensor]:
-    """The backbone's last hidden state at every step marker of ``batch``, one row per marker (sample by sample, in
-    marker order), from one right-padded pass; ``None`` when no input holds a marker."""
-    input_ids, _ = pad_right([ids for ids, _ in batch], pad_id, device)
-    # right padding under causal attention: no real token attends to a pad, so each row's hidden states are those of
-    # its sample alone
-    hidden = backbone(input_ids=input_ids, use_cache=False).last_hidden_state
-    rows = [r for r, (_, at) in enumerate(batch) for _ in at]
-    cols = [c for _, at in batch for c in at]
+def picked(hidden: torch.Tensor, places: Sequence[tuple[int, Sequence[int]]]) -> Optional[torch.Tensor]:
+    """``hidden``'s vectors at ``places[k] = (row, columns)``, one per column, item by item in order; ``None`` when
+    there are none."""
+    rows = [r for r, cols in places for _ in cols]
+    cols = [c for _, at in places for c in at]
     if not cols:
         return None
     return hidden[torch.tensor(rows, device=hidden.device), torch.tensor(cols, device=hidden.device)]
 
 
-def per_sample(values: Sequence[float], batch: Sequence[MarkedInput]) -> list[list[float]]:
-    """``values`` (one per marker, as :func:`hidden_at_markers` orders them) cut into each input's list."""
+def per_sample(values: Sequence[float], places: Sequence[tuple[Any, Sequence[int]]]) -> list[list[float]]:
+    """``values`` (one per read position, ordered as :func:`picked` orders them) cut into each item's list."""
     out, start = [], 0
-    for _, at in batch:
+    for _, at in places:
         out.append(list(values[start:start + len(at)]))
         start += len(at)
     return out
@@ -119,11 +113,11 @@ class ProcessRewardModel(RewardModel):
         """Per rendered text its step rewards in order (one per step marker), or its error."""
         raise NotImplementedError
 
-    def _rewards_at_markers(self, texts: Sequence[str], marker_id: int,
-                            forward: Callable[[list[MarkedInput]], list[list[float]]]) -> list[StepRewards]:
-        """For families that read a reward at every occurrence of one marker token: per rendered text, tokenized
-        as the preset says (control text guarded), the rewards ``forward`` gives at its markers, run in
-        token-budgeted batches; a text longer than ``max_length`` is refused, never cut."""
+    def _rewards_at(self, texts: Sequence[str], positions: Callable[[list[int]], list[int]],
+                    forward: Callable[[list], list[list[float]]], *, packed: bool = False) -> list[StepRewards]:
+        """Per rendered text, tokenized as the preset says (control text guarded), the rewards ``forward`` gives at
+        its read ``positions(ids)``, run in token-budgeted batches of :data:`MarkedInput` (``packed``: rows of
+        them); a text longer than ``max_length`` is refused, never cut."""
         results: list[Any] = [None] * len(texts)
         batch: list[MarkedInput] = []
         places = []
@@ -134,11 +128,11 @@ class ProcessRewardModel(RewardModel):
                                              "reward model's input is never cut (its steps would lose their "
                                              "markers)", "completion")
                 continue
-            batch.append((ids, [j for j, t in enumerate(ids) if t == marker_id]))
+            batch.append((ids, positions(ids)))
             places.append(k)
         if batch:
             outs = run_batched(batch, [len(ids) for ids, _ in batch], forward, stats=self.stats,
-                               max_batch_tokens=self.max_batch_tokens)
+                               max_batch_tokens=self.max_batch_tokens, packed=packed)
             for k, out in zip(places, outs):
                 results[k] = out
         self.stats.samples += len(texts)

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 from transformers import Qwen2Config, Qwen2Model, Qwen2PreTrainedModel
 
+from ..batching import pad_right
 from ..conversation import Message
 from ..rendering import template_kwargs
-from .process_base import MarkedInput, ProcessRewardModel, StepRewards, hidden_at_markers, per_sample
+from .process_base import MarkedInput, ProcessRewardModel, StepRewards, per_sample, picked
 
 
 class Qwen2ProcessRewardNetwork(Qwen2PreTrainedModel):
@@ -58,16 +59,22 @@ class QwenProcessRewardModel(ProcessRewardModel):
                                                   add_generation_prompt=False, **template_kwargs(self.tokenizer))
 
     def _forward_steps(self, texts: Sequence[str]) -> list[StepRewards]:
-        return self._rewards_at_markers(texts, self.step_tag_id, self._forward)
+        return self._rewards_at(texts, lambda ids: [j for j, t in enumerate(ids) if t == self.step_tag_id],
+                                self._forward)
 
     @torch.inference_mode()
     def _forward(self, batch: list[MarkedInput]) -> list[list[float]]:
-        picked = hidden_at_markers(self.model.model, batch, self.pad_id, self.device)
-        if picked is None:
+        input_ids, _ = pad_right([ids for ids, _ in batch], self.pad_id, self.device)
+        # right padding under causal attention: no real token attends to a pad, so each row's hidden states are
+        # those of its sample alone
+        hidden = self.model.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        places = [(r, at) for r, (_, at) in enumerate(batch)]
+        at = picked(hidden, places)
+        if at is None:
             return [[] for _ in batch]
         head = self.model.score
-        probs = torch.softmax(head(picked.to(head[0].weight.dtype)).float(), dim=-1)[:, 1].cpu().tolist()
-        return per_sample(probs, batch)
+        probs = torch.softmax(head(at.to(head[0].weight.dtype)).float(), dim=-1)[:, 1].cpu().tolist()
+        return per_sample(probs, places)
 
 
 def load_qwen2_prm(name_or_path: str, *, preset, tokenizer, device, dtype, max_length, max_batch_tokens,
