@@ -61,7 +61,7 @@ def assert_rewards(actual, expected) -> None:
 
 def readable(model, chats):
     """The ``(messages, response)`` pairs ``model`` can score: a process model may refuse a conversation per sample
-    (Math-Shepherd reads one question: no system message, no earlier turns; tests/test_math_shepherd.py)."""
+    (Math-Shepherd reads one question, RLHFlow's PRMs one question after an optional system message)."""
     if model.kind != "process":
         return list(chats)
     results = model.score_samples([m for m, _ in chats], [c for _, c in chats])
@@ -291,7 +291,7 @@ def test_classify_scores_verl_inputs(servers, preset):
     model, url = servers(preset)
     assert model.tokenizer.chat_template is not None
     # verl renders with the reward model's own template, which may refuse a system message (Mistral v0.2, Gemma-2)
-    chats = [(m, c) for m, c in CONVERSATIONS if renders(model, m, c)]
+    chats = readable(model, [(m, c) for m, c in CONVERSATIONS if renders(model, m, c)])
     inputs = [verl_input(model, m, c) for m, c in chats]
     expected = expected_scores(model, [m for m, _ in chats], [c for _, c in chats], [REFERENCE] * len(chats))
     extra = {"labels": REFERENCE} if model.kind == "pairwise" else {}
