@@ -38,8 +38,11 @@ def test_demo_scores_with_every_preset(tmp_path, capsys):
     pairwise = re.findall(r"conversation \d: [01]\.\d{4}\n", out)
     kinds = [get_preset(name).kind for name in list_presets()]
     # a process model's line gives each answer's reward (the minimum of its step rewards) as a scalar model's does
-    assert len(scalar) == (kinds.count("scalar") + kinds.count("process")) * 3 and len(pairwise) == kinds.count("pairwise") * 3  # 3 conversations
-    assert out.count("best of n, candidates [0] = bad answer, [1] = good answer; index chosen per conversation: [") \
+    # a process model that cannot read a conversation (Math-Shepherd: one question, no system message) says why
+    refused = re.findall(r"conversation \d: not scored: prompts\[\d\]: ", out)
+    assert len(scalar) + len(refused) == (kinds.count("scalar") + kinds.count("process")) * 3  # 3 conversations
+    assert len(pairwise) == kinds.count("pairwise") * 3
+    assert out.count("best of n, candidates [0] = bad answer, [1] = good answer; index chosen per conversation") \
         == len(kinds)
     # the ids each model runs, decoded with every special token: Ray2333's card tokenizes the chat template's text,
     # which starts with <s>, with BOS added again

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from rlhf_rewards import RewardFunction, list_presets, load_reward_model
+from rlhf_rewards.errors import SampleError
 from rlhf_rewards.serving import RewardEngine, build_app
 from rlhf_rewards.testing.tokenizers import write_chatml_bpe_tokenizer, write_llama3_tokenizer
 
@@ -58,6 +59,17 @@ def assert_rewards(actual, expected) -> None:
     assert [a for a in actual if a is not None] == pytest.approx([e for e in expected if e is not None], **TOL)
 
 
+def readable(model, chats):
+    """The ``(messages, response)`` pairs ``model`` can score: a process model may refuse a conversation per sample
+    (Math-Shepherd reads one question, RLHFlow's PRMs one question after an optional system message)."""
+    if model.kind != "process":
+        return list(chats)
+    results = model.score_samples([m for m, _ in chats], [c for _, c in chats])
+    kept = [chat for chat, r in zip(chats, results) if not isinstance(r, SampleError)]
+    assert kept, "no conversation left to test"
+    return kept
+
+
 def sigmoid(x: float) -> float:
     return 1 / (1 + math.exp(-x))
 
@@ -93,8 +105,8 @@ def test_health_is_503_until_the_engine_is_installed():
 @pytest.mark.parametrize("preset", PRESETS)
 def test_score_and_compare_equal_in_process(servers, preset):
     model, url = servers(preset)
-    prompts = [m for m, _ in CONVERSATIONS] + ["Plain text prompt"]
-    completions = [c for _, c in CONVERSATIONS] + ["A plain answer."]
+    chats = readable(model, CONVERSATIONS + [("Plain text prompt", "A plain answer.")])
+    prompts, completions = [m for m, _ in chats], [c for _, c in chats]
     baselines = [REFERENCE] * len(prompts)
     if model.kind == "process":  # no baselines; its step rewards are tests/test_process_rewards.py's
         r = post(url, "/v1/score", {"prompts": prompts, "completions": completions})
@@ -212,11 +224,11 @@ def openrlhf_query(tok, pad_id: int, messages, response: str, left_pads: int, ri
 def test_get_reward_scores_openrlhf_queries(servers, policy_tokenizers, preset, policy):
     model, url = servers(preset)
     tok, pad_id = policy_tokenizers[policy]
-    queries = [openrlhf_query(tok, pad_id, m, c, left_pads=k % 2, right_pads=k)
-               for k, (m, c) in enumerate(CONVERSATIONS)]
+    chats = readable(model, CONVERSATIONS)
+    queries = [openrlhf_query(tok, pad_id, m, c, left_pads=k % 2, right_pads=k) for k, (m, c) in enumerate(chats)]
     assert tok.eos_token in queries[0]
-    messages = [m for m, _ in CONVERSATIONS]
-    responses = [c for _, c in CONVERSATIONS]
+    messages = [m for m, _ in chats]
+    responses = [c for _, c in chats]
     labels = [REFERENCE] * len(queries)
     expected = expected_scores(model, messages, responses, labels)
     # OpenRLHF sends one sample per request, with the prompt and label beside the query
@@ -270,7 +282,8 @@ def renders(model, messages, response) -> bool:
     return True
 
 
-TEMPLATED = [p for p in PRESETS if p not in ("starling-rm-7b-alpha", "pairrm")]  # their tokenizers have none
+# their tokenizers have none
+TEMPLATED = [p for p in PRESETS if p not in ("starling-rm-7b-alpha", "pairrm", "math-shepherd")]
 
 
 @pytest.mark.parametrize("preset", TEMPLATED)
@@ -278,7 +291,7 @@ def test_classify_scores_verl_inputs(servers, preset):
     model, url = servers(preset)
     assert model.tokenizer.chat_template is not None
     # verl renders with the reward model's own template, which may refuse a system message (Mistral v0.2, Gemma-2)
-    chats = [(m, c) for m, c in CONVERSATIONS if renders(model, m, c)]
+    chats = readable(model, [(m, c) for m, c in CONVERSATIONS if renders(model, m, c)])
     inputs = [verl_input(model, m, c) for m, c in chats]
     expected = expected_scores(model, [m for m, _ in chats], [c for _, c in chats], [REFERENCE] * len(chats))
     extra = {"labels": REFERENCE} if model.kind == "pairwise" else {}

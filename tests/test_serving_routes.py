@@ -49,7 +49,8 @@ def test_the_table_lists_every_route_with_its_models():
             assert route.request_model is None, route.path
 
 
-@pytest.mark.parametrize("preset", ["starling-rm-34b", "rlhflow-pair-pm-llama3-8b", "qwen2.5-math-prm"])
+@pytest.mark.parametrize("preset", ["starling-rm-34b", "rlhflow-pair-pm-llama3-8b", "qwen2.5-math-prm",
+                                    "math-shepherd"])
 def test_each_route_answers_exactly_its_response_model(tiny_dir, preset):
     model = load_reward_model(tiny_dir(preset), preset=preset, device="cpu")
     with ServerThread(build_app(RewardEngine(model, max_wait_ms=0))) as url:

@@ -23,6 +23,7 @@ LOADERS: dict[str, Callable] = {
     "armorm": _lazy("armorm", "load_armorm"),
     "qwen2-prm": _lazy("qwen_prm", "load_qwen2_prm"),
     "llama-step-label-prm": _lazy("rlhflow_prm", "load_step_label_prm"),
+    "math-shepherd": _lazy("math_shepherd", "load_math_shepherd"),
     "inform": _lazy("inform", "load_inform"),
     "first-token-score": _lazy("first_token", "load_first_token_model"),
 }

@@ -13,18 +13,43 @@ per-sample errors, aggregation, the per-sample protocol):
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
 
+import torch
+
+from ..batching import run_batched
 from ..conversation import CompletionInput, Message, PromptInput, Sample, check_same_length, is_step_list, \
     normalize_steps
-from ..errors import NonFiniteRewardError, SampleError, nonfinite, raise_first
+from ..errors import NonFiniteRewardError, SampleError, TooLongError, nonfinite, raise_first
 from ..policy_text import completion_text
 from ..reward_options import Aggregate, aggregate_steps, check_aggregate
 from .base import RewardModel, _decoded, _located
 
 StepRewards = Union[list[float], SampleError]
 """One sample's step rewards (each in [0, 1], in step order), or why it has none."""
+
+MarkedInput = tuple[list[int], list[int]]
+"""A tokenized input: ``(ids, positions where its step rewards are read, in step order)``."""
+
+
+def picked(hidden: torch.Tensor, places: Sequence[tuple[int, Sequence[int]]]) -> Optional[torch.Tensor]:
+    """``hidden``'s vectors at ``places[k] = (row, columns)``, one per column, item by item in order; ``None`` when
+    there are none."""
+    rows = [r for r, cols in places for _ in cols]
+    cols = [c for _, at in places for c in at]
+    if not cols:
+        return None
+    return hidden[torch.tensor(rows, device=hidden.device), torch.tensor(cols, device=hidden.device)]
+
+
+def per_sample(values: Sequence[float], places: Sequence[tuple[Any, Sequence[int]]]) -> list[list[float]]:
+    """``values`` (one per read position, ordered as :func:`picked` orders them) cut into each item's list."""
+    out, start = [], 0
+    for _, at in places:
+        out.append(list(values[start:start + len(at)]))
+        start += len(at)
+    return out
 
 
 class ProcessRewardModel(RewardModel):
@@ -87,6 +112,31 @@ class ProcessRewardModel(RewardModel):
     def _forward_steps(self, texts: Sequence[str]) -> list[StepRewards]:
         """Per rendered text its step rewards in order (one per step marker), or its error."""
         raise NotImplementedError
+
+    def _rewards_at(self, texts: Sequence[str], positions: Callable[[list[int]], list[int]],
+                    forward: Callable[[list], list[list[float]]], *, packed: bool = False) -> list[StepRewards]:
+        """Per rendered text, tokenized as the preset says (control text guarded), the rewards ``forward`` gives at
+        its read ``positions(ids)``, run in token-budgeted batches of :data:`MarkedInput` (``packed``: rows of
+        them); a text longer than ``max_length`` is refused, never cut."""
+        results: list[Any] = [None] * len(texts)
+        batch: list[MarkedInput] = []
+        places = []
+        for k, ids in enumerate(self._token_ids(texts, self.preset.add_special_tokens)):
+            if self.max_length is not None and len(ids) > self.max_length:
+                # cutting would drop step markers: the rewards would no longer be the steps'
+                results[k] = TooLongError(k, f"{len(ids)} tokens, more than max_length={self.max_length}; a process "
+                                             "reward model's input is never cut (its steps would lose their "
+                                             "markers)", "completion")
+                continue
+            batch.append((ids, positions(ids)))
+            places.append(k)
+        if batch:
+            outs = run_batched(batch, [len(ids) for ids, _ in batch], forward, stats=self.stats,
+                               max_batch_tokens=self.max_batch_tokens, packed=packed)
+            for k, out in zip(places, outs):
+                results[k] = out
+        self.stats.samples += len(texts)
+        return results
 
     # -- the per-sample protocol ----------------------------------------------------------------------------------
     def _steps(self, completion: object, fmt: str, where: str) -> tuple[str, ...]:

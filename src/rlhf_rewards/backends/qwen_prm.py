@@ -14,14 +14,10 @@ import torch
 from torch import nn
 from transformers import Qwen2Config, Qwen2Model, Qwen2PreTrainedModel
 
-from ..batching import pad_right, run_batched
+from ..batching import pad_right
 from ..conversation import Message
-from ..errors import TooLongError
 from ..rendering import template_kwargs
-from .process_base import ProcessRewardModel, StepRewards
-
-_Item = tuple[list[int], list[int]]
-"""A tokenized input: ``(ids, positions of the step marker)``."""
+from .process_base import MarkedInput, ProcessRewardModel, StepRewards, per_sample, picked
 
 
 class Qwen2ProcessRewardNetwork(Qwen2PreTrainedModel):
@@ -63,44 +59,22 @@ class QwenProcessRewardModel(ProcessRewardModel):
                                                   add_generation_prompt=False, **template_kwargs(self.tokenizer))
 
     def _forward_steps(self, texts: Sequence[str]) -> list[StepRewards]:
-        results: list[Any] = [None] * len(texts)
-        batch: list[_Item] = []
-        places = []
-        for k, ids in enumerate(self._token_ids(texts, self.preset.add_special_tokens)):
-            if self.max_length is not None and len(ids) > self.max_length:
-                # cutting would drop step markers: the rewards would no longer be the steps'
-                results[k] = TooLongError(k, f"{len(ids)} tokens, more than max_length={self.max_length}; a process "
-                                             "reward model's input is never cut (its steps would lose their "
-                                             "markers)", "completion")
-                continue
-            batch.append((ids, [j for j, t in enumerate(ids) if t == self.step_tag_id]))
-            places.append(k)
-        if batch:
-            outs = run_batched(batch, [len(ids) for ids, _ in batch], self._forward, stats=self.stats,
-                               max_batch_tokens=self.max_batch_tokens)
-            for k, out in zip(places, outs):
-                results[k] = out
-        self.stats.samples += len(texts)
-        return results
+        return self._rewards_at(texts, lambda ids: [j for j, t in enumerate(ids) if t == self.step_tag_id],
+                                self._forward)
 
     @torch.inference_mode()
-    def _forward(self, batch: list[_Item]) -> list[list[float]]:
+    def _forward(self, batch: list[MarkedInput]) -> list[list[float]]:
         input_ids, _ = pad_right([ids for ids, _ in batch], self.pad_id, self.device)
         # right padding under causal attention: no real token attends to a pad, so each row's hidden states are
         # those of its sample alone
         hidden = self.model.model(input_ids=input_ids, use_cache=False).last_hidden_state
-        rows = [r for r, (_, at) in enumerate(batch) for _ in at]
-        cols = [c for _, at in batch for c in at]
-        if not cols:
+        places = [(r, at) for r, (_, at) in enumerate(batch)]
+        at = picked(hidden, places)
+        if at is None:
             return [[] for _ in batch]
-        picked = hidden[torch.tensor(rows, device=hidden.device), torch.tensor(cols, device=hidden.device)]
         head = self.model.score
-        probs = torch.softmax(head(picked.to(head[0].weight.dtype)).float(), dim=-1)[:, 1].cpu().tolist()
-        out, start = [], 0
-        for _, at in batch:
-            out.append(probs[start:start + len(at)])
-            start += len(at)
-        return out
+        probs = torch.softmax(head(at.to(head[0].weight.dtype)).float(), dim=-1)[:, 1].cpu().tolist()
+        return per_sample(probs, places)
 
 
 def load_qwen2_prm(name_or_path: str, *, preset, tokenizer, device, dtype, max_length, max_batch_tokens,

@@ -93,6 +93,7 @@ def _score_presets(root: str, names: list[str]) -> None:
         model = preset.hub_ids[0] if preset.hub_ids else "any sequence-classification reward model"
         print(f"\n=== {name}: {model} ({preset.kind}), tiny random checkpoint")
         rm = load_reward_model(make_tiny_checkpoint(name, os.path.join(root, name)), preset=name, device="cpu")
+        scored = list(range(len(prompts)))  # the conversations the model can read
         if rm.kind == "scalar":
             _show_input("what the model reads for conversation 1 with the good answer",
                         rm.format(prompts[0], good[0], tokens=True))
@@ -103,7 +104,14 @@ def _score_presets(root: str, names: list[str]) -> None:
             _show_input("what the model reads for conversation 1 with the good answer (one step)",
                         rm.format(prompts[0], good[0], tokens=True))
             print("step rewards (each in [0, 1]; one step per answer here) and the reward, their minimum:")
-            for i, (sg, sb) in enumerate(zip(rm.score_steps(prompts, good), rm.score_steps(prompts, bad)), 1):
+            scored.clear()
+            for i, (sg, sb) in enumerate(zip(rm.score_steps_samples(prompts, good),
+                                             rm.score_steps_samples(prompts, bad)), 1):
+                refused = sg if isinstance(sg, ValueError) else sb if isinstance(sb, ValueError) else None
+                if refused is not None:  # e.g. Math-Shepherd reads one question: no system message, no turns
+                    print(f"  conversation {i}: not scored: {refused}")
+                    continue
+                scored.append(i - 1)
                 print(f"  conversation {i}: good answer {min(sg):+.4f}   bad answer {min(sb):+.4f}")
         else:
             _show_input("what the model reads for conversation 1, order A = good answer, B = bad answer",
@@ -111,8 +119,9 @@ def _score_presets(root: str, names: list[str]) -> None:
             print("P(good answer better than bad answer), both orders averaged:")
             for i, p in enumerate(rm.compare(prompts, good, bad), 1):
                 print(f"  conversation {i}: {p:.4f}")
-        best = best_of_n(rm, prompts, [[b, g] for g, b in zip(good, bad)])
-        print(f"best of n, candidates [0] = bad answer, [1] = good answer; index chosen per conversation: {best}")
+        chosen = dict(zip(scored, best_of_n(rm, [prompts[k] for k in scored], [[bad[k], good[k]] for k in scored])))
+        print("best of n, candidates [0] = bad answer, [1] = good answer; index chosen per conversation "
+              f"(None: not scored): {[chosen.get(k) for k in range(len(prompts))]}")
         print("stats:\n  " + rm.stats.summary().replace("\n", "\n  "))
 
 

@@ -15,7 +15,7 @@ from .base import (PRESETS, GoldenIds, Kind, Preset, canonical_hub_id, check_dir
                    list_presets, preset_for_directory, preset_for_hub_id, register, resolve_preset)
 
 # each family's module registers its presets on import
-from . import armorm, inform, nemotron, qwen_prm, rlhflow_prm, seeds, skywork  # noqa: E402,F401
+from . import armorm, inform, math_shepherd, nemotron, qwen_prm, rlhflow_prm, seeds, skywork  # noqa: E402,F401
 
 __all__ = ["GoldenIds", "Kind", "PRESETS", "Preset", "canonical_hub_id", "check_directory_matches", "get_preset",
            "list_presets", "preset_for_directory", "preset_for_hub_id", "register", "resolve_preset"]

@@ -167,11 +167,16 @@ def make_tiny_checkpoint(preset: str, path: str, *, seed: int = 0, base: Optiona
         from .rlhflow_prm import write_tiny_rlhflow_prm
 
         return write_tiny_rlhflow_prm(path, seed)
+    if preset == "math-shepherd":
+        # Math-Shepherd (a Mistral causal LM, its "+"/"-" head rows drawn wide) has its own builder module.
+        from .math_shepherd import write_tiny_math_shepherd
+
+        return write_tiny_math_shepherd(path, seed)
     try:
         spec = TINY_BASES[preset][base] if base is not None else TINY_CHECKPOINTS[preset]
     except KeyError:
-        known = ", ".join([*TINY_CHECKPOINTS, "pairrm", "armorm-llama3-8b", "qwen2.5-math-prm",
-                           "rlhflow-prm"])
+        known = ", ".join([*TINY_CHECKPOINTS, "pairrm", "armorm-llama3-8b", "qwen2.5-math-prm", "rlhflow-prm",
+                           "math-shepherd"])
         raise ValueError(f"no tiny checkpoint for preset {preset!r}; known: {known}") from None
 
     os.makedirs(path, exist_ok=True)

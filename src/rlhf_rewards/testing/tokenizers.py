@@ -168,32 +168,47 @@ def write_ray2333_tokenizer(path: str, *, legacy: Optional[bool] = True) -> None
 
     ``legacy`` is the config's ``legacy`` flag (``None``: left out); transformers 5 loads both kinds wrongly.
     """
+    write_mistral_tokenizer(path, pad_token="[PAD]", chat_template=MISTRAL_V02_CHAT_TEMPLATE, legacy=legacy)
+
+
+def write_mistral_tokenizer(path: str, *, pad_token: Optional[str] = None, chat_template: Optional[str] = None,
+                            legacy: Optional[bool] = True) -> None:
+    """Write Mistral-7B v0.1/v0.2's tokenizer in the files its fine-tunes ship: the real ``tokenizer.model``, a
+    ``LlamaTokenizer`` ``tokenizer_config.json`` (BOS added, no EOS), ``special_tokens_map.json``, and no
+    ``tokenizer.json``. ``pad_token``: a pad token added after the vocabulary (id 32000), or ``None`` for none;
+    ``chat_template``: the config's template, or ``None`` for none; ``legacy``: the config's ``legacy`` flag
+    (``None``: left out)."""
     os.makedirs(path, exist_ok=True)
     shutil.copyfile(mistral_tokenizer_model(), os.path.join(path, "tokenizer.model"))
+    decoder = {"0": _special("<unk>"), "1": _special("<s>"), "2": _special("</s>")}
+    if pad_token is not None:
+        decoder["32000"] = _special(pad_token)
     config = {
         "add_bos_token": True,
         "add_eos_token": False,
-        "added_tokens_decoder": {"0": _special("<unk>"), "1": _special("<s>"), "2": _special("</s>"),
-                                 "32000": _special("[PAD]")},
+        "added_tokens_decoder": decoder,
         "additional_special_tokens": [],
         "bos_token": "<s>",
-        "chat_template": MISTRAL_V02_CHAT_TEMPLATE,
+        "chat_template": chat_template,
         "clean_up_tokenization_spaces": False,
         "eos_token": "</s>",
         "model_max_length": 1000000000000000019884624838656,
-        "pad_token": "[PAD]",
+        "pad_token": pad_token,
         "sp_model_kwargs": {},
         "spaces_between_special_tokens": False,
         "tokenizer_class": "LlamaTokenizer",
         "unk_token": "<unk>",
         "use_default_system_prompt": False,
     }
+    if chat_template is None:
+        del config["chat_template"]
     if legacy is not None:
         config["legacy"] = legacy
     _write_json(os.path.join(path, "tokenizer_config.json"), config)
-    _write_json(os.path.join(path, "special_tokens_map.json"),
-                {"bos_token": _special("<s>"), "eos_token": _special("</s>"), "unk_token": _special("<unk>"),
-                 "pad_token": _special("[PAD]")})
+    specials = {"bos_token": _special("<s>"), "eos_token": _special("</s>"), "unk_token": _special("<unk>")}
+    if pad_token is not None:
+        specials["pad_token"] = _special(pad_token)
+    _write_json(os.path.join(path, "special_tokens_map.json"), specials)
 
 
 def train_sentencepiece(family: SentencePieceFamily) -> bytes:
