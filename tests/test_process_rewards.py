@@ -143,6 +143,16 @@ def test_batch_invariance(prm):
         assert a == pytest.approx(b, abs=1e-5) and a == pytest.approx(c, abs=1e-5)
 
 
+def test_packed_rows_give_the_cards_step_rewards(path, card):
+    """Packed under a block mask, several samples per row (a small token budget), as the scalar models pack."""
+    packed = load_reward_model(path, device="cpu", packing=True, max_batch_tokens=256)
+    assert packed.packing
+    steps = packed.score_steps([QUESTION] * len(SOLUTIONS), SOLUTIONS)
+    assert packed.stats.batches < len(SOLUTIONS)  # rows held several samples
+    for got, solution in zip(steps, SOLUTIONS):
+        assert got == pytest.approx(card(QUESTION, solution), abs=1e-4)
+
+
 # -- control text ------------------------------------------------------------------------------------------------
 
 def test_a_step_spelling_the_marker_does_not_make_a_step(path, prm, card):

@@ -14,37 +14,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..batching import choose_packing, is_varlen, packed_inputs, packed_mask, pad_right
-from .process_base import MarkedInput, ProcessRewardModel, StepRewards, per_sample, picked
+from .backbone_prm import BackboneProcessRewardModel
+from .process_base import StepRewards
 
 
-class LabelTokenProcessRewardModel(ProcessRewardModel):
-    """A causal-LM PRM read at its label tokens (see :class:`ProcessRewardModel` for the API). A family sets the
-    preset's ``extra["good_token"]`` and ``extra["bad_token"]`` and implements ``_render_steps`` and
-    :meth:`_read_positions`.
+class LabelTokenProcessRewardModel(BackboneProcessRewardModel):
+    """A causal-LM PRM read at its label tokens (the API: :class:`~rlhf_rewards.backends.process_base.
+    ProcessRewardModel`). A family sets the preset's ``extra["good_token"]`` and ``extra["bad_token"]`` and
+    implements ``_render_steps`` and :meth:`_read_positions`.
 
     Attributes:
         label_ids: the card's candidate tokens ``(id of good, id of bad)``; a step's reward is the softmax
             probability of the first.
-        packing: whether samples are packed into rows under a block mask (``packing=True``) rather than
-            right-padded; ``packing_reason`` says why.
     """
 
-    def __init__(self, *, model: nn.Module, packing: "bool | str" = "auto", **kwargs: Any):
-        super().__init__(**kwargs)
-        self.model = model
-        self.backbone = model.get_decoder()
+    def __init__(self, *, model: nn.Module, **kwargs: Any):
+        super().__init__(model=model, backbone=model.get_decoder(), **kwargs)
         self.label_ids = tuple(self._one_id(self.preset.extra[name]) for name in ("good_token", "bad_token"))
         head = model.get_output_embeddings()
         # the two rows of the LM head the cards read (Llama's and Mistral's heads have no bias)
         self.label_weight = head.weight[list(self.label_ids)].detach()
         self.label_bias = head.bias[list(self.label_ids)].detach() if getattr(head, "bias", None) is not None \
             else None
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        # a sliding-window model (Mistral-7B v0.1: 4096) keeps its window in packed rows too
-        self.sliding_window = getattr(self.backbone.config, "sliding_window", None)
-        self.attn_implementation = getattr(self.backbone.config, "_attn_implementation", None)
-        self.packing, self.packing_reason = choose_packing(packing, self.attn_implementation)
 
     def _one_id(self, text: str) -> int:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
@@ -57,40 +48,13 @@ class LabelTokenProcessRewardModel(ProcessRewardModel):
         raise NotImplementedError
 
     def _forward_steps(self, texts: Sequence[str]) -> list[StepRewards]:
-        return self._rewards_at(texts, self._read_positions, self._forward_packed if self.packing else self._forward,
-                                packed=self.packing)
+        return self._rewards_read_at(texts, self._read_positions)
 
-    @torch.inference_mode()
-    def _forward(self, batch: list[MarkedInput]) -> list[list[float]]:
-        input_ids, _ = pad_right([ids for ids, _ in batch], self.pad_id, self.device)
-        # right padding under causal attention: no real token attends to a pad
-        hidden = self.backbone(input_ids=input_ids, use_cache=False).last_hidden_state
-        return self._read(hidden, [(r, at) for r, (_, at) in enumerate(batch)])
-
-    @torch.inference_mode()
-    def _forward_packed(self, rows: list[list[MarkedInput]]) -> list[list[float]]:
-        """Step rewards of packed rows, in row order: each sample at position ids 0, 1, ..., attending only within
-        itself."""
-        if is_varlen(self.attn_implementation):
-            rows = [[item for row in rows for item in row]]  # variable-length kernels take one row
-        input_ids, position_ids, mask, starts = packed_inputs([[ids for ids, _ in row] for row in rows], self.pad_id,
-                                                              self.device, sliding_window=self.sliding_window)
-        attention = None if is_varlen(self.attn_implementation) else \
-            packed_mask(mask, self.attn_implementation, self.backbone.dtype)
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
-                               use_cache=False).last_hidden_state
-        items = [item for row in rows for item in row]
-        return self._read(hidden, [(row, [at + p for p in item[1]]) for (row, at), item in zip(starts, items)])
-
-    def _read(self, hidden: torch.Tensor, places: list[tuple[int, list[int]]]) -> list[list[float]]:
-        """Per item, ``P(good)`` at its read positions ``places[k] = (row, columns)`` of ``hidden``."""
-        at = picked(hidden, places)
-        if at is None:
-            return [[] for _ in places]
-        logits = at @ self.label_weight.to(at.device, at.dtype).T
+    def _read_at(self, hidden: torch.Tensor) -> list[float]:
+        logits = hidden @ self.label_weight.to(hidden.device, hidden.dtype).T
         if self.label_bias is not None:
-            logits = logits + self.label_bias.to(at.device, at.dtype)
-        return per_sample(torch.softmax(logits.float(), dim=-1)[:, 0].cpu().tolist(), places)
+            logits = logits + self.label_bias.to(hidden.device, hidden.dtype)
+        return torch.softmax(logits.float(), dim=-1)[:, 0].cpu().tolist()
 
 
 def load_label_token_prm(cls: type[LabelTokenProcessRewardModel], name_or_path: str, *, preset, tokenizer, device,

@@ -14,10 +14,10 @@ import torch
 from torch import nn
 from transformers import Qwen2Config, Qwen2Model, Qwen2PreTrainedModel
 
-from ..batching import pad_right
 from ..conversation import Message
 from ..rendering import template_kwargs
-from .process_base import MarkedInput, ProcessRewardModel, StepRewards, per_sample, picked
+from .backbone_prm import BackboneProcessRewardModel
+from .process_base import StepRewards
 
 
 class Qwen2ProcessRewardNetwork(Qwen2PreTrainedModel):
@@ -35,7 +35,7 @@ class Qwen2ProcessRewardNetwork(Qwen2PreTrainedModel):
         self.post_init()
 
 
-class QwenProcessRewardModel(ProcessRewardModel):
+class QwenProcessRewardModel(BackboneProcessRewardModel):
     """Qwen2.5-Math-PRM as a process reward model (see :class:`ProcessRewardModel` for the API).
 
     Attributes:
@@ -44,13 +44,11 @@ class QwenProcessRewardModel(ProcessRewardModel):
     """
 
     def __init__(self, *, model: Qwen2ProcessRewardNetwork, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.model = model
+        super().__init__(model=model, backbone=model.model, **kwargs)
         self.step_tag: str = self.preset.extra["step_tag"]
         self.system_prompt: str = self.preset.extra["system_prompt"]
         # the card's tokenizer.encode("<extra_0>")[0]; load_tokenizer checked it is one token
         self.step_tag_id: int = self.tokenizer.convert_tokens_to_ids(self.step_tag)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def _render_steps(self, messages: list[Message], steps: list[str]) -> str:
         system = [] if messages[0]["role"] == "system" else [{"role": "system", "content": self.system_prompt}]
@@ -59,39 +57,25 @@ class QwenProcessRewardModel(ProcessRewardModel):
                                                   add_generation_prompt=False, **template_kwargs(self.tokenizer))
 
     def _forward_steps(self, texts: Sequence[str]) -> list[StepRewards]:
-        return self._rewards_at(texts, lambda ids: [j for j, t in enumerate(ids) if t == self.step_tag_id],
-                                self._forward)
+        return self._rewards_read_at(texts, lambda ids: [j for j, t in enumerate(ids) if t == self.step_tag_id])
 
-    @torch.inference_mode()
-    def _forward(self, batch: list[MarkedInput]) -> list[list[float]]:
-        input_ids, _ = pad_right([ids for ids, _ in batch], self.pad_id, self.device)
-        # right padding under causal attention: no real token attends to a pad, so each row's hidden states are
-        # those of its sample alone
-        hidden = self.model.model(input_ids=input_ids, use_cache=False).last_hidden_state
-        places = [(r, at) for r, (_, at) in enumerate(batch)]
-        at = picked(hidden, places)
-        if at is None:
-            return [[] for _ in batch]
+    def _read_at(self, hidden: torch.Tensor) -> list[float]:
         head = self.model.score
-        probs = torch.softmax(head(at.to(head[0].weight.dtype)).float(), dim=-1)[:, 1].cpu().tolist()
-        return per_sample(probs, places)
+        return torch.softmax(head(hidden.to(head[0].weight.dtype)).float(), dim=-1)[:, 1].cpu().tolist()
 
 
 def load_qwen2_prm(name_or_path: str, *, preset, tokenizer, device, dtype, max_length, max_batch_tokens,
                    quantization, adapter, packing="auto") -> QwenProcessRewardModel:
     """The ``"qwen2-prm"`` backend's loader: the repository's tokenizer (checked against the preset's golden ids),
     its config and weights in :class:`Qwen2ProcessRewardNetwork` (a missing weight is an error), an optional PEFT
-    adapter. Batches are right-padded: ``packing=True`` is refused."""
+    adapter. Batches are right-padded, or packed (``packing``) as the scalar models' are."""
     from .weights import apply_adapter, from_pretrained_checked
     from ..tokenization import load_tokenizer
 
-    if packing is True:
-        raise ValueError("packing=True is not possible: the qwen2-prm backend reads step positions from padded "
-                         "batches")
     tokenizer = load_tokenizer(preset, name_or_path, tokenizer)
     model = from_pretrained_checked(Qwen2ProcessRewardNetwork, name_or_path, dtype=dtype, device=device,
                                     quantization=quantization, skip_modules=("score",))
     model = apply_adapter(model, adapter, quantized=quantization is not None)
     limit = max_length or preset.max_length or getattr(model.config, "max_position_embeddings", None)
     return QwenProcessRewardModel(model=model, preset=preset, tokenizer=tokenizer, device=device, max_length=limit,
-                                  max_batch_tokens=max_batch_tokens)
+                                  max_batch_tokens=max_batch_tokens, packing=packing)
