@@ -88,8 +88,8 @@ class RayRewardFunction(AsyncRayRewardFunction, RemoteRewardFunction):
         shards: requests each call is split into (whole groups and pairs), sent concurrently; Ray Serve routes each
             to a replica. Default 1: the batch goes to one replica, which batches it with other ranks' requests.
         timeout, max_retries, deadline, backoff, max_backoff, max_shard_size, name, baseline_column, pairing,
-            group_size, group_mode, transform, parse_templates, objectives, aggregate: as for ``RemoteRewardFunction`` (``name`` defaults
-            to ``"reward_ray"``).
+            group_size, group_mode, transform, parse_templates, objectives, aggregate: as for
+            ``RemoteRewardFunction`` (``name`` defaults to ``"reward_ray"``).
 
     It pickles with its handle, so it can be passed to Ray tasks and actors of the same cluster.
     """
