@@ -81,8 +81,8 @@ def render_chat_template_without_bos(messages: list[Message], completion: str, t
 
 
 TEMPLATE_DAY = datetime.now()
-"""When this process imported this module (at its first model load). A chat template that writes today's date (Llama-3.2's and 3.3's set
-``date_string`` from ``strftime_now``) writes this day's, as the model card's own call made that day does, and keeps
+"""When this process imported this module (at its first model load). A chat template that writes today's date
+(Llama-3.2's and 3.3's set ``date_string`` from ``strftime_now``) writes this day's, as the model card's own call made that day does, and keeps
 writing it: a model's input text, and so its rewards, do not change at midnight while it runs."""
 
 _DATE_FROM_CLOCK = re.compile(r"""set\s+date_string\s*=\s*strftime_now\(\s*(['"])(.*?)\1\s*\)""")

@@ -1,7 +1,7 @@
 """The ``rlhf-rewards`` command. One module per subcommand; each defines ``HELP``, ``add_arguments(parser)`` and
-``run(args) -> int`` (the exit code). Building the parser imports every command module, so a module imports its heavy dependencies
-(torch, transformers, the server, datasets) inside ``run`` only: ``--help`` stays fast and free of third-party
-start-up noise (tests/test_architecture.py checks that it loads no torch)."""
+``run(args) -> int`` (the exit code). Building the parser imports every command module, so a module imports its heavy
+dependencies (torch, transformers, the server, datasets) inside ``run`` only: ``--help`` stays fast and free of
+third-party start-up noise (tests/test_architecture.py checks that it loads no torch)."""
 
 from __future__ import annotations
 
