@@ -4,12 +4,12 @@ with RLHFlow's ``[PAD]`` added at 128256 and Llama-3-Instruct's chat template.""
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
+from .files import update_config
 from ..backends.armorm import ArmoRMModel
 from ..presets.armorm import ARMORM_OBJECTIVES
 from . import tokenizers
@@ -53,11 +53,5 @@ def write_tiny_armorm(path: str, seed: int = 0) -> str:
             model.reward_transform_matrix.copy_(torch.eye(n) + 0.3 * torch.randn(n, n))
             model.gating.logit_scale.fill_(1.7)
     model.save_pretrained(path)
-    config_path = os.path.join(path, "config.json")
-    with open(config_path, encoding="utf-8") as f:
-        data = json.load(f)
-    data.update(architectures=["LlamaForRewardModelWithGating"], auto_map=AUTO_MAP)
-    with open(config_path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
+    update_config(path, architectures=["LlamaForRewardModelWithGating"], auto_map=AUTO_MAP)
     return path

@@ -7,7 +7,6 @@ for the same seed. What differs per preset is data, in :data:`TINY_CHECKPOINTS`.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from .files import update_config
 from ..backends.inform import INFORMRewardModel
 from ..backends.value_head import ValueHeadRewardModel
 from . import skywork, tokenizers
@@ -200,17 +200,9 @@ def make_tiny_checkpoint(preset: str, path: str, *, seed: int = 0, base: Optiona
     if spec.preset_hint:
         updates["rlhf_rewards_preset"] = preset
     if updates:
-        _update_json(os.path.join(path, "config.json"), updates)
+        update_config(path, **updates)
     return path
 
-
-def _update_json(path: str, updates: dict[str, Any]) -> None:
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    data.update(updates)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
 
 
 def _register_bases(family: dict[str, dict[str, dict[str, Any]]]) -> None:

@@ -5,12 +5,12 @@ chat template, no ``tokenizer.json``), so the real vocabulary's ids (648 "+", 38
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 from transformers import MistralConfig, MistralForCausalLM
 
+from .files import update_config
 from .tokenizers import write_mistral_tokenizer
 
 PRESET = "math-shepherd"
@@ -35,11 +35,5 @@ def write_tiny_math_shepherd(path: str, seed: int = 0) -> str:
             rows = model.lm_head.weight[list(GOOD_BAD_IDS)]
             model.lm_head.weight[list(GOOD_BAD_IDS)] = torch.randn_like(rows) * 0.6 / config.hidden_size ** 0.5
     model.save_pretrained(path)
-    config_path = os.path.join(path, "config.json")
-    with open(config_path, encoding="utf-8") as f:
-        data = json.load(f)
-    data.update(rlhf_rewards_preset=PRESET)
-    with open(config_path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
+    update_config(path, rlhf_rewards_preset=PRESET)
     return path

@@ -12,6 +12,7 @@ import os
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2Config
 
+from .files import update_config
 from ..backends.qwen_prm import Qwen2ProcessRewardNetwork
 from .skywork import qwen3_tokenizer_dir
 
@@ -81,11 +82,5 @@ def write_tiny_qwen_prm(path: str, seed: int = 0) -> str:
                 layer.weight.normal_(0.0, 3.0 / layer.in_features ** 0.5)
                 layer.bias.normal_(0.0, 0.5)
     model.save_pretrained(path)
-    config_path = os.path.join(path, "config.json")
-    with open(config_path, encoding="utf-8") as f:
-        data = json.load(f)
-    data.update(architectures=["Qwen2ForProcessRewardModel"], auto_map=AUTO_MAP)
-    with open(config_path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
+    update_config(path, architectures=["Qwen2ForProcessRewardModel"], auto_map=AUTO_MAP)
     return path
