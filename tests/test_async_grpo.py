@@ -248,13 +248,19 @@ def test_cpu_reward_functions_load_in_the_child_and_score(child, rm):
         assert_same(per_function(samples, "local_weights"), [None if e is None else e - reference for e in expected])
 
 
-def test_cpu_reward_function_records_where_it_ran(tiny_dir, rm):
+def test_cpu_reward_function_records_where_it_ran_and_loads_there(tiny_dir, rm, monkeypatch):
+    import rlhf_rewards.loading
+
     fn = RewardFunction.from_pretrained(tiny_dir(SCALAR), load_kwargs={"preset": SCALAR}, name="rm")
     assert fn.model.devices == ("cpu",)
     copy = pickle.loads(pickle.dumps(fn))
     assert copy._devices == ("cpu",) and "_model" not in vars(copy)
+    asked = []
+    real = rlhf_rewards.loading.load_reward_model
+    monkeypatch.setattr(rlhf_rewards.loading, "load_reward_model", lambda *a, **kw: asked.append(kw) or real(*a, **kw))
     assert copy(["Hi"], ["Hello."]) == pytest.approx(rm.score(["Hi"], ["Hello."]), abs=1e-6)
-    assert copy.model.device == torch.device("cpu")
+    # loaded where it ran, not where this process would resolve the recipe's default device
+    assert asked == [{"preset": SCALAR, "device": "cpu"}] and copy.model.device == torch.device("cpu")
 
 
 # -- 2. the HTTP clients in the child ------------------------------------------------------------------------------
