@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import math
 import multiprocessing as mp
+import os
 import pickle
 import queue
 import time
@@ -85,8 +86,6 @@ class ScoringLoop(_AsyncRolloutLoop):
             rollout_rewards=[None] * self.num_generations)
 
     async def _run_loops(self, stop_event: asyncio.Event) -> None:
-        import os
-
         self.rollout_buffer.put(("env", os.environ.get("CUDA_VISIBLE_DEVICES")))
         for group_id, row in enumerate(self.dataset):
             self.rollout_buffer.put(("scored", group_id, await self._score_group(self._group(group_id, row))))
@@ -235,6 +234,17 @@ def test_gpu_reward_function_fails_here_too_and_keeps_its_recipe(gpu_functions):
     # passed on before its first call, it still says where its model ran
     again = pickle.loads(pickle.dumps(recipe))
     assert again._devices == ("cuda:0",) and again._source == recipe._source
+
+
+def test_a_gpu_index_past_the_visible_ones_fails_too(gpu_functions, monkeypatch):
+    """A process that sees fewer GPUs than the one that pickled (a Ray task on a one-GPU node)."""
+    again = pickle.loads(pickle.dumps(gpu_functions[0]))
+    again._devices = ("cuda:3",)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    visible = r"cannot use cuda:3: only 1 CUDA device\(s\) are visible \(cuda:0\.\.cuda:0\)"
+    with pytest.raises(RuntimeError, match=visible):
+        again(["Hi"], ["Hello."])
 
 
 def test_cpu_reward_functions_load_in_the_child_and_score(child, rm):
