@@ -124,6 +124,18 @@ class RewardModel:
                 f"max_batch_tokens={self.max_batch_tokens}, packing={self.packing!r} ({self.packing_reason}))")
 
     @property
+    def devices(self) -> tuple[str, ...]:
+        """Every device the model's weights are on, ``device`` first: several for a model split over devices
+        (``device_map``); weights offloaded to disk (the meta device) are not counted."""
+        found = {str(self.device)}
+        for part in vars(self).values():
+            if isinstance(part, torch.nn.Module):
+                for tensor in (*part.parameters(), *part.buffers()):
+                    if tensor.device.type != "meta":
+                        found.add(str(tensor.device))
+        return (str(self.device), *sorted(found - {str(self.device)}))
+
+    @property
     def control_text(self) -> ControlTextMode:
         """``"text"`` or ``"tokens"`` (see the class docstring); setting ``"text"`` checks the tokenizer first."""
         return self._control_text

@@ -54,18 +54,29 @@ def resolve_device(device: DeviceSpec) -> torch.device:
     return dev
 
 
-def check_device(dev: torch.device, asked: object) -> None:
-    """Raise ``ValueError`` naming ``asked`` unless ``dev`` exists here (checked before a model is loaded)."""
+def device_problem(dev: torch.device) -> Optional[str]:
+    """Why ``dev`` cannot be used in this process (no CUDA, an index past the visible devices, no MPS), or ``None``
+    when it can."""
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            why = ("this torch build has no CUDA support" if torch.version.cuda is None
-                   else "no CUDA device is visible (check CUDA_VISIBLE_DEVICES and the driver)")
-            raise ValueError(f"device {asked!r}: {why}; use device='cpu' (or None for the default)")
+            return ("this torch build has no CUDA support" if torch.version.cuda is None
+                    else "no CUDA device is visible (check CUDA_VISIBLE_DEVICES and the driver)")
         count = torch.cuda.device_count()
         if dev.index is not None and dev.index >= count:
-            raise ValueError(f"device {asked!r}: only {count} CUDA device(s) are visible (cuda:0..cuda:{count - 1})")
+            return f"only {count} CUDA device(s) are visible (cuda:0..cuda:{count - 1})"
     elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {asked!r}: MPS is not available on this machine")
+        return "MPS is not available on this machine"
+    return None
+
+
+def check_device(dev: torch.device, asked: object) -> None:
+    """Raise ``ValueError`` naming ``asked`` unless ``dev`` exists here (checked before a model is loaded)."""
+    problem = device_problem(dev)
+    if problem is None:
+        return
+    no_cuda = dev.type == "cuda" and not torch.cuda.is_available()
+    hint = "; use device='cpu' (or None for the default)" if no_cuda else ""
+    raise ValueError(f"device {asked!r}: {problem}{hint}")
 
 
 DTYPE_NAMES: dict[str, torch.dtype] = {

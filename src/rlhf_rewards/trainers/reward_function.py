@@ -9,11 +9,16 @@ re-rendered in the reward model's own format.
 from __future__ import annotations
 
 import logging
+import pickle
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Literal, Optional, Union
 
+import torch
+
 from ..backends.base import RewardModel
+from ..backends.weights import device_problem
 from ..conversation import Sample
 from ..errors import SampleError
 from ..groups import group_bounds, halves
@@ -109,7 +114,8 @@ class RewardFunction:
         """Load the reward model with ``load_reward_model(name_or_path, **load_kwargs)`` and wrap it.
 
         The function then pickles as that recipe, not as the weights: a process that unpickles it (AsyncGRPOTrainer's
-        spawned rollout worker) loads the model itself. ``kwargs`` are the constructor's.
+        spawned rollout worker, a Ray task) loads the model itself at its first call, on the device it ran on here,
+        and raises ``RuntimeError`` when that device does not exist there. ``kwargs`` are the constructor's.
         """
         from ..loading import load_reward_model
 
@@ -118,27 +124,80 @@ class RewardFunction:
         function._source = (name_or_path, load_kwargs)
         return function
 
+    @property
+    def model(self) -> RewardModel:
+        """The reward model. In a process that unpickled this function, it is loaded (or its pickled weights read)
+        at the first call, once the devices it ran on are known to exist there."""
+        model = self.__dict__.get("_model")
+        return model if model is not None else self._restore()
+
+    @model.setter
+    def model(self, model: RewardModel) -> None:
+        self._model = model
+
+    # -- pickling: AsyncGRPOTrainer's spawned rollout worker, Ray tasks -------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        if self._source is not None:
-            del state["model"]
+        state.pop("_restoring", None)  # a lock does not pickle; the copy gets its own
+        model = state.pop("_model", None)
+        if model is None:
+            return state  # unpickled here and never called: passed on as it came
+        state["_devices"] = model.devices
+        if self._source is None:
+            # the weights travel as bytes the receiving process reads only once it knows their devices exist there:
+            # read directly, CUDA tensors fail deep inside torch.load where no CUDA device is visible
+            state["_weights"] = pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # Nothing loads here. AsyncGRPOTrainer's rollout worker unpickles its reward functions before it hides the
+        # GPUs (CUDA_VISIBLE_DEVICES=""): a device check now would pass, and a model loaded now would sit on the
+        # trainer's GPU from a process meant to hold none. The first call checks and loads (:meth:`_restore`).
         self.__dict__.update(state)
-        if "model" not in state:
-            from ..loading import load_reward_model
+        self._restoring = threading.Lock()
 
-            name_or_path, load_kwargs = state["_source"]
-            self.model = load_reward_model(name_or_path, **load_kwargs)
-            if self.objectives is not None:
-                self.model = self.model.with_objectives(self.objectives)
-            if self.aggregate is not None:
-                self.model = self.model.with_aggregate(self.aggregate)
+    def _restore(self) -> RewardModel:
+        """The model of an unpickled function, made at its first use on the device it ran on where it was pickled;
+        ``RuntimeError`` when that device cannot be used here (never a silent fallback to the CPU)."""
+        with self._restoring:
+            if self.__dict__.get("_model") is None:
+                for device in self._devices:
+                    problem = device_problem(torch.device(device))
+                    if problem is not None:
+                        raise RuntimeError(self._unavailable(device, problem))
+                if "_weights" in self.__dict__:
+                    self._model = pickle.loads(self.__dict__.pop("_weights"))
+                else:
+                    from ..loading import load_reward_model
+
+                    name_or_path, load_kwargs = self._source
+                    if "device_map" not in load_kwargs:
+                        # where it ran, not where a default or a local-rank template resolves in this process
+                        load_kwargs = {**load_kwargs, "device": self._devices[0]}
+                    model = load_reward_model(name_or_path, **load_kwargs)
+                    if self.objectives is not None:
+                        model = model.with_objectives(self.objectives)
+                    if self.aggregate is not None:
+                        model = model.with_aggregate(self.aggregate)  # type: ignore[attr-defined]
+                    self._model = model
+        return self._model
+
+    def _unavailable(self, device: str, problem: str) -> str:
+        """Why an unpickled function cannot score here, and what to use instead."""
+        model = self._source[0] if self._source is not None else "MODEL"
+        return (f"{self.__name__}: its reward model ran on {', '.join(self._devices)} in the process that pickled this "
+                f"RewardFunction, and this process cannot use {device}: {problem}. TRL's AsyncGRPOTrainer calls "
+                "reward functions in a spawned rollout process with CUDA_VISIBLE_DEVICES=\"\", where a GPU reward "
+                "model cannot run; it is not loaded on the CPU instead (slow, or out of memory, for a large model). "
+                f"Serve it and score over HTTP: `rlhf-rewards serve {model} --device {device}`, then "
+                "reward_funcs=[RemoteRewardFunction(\"http://HOST:8000\")] (or AsyncRemoteRewardFunction); or deploy "
+                "it with Ray Serve (rlhf_rewards.serving.ray.deploy) and pass RayRewardFunction(handle). To run it on "
+                "the CPU there on purpose: RewardFunction.from_pretrained(path, load_kwargs={\"device\": \"cpu\"})")
 
     def __repr__(self) -> str:
         how = f"pairing={self.pairing!r}" if self.baseline_column is None else f"baseline={self.baseline_column!r}"
-        return f"RewardFunction({self.__name__}, model={self.model!r}, {how})"
+        model = self.__dict__.get("_model") or "loaded at the first call"  # repr never loads it
+        return f"RewardFunction({self.__name__}, model={model!r}, {how})"
 
     # -- the call -------------------------------------------------------------------------------------------------
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None,
