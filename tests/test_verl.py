@@ -23,6 +23,7 @@ import pickle
 import re
 import subprocess
 import sys
+import threading
 from functools import partial
 
 import httpx
@@ -299,3 +300,21 @@ def test_importing_the_integration_loads_no_torch():
             "assert not heavy, heavy\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_counters_of_a_client_shared_by_threads_add_up():
+    # verl's executor threads share one client per settings: its counters must not lose a call's additions
+    from rlhf_rewards.serving.dispatch import RemoteStats
+
+    total, one = RemoteStats(), RemoteStats(calls=1, samples=2)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=lambda: [total.add(one) for _ in range(5000)]) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert (total.calls, total.samples) == (40000, 80000)

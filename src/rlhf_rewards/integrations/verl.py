@@ -9,7 +9,7 @@ naive.py``, ``dapo.py``, ``limited.py``, ``remote.py`` and ``verl/trainer/ppo/re
   ``extra_info`` (the dataset row's ``extra_info`` dict), and ``reward_router_address`` / ``reward_model_tokenizer``
   when verl runs a reward model of its own; ``custom_reward_function.reward_kwargs`` are merged into every call. An
   ``async def`` is awaited on the worker's event loop; a plain function runs through ``loop.run_in_executor(None,
-  ...)``, so at most the default thread pool's size (32 threads at most) of them run at once.
+  ...)``, so at most the default thread pool's size (``min(32, CPUs + 4)``) of them run at once.
 - The prompt is not an argument: it travels in ``extra_info`` (key ``prompt_key``).
 - A dict result's ``"score"`` is the reward, placed on the response's last token; every key (``"score"`` too) goes
   into ``reward_extra_info``, which verl stacks over the batch with ``np.array`` using the FIRST sample's keys and
