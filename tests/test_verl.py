@@ -187,8 +187,12 @@ def test_pairwise_model_against_the_reference_in_extra_info(models, urls):
             outputs, _, extra = verl_reward_loop(name, kwargs, rows(references=REFERENCES))
             assert_rewards([o["reward_score"] for o in outputs], expected)
             assert extra["scored"].all()
-    with pytest.raises(ValueError, match="pairwise"):  # no reference: the server's reason, not a silent 0
-        verl_reward_loop("async_compute_score", {"url": urls[PAIRWISE], "api_key": KEY}, rows()[:1])
+    for name in ("async_compute_score", "compute_score"):  # no reference: the server's reason, not a silent 0
+        with pytest.raises(ValueError, match="(?s)422.*a pairwise model.*In verl.*reference_key"):
+            verl_reward_loop(name, {"url": urls[PAIRWISE], "api_key": KEY}, rows()[:1])
+        with pytest.raises(ValueError, match="(?s)needs a process reward model.*In verl.*step_rewards"):
+            verl_reward_loop(name, {"url": urls[PAIRWISE], "api_key": KEY, "reference_key": "reference",
+                                    "step_rewards": True}, rows(references=REFERENCES)[:1])
 
 
 def test_process_model_score_and_step_rewards(models, urls):

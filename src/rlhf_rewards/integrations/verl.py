@@ -185,6 +185,14 @@ def _result(settings: VerlSettings, reward: Optional[float], steps: Optional[lis
     return out
 
 
+def _refused(err: Exception) -> ValueError:
+    """The server's refusal of the settings, with where verl users set what it names (it speaks of the client's
+    and the endpoints' options)."""
+    return ValueError(f"{err}\nIn verl these are custom_reward_function.reward_kwargs: reference_key (the extra_info "
+                      "key of a pairwise model's reference response, sent as its baseline), transform, aggregate and "
+                      "step_rewards (process reward models only), objectives; see docs/verl.md")
+
+
 def _settings_of(url: Any, api_key: Any, options: dict[str, Any], kwargs: dict[str, Any]) -> VerlSettings:
     unused = sorted(set(kwargs) - _unused_warned)
     if unused:
@@ -237,7 +245,7 @@ async def async_compute_score(data_source: Any = None, solution_str: Any = None,
         answers = await asyncio.gather(*calls)
     except Fatal as err:
         # what the sync client raises for the same answer
-        raise (ValueError if err.status == 422 else RuntimeError)(str(err)) from None
+        raise (_refused(err) if err.status == 422 else RuntimeError(str(err))) from None
     return _result(settings, answers[0][0], answers[1][0] if settings.step_rewards else None, data_source)
 
 
@@ -257,6 +265,9 @@ def compute_score(data_source: Any = None, solution_str: Any = None, ground_trut
         objectives=objectives, parse_templates=parse_templates, step_rewards=step_rewards,
         unscored_score=unscored_score, timeout=timeout, max_retries=max_retries, deadline=deadline), kwargs)
     prompt, columns = _inputs(settings, extra_info)
-    reward = _client(RemoteRewardFunction, settings)([prompt], [solution_str], **columns)[0]
-    steps = _client(RemoteStepRewards, settings)([prompt], [solution_str])[0] if settings.step_rewards else None
+    try:
+        reward = _client(RemoteRewardFunction, settings)([prompt], [solution_str], **columns)[0]
+        steps = _client(RemoteStepRewards, settings)([prompt], [solution_str])[0] if settings.step_rewards else None
+    except ValueError as err:  # the server refused the settings (a 422)
+        raise _refused(err) from None
     return _result(settings, reward, steps, data_source)
