@@ -175,7 +175,9 @@ FLOORS = (
     ("trainers",),
     # 5: the server and its clients
     ("serving",),
-    # 6: the command line
+    # 6: other RL frameworks' reward-function shapes, through the clients
+    ("integrations",),
+    # 7: the command line
     ("cli", "__main__"),
 )
 """docs/architecture.md's floors, by top-level name under ``rlhf_rewards``: a module imports only from its own floor

@@ -90,6 +90,26 @@ class AsyncRemoteRewardFunction:
         return self.timeout * (math.ceil(requests / len(self.urls)) + 1) + self.max_backoff
 
     # -- HTTP -----------------------------------------------------------------------------------------------------
+    route = "/v1/rewards"
+    """The endpoint each request goes to; a subclass for another endpoint also overrides :meth:`_request_options`
+    and :meth:`_read_answer`."""
+
+    def _request_options(self) -> dict[str, Any]:
+        """What each request carries beside its samples: this reward function's options."""
+        return {option: getattr(self, option) for option in _OPTIONS}
+
+    @staticmethod
+    def _read_answer(data: Any, shard: Shard) -> None:
+        """Fill ``shard`` from the route's 200 answer; ``ValueError``, ``KeyError`` or ``TypeError`` for an answer
+        that is not one (the attempt then failed)."""
+        rewards, errors = data["rewards"], data.get("errors") or [None] * len(data["rewards"])
+        if len(rewards) != len(shard.indices) or len(errors) != len(rewards):
+            raise ValueError(f"{len(rewards)} rewards for {len(shard.indices)} samples")
+        if not all(r is None or (isinstance(r, (int, float)) and not isinstance(r, bool)) for r in rewards):
+            raise ValueError("rewards that are not numbers")
+        shard.rewards, shard.errors = [None if r is None else float(r) for r in rewards], errors
+        shard.stats = data.get("stats") or {}
+
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
@@ -127,16 +147,9 @@ class AsyncRemoteRewardFunction:
                            f"{url} reads (its --max-request-mb)", too_large=True)
         headers = {**self._headers(), "Content-Type": "application/json"}
         try:
-            response = await client.post(f"{url}/v1/rewards", content=content, headers=headers, timeout=timeout)
+            response = await client.post(f"{url}{self.route}", content=content, headers=headers, timeout=timeout)
             if response.status_code == 200:
-                data = response.json()
-                rewards, errors = data["rewards"], data.get("errors") or [None] * len(data["rewards"])
-                if len(rewards) != len(shard.indices) or len(errors) != len(rewards):
-                    raise ValueError(f"{len(rewards)} rewards for {len(shard.indices)} samples")
-                if not all(r is None or (isinstance(r, (int, float)) and not isinstance(r, bool)) for r in rewards):
-                    raise ValueError("rewards that are not numbers")
-                shard.rewards, shard.errors = [None if r is None else float(r) for r in rewards], errors
-                shard.stats = data.get("stats") or {}
+                self._read_answer(response.json(), shard)
                 shard.url = url
                 return None
             if response.status_code == 413:
@@ -167,7 +180,7 @@ class AsyncRemoteRewardFunction:
                 unsendable.setdefault(i, why)
         layout = Layout(self.pairing, self.group_size, self.group_mode, baselines is not None)
         units, whole = layout.units(prompts)
-        options = {option: getattr(self, option) for option in _OPTIONS}
+        options = self._request_options()
 
         def payload(shard: Shard) -> dict[str, Any]:
             indices = shard.indices

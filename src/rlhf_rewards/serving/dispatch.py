@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -28,6 +29,7 @@ PROBE_TIMEOUT = 10.0
 answers it in milliseconds even while busy."""
 
 _MIN_TIMEOUT = 0.001  # a timeout of 0 would mean "none" to some transports
+_stats_lock = threading.Lock()  # module-level: the counters pickle with their function, a lock would not
 
 
 class Fatal(Exception):
@@ -92,8 +94,9 @@ class RemoteStats:
     splits: int = 0
 
     def add(self, other: RemoteStats) -> None:
-        for name in vars(other):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+        with _stats_lock:  # one function may be called from several threads at once (verl's executor)
+            for name in vars(other):
+                setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 @dataclass
