@@ -45,10 +45,21 @@ CALIBRATION_FORMAT = "rlhf-rewards calibration 1"
 """The ``format`` field of a calibration file (:func:`read_calibration` refuses other files)."""
 
 
-def check_normalize(value: object) -> Optional[NormalizeMode]:
-    """``value`` if it is ``None``, ``"stats"`` or ``"group"``, else ``ValueError`` listing them."""
+def check_normalize(value: object, pairing: Optional[str] = None, kind: Optional[str] = None
+                    ) -> Optional[NormalizeMode]:
+    """``value`` if it is ``None``, ``"stats"`` or ``"group"`` and goes with ``pairing`` for a model of ``kind``
+    (``None``: not known yet, as in a remote client; what depends on it is checked later), else ``ValueError``.
+    ``"stats"`` does not describe rewards that compare completions of one batch (``pairing="group"``, a pairwise
+    model's ``"halves"``: no calibration measures them); ``"group"`` needs groups, which ``"halves"`` has not."""
     if value is not None and value not in NORMALIZE_MODES:
         raise ValueError(f"normalize must be None, 'stats' or 'group', got {value!r}")
+    if value == "stats" and (pairing == "group" or (pairing == "halves" and kind not in (None, "scalar"))):
+        raise ValueError(f"normalize='stats' does not go with pairing={pairing!r}: those rewards compare the "
+                         "completions of one batch with each other, which no calibration measures; use "
+                         "normalize='group', or a baseline_column")
+    if value == "group" and pairing == "halves":
+        raise ValueError("normalize='group' does not go with pairing='halves': online DPO's batch holds pairs, "
+                         "not groups")
     return value  # type: ignore[return-value]
 
 
@@ -179,18 +190,22 @@ def read_calibration(calibration: Calibration) -> RewardScale:
     return scale_from_record(record, path)
 
 
-def checkpoint_scale(config: Any, model: Optional[str], preset: Optional[str]) -> Optional[RewardScale]:
-    """The OpenRLHF ``mean``/``std`` of a checkpoint's config (a transformers config object, or ``None``), which
-    describe the model's raw scalar score; ``None`` when the config has no ``mean``. A ``mean`` without a usable
-    ``std`` is an error, as a file would be."""
+def checkpoint_scale(model: Any) -> Optional[RewardScale]:
+    """The OpenRLHF ``mean``/``std`` in the config of a loaded reward model's checkpoint (its transformers model's
+    ``config``), which describe the model's raw scalar score; ``None`` when the config has no ``mean``. A ``mean``
+    without a usable ``std`` is an error, as a file's would be."""
+    config = getattr(getattr(model, "model", None), "config", None)
     if config is None or getattr(config, "mean", None) is None:
         return None
-    where = f"config.json of {model or preset}"
+    name, preset = model.name_or_path, model.preset.name
+    where = f"config.json of {name or preset}"
     return RewardScale(_finite(config.mean, "mean", where), _positive_std(getattr(config, "std", None), where),
-                       f"{where} (OpenRLHF mean/std)", model, preset, reward_shape("scalar", baseline=False))
+                       f"{where} (OpenRLHF mean/std)", name, preset, reward_shape("scalar", baseline=False))
 
 
-def _same_model(scale: RewardScale, model: Optional[str], preset: str) -> None:
+def check_same_model(scale: RewardScale, model: Optional[str], preset: str) -> None:
+    """``ValueError`` naming both when ``scale`` was measured on another preset or model than ``model``
+    (``preset``); a side that does not record its model is compared by preset only."""
     if scale.preset is not None and scale.preset != preset:
         raise ValueError(f"{scale.source} describes preset {scale.preset!r} ({scale.model}), but the loaded model "
                          f"is preset {preset!r} ({model}): calibrate this model")
@@ -214,7 +229,7 @@ def resolve_scale(calibration: Optional[Calibration], *, config_scale: Optional[
         raise ValueError(f"normalize='stats' found no reward statistics for {model or preset}: no calibration was "
                          "given (run `rlhf-rewards calibrate` and pass its output as calibration=, or to `serve "
                          "--calibration`), and the checkpoint's config.json has no OpenRLHF mean/std")
-    _same_model(scale, model, preset)
+    check_same_model(scale, model, preset)
     if dict(scale.reward) != dict(reward):
         raise ValueError(f"{scale.source} describes the reward ({_shape_text(scale.reward)}), but this function's "
                          f"reward is ({_shape_text(reward)}): calibrate with the same options (see docs/"
@@ -260,6 +275,7 @@ class Normalizer:
     mode: Optional[NormalizeMode] = None
     scale: Optional[RewardScale] = None
     group_size: Optional[int] = None
+    note: str = ""
 
     def layout(self, prompts: Sequence[Any]) -> Optional[list[tuple[int, int]]]:
         """The groups of a call (``"group"`` mode; else ``None``), found before anything is scored: ``ValueError``
@@ -278,33 +294,34 @@ class Normalizer:
     def __str__(self) -> str:
         if self.mode == "stats":
             s = self.scale
-            return f"stats: (r - {s.mean:.6g}) / {s.std:.6g} from {s.source}"  # type: ignore[union-attr]
+            return f"stats: (r - {s.mean:.6g}) / {s.std:.6g} from {s.source}{self.note}"  # type: ignore[union-attr]
         if self.mode == "group":
             size = "runs of equal prompts" if self.group_size is None else f"group_size={self.group_size}"
             return f"group: (r - group mean) / (group sample std + {GROUP_EPS:g}) within each group ({size})"
         return "none (raw rewards)"
 
 
-def make_normalizer(normalize: object, *, calibration: Optional[Calibration], config_scale: Optional[RewardScale],
-                    model: Optional[str], preset: str, reward: Mapping[str, Any], pairing: Optional[str],
-                    group_size: Optional[int]) -> Normalizer:
-    """Check a reward function's ``normalize=`` against its other options and find its statistics: what every path
-    (in-process, ``/v1/score``, ``/v1/rewards``) builds before it scores. ``ValueError`` for a combination that
-    cannot give the documented numbers (``reward``: :func:`reward_shape`; ``pairing``: ``None``, ``"group"`` or
-    ``"halves"``)."""
-    mode = check_normalize(normalize)
+def make_normalizer(normalize: object, model: Any, *, calibration: Optional[Calibration] = None,
+                    baseline: bool = False, transform: Optional[str] = None,
+                    objectives: Optional[Mapping[str, float]] = None, pairing: Optional[str] = None,
+                    group_size: Optional[int] = None) -> Normalizer:
+    """Check ``normalize=`` against a reward function's other options and find its statistics: what every path
+    (in-process, ``/v1/score``, ``/v1/rewards``) builds before it scores. ``model`` is the loaded reward model as it
+    scores (its ``kind``, ``preset``, ``name_or_path``, a process model's ``aggregate``, its checkpoint config); the
+    checkpoint config is read only for ``"stats"``. ``ValueError`` for a combination that cannot give the
+    documented numbers."""
+    mode = check_normalize(normalize, pairing, model.kind)
     if calibration is not None and mode != "stats":
         raise ValueError(f"a calibration is only read by normalize='stats' (normalize={mode!r})")
     if mode == "stats":
-        if pairing == "group" or (pairing == "halves" and reward["kind"] != "scalar"):
-            raise ValueError(f"normalize='stats' does not go with pairing={pairing!r}: those rewards compare the "
-                             "completions of one batch with each other, which no calibration measures; use "
-                             "normalize='group', or a baseline_column")
-        return Normalizer("stats", resolve_scale(calibration, config_scale=config_scale, model=model, preset=preset,
-                                                 reward=reward))
+        config_scale = checkpoint_scale(model)
+        reward = reward_shape(model.kind, baseline=baseline, transform=transform,
+                              aggregate=getattr(model, "aggregate", None), objectives=objectives)
+        scale = resolve_scale(calibration, config_scale=config_scale, model=model.name_or_path,
+                              preset=model.preset.name, reward=reward)
+        note = "" if calibration is None or config_scale is None else \
+            " (it takes precedence over the checkpoint config's OpenRLHF mean/std)"
+        return Normalizer("stats", scale, note=note)
     if mode == "group":
-        if pairing == "halves":
-            raise ValueError("normalize='group' does not go with pairing='halves': online DPO's batch holds pairs, "
-                             "not groups")
         return Normalizer("group", group_size=group_size)
     return Normalizer()

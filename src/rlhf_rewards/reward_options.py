@@ -49,7 +49,7 @@ def set_options(target: Any, *, baseline_column: Optional[str], pairing: Optiona
         raise ValueError(f"pairing must be None, 'group' or 'halves', got {pairing!r}")
     if pairing is not None and baseline_column is not None:
         raise ValueError("give either pairing or baseline_column, not both")
-    check_normalize(normalize)
+    check_normalize(normalize, pairing)
     if group_size is not None:
         check_group_size(group_size)
         if pairing != "group" and normalize != "group":

@@ -69,7 +69,8 @@ class ProcessRewardModel(RewardModel):
 
     kind = "process"
 
-    def __init__(self, *, step_separator: Optional[str] = None, aggregate: Aggregate = DEFAULT_AGGREGATE, **kwargs: Any):
+    def __init__(self, *, step_separator: Optional[str] = None, aggregate: Aggregate = DEFAULT_AGGREGATE,
+                 **kwargs: Any):
         super().__init__(**kwargs)
         self.step_separator = step_separator if step_separator is not None else self.preset.extra["step_separator"]
         self.aggregate = aggregate

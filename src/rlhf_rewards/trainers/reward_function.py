@@ -17,7 +17,7 @@ from ..backends.base import RewardModel
 from ..conversation import Sample
 from ..errors import SampleError
 from ..groups import group_bounds, halves
-from ..normalization import Calibration, NormalizeMode, checkpoint_scale, make_normalizer, reward_shape
+from ..normalization import Calibration, NormalizeMode, make_normalizer
 from ..pairwise import GroupMode, rewards_within_groups
 from ..reward_options import aggregate_steps, call_baselines, log_call_metrics, set_options
 from ..transforms import Transform, apply_transform
@@ -115,17 +115,10 @@ class RewardFunction:
         self.model = model
         self.__name__ = name or "reward_" + model.preset.name.replace("-", "_")
         self._source: Optional[tuple[str, dict[str, Any]]] = None
-        # the checkpoint config is read only when asked for: a raw function must not fail on a config it ignores
-        config_scale = checkpoint_scale(getattr(getattr(model, "model", None), "config", None), model.name_or_path,
-                                        model.preset.name) if normalize == "stats" else None
-        self.normalizer = make_normalizer(
-            normalize, calibration=calibration, config_scale=config_scale, model=model.name_or_path,
-            preset=model.preset.name, pairing=pairing, group_size=group_size,
-            reward=reward_shape(model.kind, baseline=baseline_column is not None, transform=transform,
-                                aggregate=getattr(model, "aggregate", None), objectives=self.objectives))
-        overridden = " (the checkpoint config's OpenRLHF mean/std are not used: a calibration takes precedence)" \
-            if calibration is not None and config_scale is not None else ""
-        logger.info("%s: normalize=%s%s", self.__name__, self.normalizer, overridden)
+        self.normalizer = make_normalizer(normalize, model, calibration=calibration,
+                                          baseline=baseline_column is not None, transform=transform,
+                                          objectives=self.objectives, pairing=pairing, group_size=group_size)
+        logger.info("%s: normalize=%s", self.__name__, self.normalizer)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, load_kwargs: Optional[dict[str, Any]] = None,
