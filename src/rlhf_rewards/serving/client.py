@@ -173,6 +173,8 @@ class AsyncRemoteRewardFunction:
         layout = Layout(self.pairing, self.group_size, self.group_mode, baselines is not None, self.normalize)
         units, whole = layout.units(prompts)
         options = {option: getattr(self, option) for option in _OPTIONS}
+        if self.normalize is None:  # servers from before normalize= refuse a field they do not know, even null
+            del options["normalize"]
 
         def payload(shard: Shard) -> dict[str, Any]:
             indices = shard.indices
