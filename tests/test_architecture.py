@@ -164,7 +164,8 @@ def test_nothing_above_the_backends_reaches_into_a_model():
 
 FLOORS = (
     # 0: facts and numbers, no model
-    ("rlhf_rewards", "errors", "transforms", "stats", "presets", "groups", "sources", "conversation", "rewardbench"),
+    ("rlhf_rewards", "errors", "transforms", "stats", "presets", "groups", "sources", "conversation", "rewardbench",
+     "normalization"),
     # 1: text and inputs: parsing, rendering, tokenizing, batching, reward-function options
     ("chat_parsing", "policy_text", "rendering", "tokenization", "control_text", "batching", "reward_options"),
     # 2: the models

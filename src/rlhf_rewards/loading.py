@@ -24,6 +24,13 @@ def _positive(name: str, value: Optional[int]) -> Optional[int]:
     return value
 
 
+def model_identity(name_or_path: Union[str, "os.PathLike[str]"]) -> str:
+    """Which model ``name_or_path`` names, as :attr:`RewardModel.name_or_path` records it: a local directory's real
+    path (however it is spelt), else the hub id as the presets spell it."""
+    path = os.path.expanduser(os.fspath(name_or_path))
+    return os.path.realpath(path) if os.path.isdir(path) else canonical_hub_id(path)
+
+
 def load_reward_model(
     name_or_path: str,
     *,
@@ -151,6 +158,7 @@ def load_reward_model(
                    max_length=max_length, max_batch_tokens=max_batch_tokens, quantization=quantization,
                    adapter=adapter, packing=packing, **({"device_map": split} if split is not None else {}))
     model.parse_templates = parse_templates
+    model.name_or_path = model_identity(local or name_or_path)
     for option, value in process.items():
         setattr(model, option, value)
     model.control_text = control_text  # "text" first checks the tokenizer reads control text exactly as text

@@ -10,12 +10,16 @@ from typing import Any, Callable, Literal, Optional
 
 from .conversation import check_same_length
 from .groups import check_group_size
+from .normalization import check_normalize
 from .transforms import check_transform
 
 Aggregate = Literal["min", "last", "mean", "product"]
 AGGREGATES: tuple[str, ...] = ("min", "last", "mean", "product")
 """How a process reward model's step rewards become one reward per completion (see
 :attr:`rlhf_rewards.backends.process_base.ProcessRewardModel.aggregate`)."""
+
+DEFAULT_AGGREGATE: Aggregate = "min"
+"""A process reward model's aggregate unless told otherwise."""
 
 
 def check_aggregate(value: object) -> Aggregate:
@@ -37,7 +41,7 @@ def aggregate_steps(rewards: Sequence[float], how: Aggregate) -> float:
 
 
 def set_options(target: Any, *, baseline_column: Optional[str], pairing: Optional[str], group_size: Optional[int],
-                group_mode: str, transform: str, parse_templates: bool) -> None:
+                group_mode: str, transform: str, parse_templates: bool, normalize: Optional[str] = None) -> None:
     """Check the reward-function options every reward function takes (in-process, remote, Ray) and set them as
     ``target``'s attributes of the same names. Options that do not go together fail at construction rather than
     mid-training."""
@@ -45,10 +49,11 @@ def set_options(target: Any, *, baseline_column: Optional[str], pairing: Optiona
         raise ValueError(f"pairing must be None, 'group' or 'halves', got {pairing!r}")
     if pairing is not None and baseline_column is not None:
         raise ValueError("give either pairing or baseline_column, not both")
+    check_normalize(normalize, pairing)
     if group_size is not None:
         check_group_size(group_size)
-        if pairing != "group":
-            raise ValueError(f"group_size={group_size} needs pairing='group'")
+        if pairing != "group" and normalize != "group":
+            raise ValueError(f"group_size={group_size} needs pairing='group' or normalize='group'")
     if group_mode not in ("round-robin", "anchor"):
         raise ValueError(f"unknown group_mode {group_mode!r}; expected 'round-robin' or 'anchor'")
     check_transform(transform)
@@ -58,6 +63,7 @@ def set_options(target: Any, *, baseline_column: Optional[str], pairing: Optiona
     target.group_mode = group_mode
     target.transform = transform
     target.parse_templates = parse_templates
+    target.normalize = normalize
 
 
 def call_baselines(prompts: Sequence[Any], completions: Sequence[Any], baseline_column: Optional[str],

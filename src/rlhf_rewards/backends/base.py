@@ -80,9 +80,13 @@ class RewardModel:
         lock: the model's own re-entrant lock: callers that may share the model across threads (reward functions,
             the server, the PPO adapter) score under it, so batches do not interleave and each call's share of
             ``stats`` is its own.
+        name_or_path: which model this is: the real path of the local directory it was loaded from, or its hub id
+            (``None`` for a model not built by :func:`~rlhf_rewards.load_reward_model`); reward statistics from
+            ``rlhf-rewards calibrate`` are checked against it.
     """
 
     kind: ClassVar[Literal["scalar", "pairwise", "process"]]
+    name_or_path: Optional[str] = None
     packing: bool = False
     packing_reason: str = "this backend pads its batches"
     control_markers: ClassVar[tuple[str, ...]] = ()

@@ -23,7 +23,7 @@ from ..conversation import CompletionInput, Message, PromptInput, Sample, check_
     normalize_steps
 from ..errors import NonFiniteRewardError, SampleError, TooLongError, nonfinite, raise_first
 from ..policy_text import completion_text
-from ..reward_options import Aggregate, aggregate_steps, check_aggregate
+from ..reward_options import DEFAULT_AGGREGATE, Aggregate, aggregate_steps, check_aggregate
 from .base import RewardModel, _decoded, _located
 
 StepRewards = Union[list[float], SampleError]
@@ -69,7 +69,8 @@ class ProcessRewardModel(RewardModel):
 
     kind = "process"
 
-    def __init__(self, *, step_separator: Optional[str] = None, aggregate: Aggregate = "min", **kwargs: Any):
+    def __init__(self, *, step_separator: Optional[str] = None, aggregate: Aggregate = DEFAULT_AGGREGATE,
+                 **kwargs: Any):
         super().__init__(**kwargs)
         self.step_separator = step_separator if step_separator is not None else self.preset.extra["step_separator"]
         self.aggregate = aggregate

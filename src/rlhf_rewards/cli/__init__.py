@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo", "presets", "score", "label", "eval", "format", "serve")
+COMMANDS = ("demo", "presets", "score", "calibrate", "label", "eval", "format", "serve")
 """Subcommand names, each the module ``rlhf_rewards.cli.<name>`` (in the order ``--help`` lists them)."""
 
 

@@ -52,6 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shutdown-timeout", type=seconds, default=30.0,
                         help="after SIGTERM, seconds requests in flight may take to finish (default 30)")
     parser.add_argument("--served-model-name", help="model id reported to clients (default: the preset name)")
+    parser.add_argument("--calibration",
+                        help="reward statistics from `rlhf-rewards calibrate` of this model: what requests with "
+                             "normalize='stats' divide by (default: the checkpoint config's OpenRLHF mean/std, "
+                             "when present); GET /v1/models states which")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     serve_ray.add_arguments(parser)
 
@@ -83,6 +87,22 @@ def _check_before_loading(args: argparse.Namespace) -> None:
         resolve_dtype(args.dtype, preset, device)
     except ValueError as err:
         raise UsageError(str(err)) from None
+    if args.calibration is not None:
+        args.calibration = _calibration(args.calibration, args.model, preset.name)
+
+
+def _calibration(path: str, model: str, preset: str):
+    """The ``--calibration`` file read and checked against the model to serve, before it loads (the replicas of
+    ``--ray`` get the statistics, not the path)."""
+    from ..loading import model_identity
+    from ..normalization import check_same_model, read_calibration
+
+    try:
+        scale = read_calibration(path)
+        check_same_model(scale, model_identity(model), preset)
+    except ValueError as err:
+        raise UsageError(f"--calibration: {err}") from None
+    return scale
 
 
 @reports_usage_errors("serve")
@@ -111,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
                    "quantization": args.quantization, "adapter": args.adapter}
 
     engine_kwargs = {"model_id": args.served_model_name, "max_wait_ms": args.max_wait_ms,
-                     "max_queue": args.max_queue, "max_request_items": args.max_request_items}
+                     "max_queue": args.max_queue, "max_request_items": args.max_request_items,
+                     "calibration": args.calibration}
     if args.ray:
         return serve_ray.run(args, load_kwargs, engine_kwargs, settings)
 

@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 RETRY_STATUS = frozenset({429, 502, 503, 504})
 """Answers that mean "try again, maybe elsewhere": overloaded, starting, or a proxy that lost the server."""
 
-_OPTIONS = ("pairing", "group_size", "group_mode", "transform", "parse_templates", "objectives", "aggregate")
+_OPTIONS = ("pairing", "group_size", "group_mode", "transform", "parse_templates", "objectives", "aggregate",
+            "normalize")
 _STAT_KEYS = ("samples", "truncated", "real_tokens", "computed_tokens", "comparisons", "order_disagreements",
               "control_text")
 
@@ -45,7 +46,7 @@ class AsyncRemoteRewardFunction:
                  baseline_column: Optional[str] = None, pairing: Optional[str] = None,
                  group_size: Optional[int] = None, group_mode: str = "round-robin", transform: str = "logodds",
                  parse_templates: bool = True, objectives: Optional[Mapping[str, float]] = None,
-                 aggregate: Optional[str] = None):
+                 aggregate: Optional[str] = None, normalize: Optional[str] = None):
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         if not self.urls:
             raise ValueError("give at least one server URL, e.g. 'http://rm-node:8000'")
@@ -54,7 +55,7 @@ class AsyncRemoteRewardFunction:
             if not u.startswith(("http://", "https://")):
                 raise ValueError(f"server URL {u!r} must start with http:// or https://")
         set_options(self, baseline_column=baseline_column, pairing=pairing, group_size=group_size,
-                    group_mode=group_mode, transform=transform, parse_templates=parse_templates)
+                    group_mode=group_mode, transform=transform, parse_templates=parse_templates, normalize=normalize)
         if objectives is not None and (not isinstance(objectives, Mapping) or not objectives):
             raise ValueError(f"objectives must be a non-empty mapping of objective name to weight, got {objectives!r}")
         # the server's model checks the names and weights (a 422 naming its objectives)
@@ -72,11 +73,15 @@ class AsyncRemoteRewardFunction:
         self.max_backoff = max_backoff
         self.max_shard_size = max_shard_size
         self.__name__ = name or "reward_remote"
+        if normalize is not None:
+            logger.info("%s: normalize=%r, computed by the server with its own statistics (GET /v1/models states "
+                        "them)", self.__name__, normalize)
         self.stats = RemoteStats()
         self._limits: dict[str, ServerLimits] = {}  # per URL, from its /v1/models; dropped when it fails
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.__name__}, urls={self.urls!r})"
+        how = "" if self.normalize is None else f", normalize={self.normalize!r} (computed by the server)"
+        return f"{type(self).__name__}({self.__name__}, urls={self.urls!r}{how})"
 
     def __getstate__(self) -> dict[str, Any]:
         # what a server said of its limits may be stale where the copy runs; the copy asks again
@@ -96,7 +101,10 @@ class AsyncRemoteRewardFunction:
 
     def _request_options(self) -> dict[str, Any]:
         """What each request carries beside its samples: this reward function's options."""
-        return {option: getattr(self, option) for option in _OPTIONS}
+        options = {option: getattr(self, option) for option in _OPTIONS}
+        if self.normalize is None:  # servers from before normalize= refuse a field they do not know, even null
+            del options["normalize"]
+        return options
 
     @staticmethod
     def _read_answer(data: Any, shard: Shard) -> None:
@@ -178,7 +186,7 @@ class AsyncRemoteRewardFunction:
         for _, bad in sent.values():
             for i, why in bad.items():
                 unsendable.setdefault(i, why)
-        layout = Layout(self.pairing, self.group_size, self.group_mode, baselines is not None)
+        layout = Layout(self.pairing, self.group_size, self.group_mode, baselines is not None, self.normalize)
         units, whole = layout.units(prompts)
         options = self._request_options()
 
@@ -245,6 +253,11 @@ class RemoteRewardFunction(AsyncRemoteRewardFunction):
         baseline_column, pairing, group_size, group_mode, transform, parse_templates, objectives, aggregate: as
             for :class:`~rlhf_rewards.RewardFunction` (``aggregate``: a process reward model server's step rewards
             become one reward per completion by it).
+        normalize: as for :class:`~rlhf_rewards.RewardFunction`, computed by the server: ``"stats"`` with the
+            statistics its ``GET /v1/models`` states (``serve --calibration``, else the checkpoint config's OpenRLHF
+            ``mean``/``std``; a server without any answers 422, raised here as ``ValueError``); ``"group"`` sends
+            each group whole in one request (``group_size``, else runs of equal consecutive prompts). Every server
+            behind one function must be started with the same calibration.
 
     ``stats`` (:class:`~rlhf_rewards.serving.dispatch.RemoteStats`) counts, over all calls, the samples returned
     as ``None`` and those no server scored, requests, failed attempts and splits. ``log_metric``, when the trainer

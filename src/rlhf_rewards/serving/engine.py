@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
 from ..backends.base import RewardModel
+from ..normalization import Calibration, RewardScale, check_same_model, checkpoint_scale, read_calibration
 from .batcher import Batcher, Counters, Ticket
 from .metrics import ServerMetrics
 
@@ -66,12 +67,20 @@ class RewardEngine:
             needing more gets HTTP 413, as it could never be queued. A scalar model's input is one text (a
             completion, or a baseline); a pairwise model's is one comparison (run in both orders).
         max_concurrency: requests prepared (parsed, rendered) at once, each on its own thread.
+        calibration: the reward statistics requests with ``normalize="stats"`` use (a file from ``rlhf-rewards
+            calibrate``, its JSON, or a :class:`~rlhf_rewards.normalization.RewardScale`), taking precedence over the
+            checkpoint config's OpenRLHF ``mean``/``std``; ``ValueError`` when it describes another model or preset.
+            ``/v1/models`` states what ``"stats"`` uses.
     """
 
     def __init__(self, model: RewardModel, *, model_id: Optional[str] = None,
                  max_call_chars: Optional[int] = None, max_wait_ms: float = 5.0, max_queue: int = 4096,
-                 max_request_items: Optional[int] = None, max_concurrency: int = 64):
+                 max_request_items: Optional[int] = None, max_concurrency: int = 64,
+                 calibration: Optional[Calibration] = None):
         self.model = model
+        self.calibration: Optional[RewardScale] = None if calibration is None else read_calibration(calibration)
+        if self.calibration is not None:
+            check_same_model(self.calibration, model.name_or_path, model.preset.name)
         self.model_id = model_id or model.preset.name
         self.metrics = ServerMetrics()
         # requests being prepared (parsed, rendered) rather than waiting for the model: the batcher's possible company
@@ -110,11 +119,22 @@ class RewardEngine:
         return self.batcher.max_request_items
 
     def describe(self) -> dict[str, Any]:
-        """The ``/v1/models`` entry: id, preset, kind, device, dtype and the per-input token limit."""
+        """The ``/v1/models`` entry: id, preset, kind, device, dtype, the per-input token limit, and the reward
+        statistics ``normalize="stats"`` uses (``None``: none, such requests get a 422)."""
         dtype = getattr(getattr(self.model, "model", None), "dtype", None)
         return {"id": self.model_id, "object": "model", "preset": self.model.preset.name, "kind": self.kind,
                 "device": str(self.model.device), "dtype": str(dtype).removeprefix("torch.") if dtype else None,
-                "max_length": self.model.max_length}
+                "max_length": self.model.max_length, "normalization": self.normalization()}
+
+    def normalization(self) -> dict[str, Any]:
+        """What ``normalize=`` can use here: the modes, and the statistics of ``"stats"`` (the calibration, which
+        takes precedence, else the checkpoint config's; ``None`` without either)."""
+        try:
+            scale = self.calibration or checkpoint_scale(self.model)
+        except ValueError:  # a config mean/std that cannot be used: a "stats" request gets the 422 saying why
+            scale = None
+        return {"modes": ["stats", "group"] if scale is not None else ["group"],
+                "stats": None if scale is None else scale.describe()}
 
     def label(self) -> str:
         """The class label ``/classify`` reports, as vLLM does: the model config's ``id2label[0]``."""

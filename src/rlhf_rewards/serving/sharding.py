@@ -61,12 +61,18 @@ def _positive(value: Any) -> Optional[int]:
 
 @dataclass(frozen=True)
 class Layout:
-    """A call's reward-function options that decide which samples go together and what they cost."""
+    """A call's reward-function options that decide which samples go together and what they cost (``normalize=
+    "group"`` needs each whole group in one request, as ``pairing="group"`` does)."""
 
     pairing: Optional[str]
     group_size: Optional[int]
     group_mode: str
     baselines: bool
+    normalize: Optional[str] = None
+
+    @property
+    def grouped(self) -> bool:
+        return self.pairing == "group" or self.normalize == "group"
 
     def units(self, prompts: Sequence[Any]) -> tuple[list[list[int]], bool]:
         """The smallest sets of samples that must be scored together, in order, and whether the batch has the
@@ -76,7 +82,7 @@ class Layout:
             if self.pairing == "halves":
                 half = halves(prompts)
                 return [[i, i + half] for i in range(half)], True
-            if self.pairing == "group":
+            if self.grouped:
                 return [list(range(start, end)) for start, end in group_bounds(prompts, self.group_size)], True
         except ValueError:
             return [list(range(len(prompts)))], False
@@ -101,6 +107,8 @@ class Layout:
         cost = f"{items} {noun}{'s' if items != 1 else ''} in one request"
         if self.pairing == "group" and len(unit) > 1:
             return f"its group of {len(unit)} completions ({self.group_mode}: {cost})"
+        if self.grouped and len(unit) > 1:
+            return f"its group of {len(unit)} completions, normalised together ({cost})"
         if self.pairing == "halves" and len(unit) == 2:
             return f"its online-DPO pair ({cost})"
         if len(unit) == 1:

@@ -22,6 +22,7 @@ from ..backends.weights import device_problem
 from ..conversation import Sample
 from ..errors import SampleError
 from ..groups import group_bounds, halves
+from ..normalization import Calibration, NormalizeMode, make_normalizer
 from ..pairwise import GroupMode, rewards_within_groups
 from ..reward_options import aggregate_steps, call_baselines, log_call_metrics, set_options
 from ..transforms import Transform, apply_transform
@@ -73,6 +74,17 @@ class RewardFunction:
             keeps the step rewards (per sample a list, ``None`` when unscored) as ``last_step_rewards``.
         on_step_rewards: for a process reward model: called after each call with that call's step rewards (as
             ``last_step_rewards``), e.g. to log or shape per-step rewards yourself.
+        normalize: ``None`` (default): the rewards above, raw. ``"stats"``: ``(r - mean) / std`` with the mean and
+            sample standard deviation of ``calibration``, else of the checkpoint config's OpenRLHF ``mean``/``std``;
+            refused (here, naming where it looked) without either, for statistics of another model, preset or
+            reward (``objectives``, ``aggregate``, ``transform``, baseline), and with ``pairing="group"``.
+            ``"group"``: within each group (``group_size`` consecutive completions, else each run of equal
+            consecutive prompts), ``(r - group mean) / (group sample std + 1e-4)`` as TRL's GDPO
+            (``normalize_then_sum``) does; a group with fewer than two rewards, or all equal, gives 0.0. ``None``
+            rewards stay ``None`` and are left out of a group's statistics. See docs/normalization.md.
+        calibration: for ``normalize="stats"``: a file written by ``rlhf-rewards calibrate`` (its path or parsed
+            JSON, or a :class:`~rlhf_rewards.normalization.RewardScale`); it takes precedence over the checkpoint
+            config's ``mean``/``std``.
     """
 
     def __init__(self, model: RewardModel, *, baseline_column: Optional[str] = None,
@@ -80,9 +92,10 @@ class RewardFunction:
                  group_mode: GroupMode = "round-robin", transform: Transform = "logodds",
                  name: Optional[str] = None, parse_templates: bool = True,
                  objectives: Optional[Mapping[str, float]] = None, aggregate: Optional[str] = None,
-                 on_step_rewards: Optional[Callable[[list[Optional[list[float]]]], None]] = None):
+                 on_step_rewards: Optional[Callable[[list[Optional[list[float]]]], None]] = None,
+                 normalize: Optional[NormalizeMode] = None, calibration: Optional[Calibration] = None):
         set_options(self, baseline_column=baseline_column, pairing=pairing, group_size=group_size,
-                    group_mode=group_mode, transform=transform, parse_templates=parse_templates)
+                    group_mode=group_mode, transform=transform, parse_templates=parse_templates, normalize=normalize)
         if objectives is not None:
             model = model.with_objectives(objectives)  # checked before anything else is kept
         self.objectives = None if objectives is None else dict(objectives)
@@ -107,6 +120,10 @@ class RewardFunction:
         self.model = model
         self.__name__ = name or "reward_" + model.preset.name.replace("-", "_")
         self._source: Optional[tuple[str, dict[str, Any]]] = None
+        self.normalizer = make_normalizer(normalize, model, calibration=calibration,
+                                          baseline=baseline_column is not None, transform=transform,
+                                          objectives=self.objectives, pairing=pairing, group_size=group_size)
+        logger.info("%s: normalize=%s", self.__name__, self.normalizer)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, load_kwargs: Optional[dict[str, Any]] = None,
@@ -197,7 +214,7 @@ class RewardFunction:
     def __repr__(self) -> str:
         how = f"pairing={self.pairing!r}" if self.baseline_column is None else f"baseline={self.baseline_column!r}"
         model = self.__dict__.get("_model") or "loaded at the first call"  # repr never loads it
-        return f"RewardFunction({self.__name__}, model={model!r}, {how})"
+        return f"RewardFunction({self.__name__}, model={model!r}, {how}, normalize={self.normalizer})"
 
     # -- the call -------------------------------------------------------------------------------------------------
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None,
@@ -211,6 +228,7 @@ class RewardFunction:
         """What a call returns, plus per sample the reason its reward is ``None`` (``None`` where it has one): the
         server sends these reasons back to its clients."""
         baselines = call_baselines(prompts, completions, self.baseline_column, kwargs)
+        groups = self.normalizer.layout(prompts)  # a batch that is not whole groups fails before any scoring
         start = time.perf_counter()
         model = self.model
         with model.lock:
@@ -230,6 +248,7 @@ class RewardFunction:
         unscored = [(i, reason) for i, reason in enumerate(reasons) if reason is not None]
         for i, _ in unscored:
             rewards[i] = None
+        rewards = self.normalizer.apply(rewards, groups)
         if unscored:
             # every reward lost would train on nothing: that is an error, not a warning
             level = logging.ERROR if len(unscored) == len(rewards) else logging.WARNING

@@ -18,6 +18,8 @@ Completion = Union[StrictStr, list[StrictStr], Messages]
 """A completion: text, TRL's ``[{"role": "assistant", ...}]``, or (process reward models) a list of step strings."""
 AggregateName = Optional[Literal["min", "last", "mean", "product"]]
 """How a process reward model's step rewards become one reward per completion (``None``: the model's own)."""
+NormalizeName = Optional[Literal["stats", "group"]]
+"""Reward normalisation (``None``: raw rewards; see :mod:`rlhf_rewards.normalization`)."""
 Objectives = Optional[dict[StrictStr, Union[StrictInt, StrictFloat]]]
 """Objective name -> weight: the reward is the weighted sum of a multi-objective model's objectives (names and
 weights are checked by the model: a 422 naming the known objectives)."""

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from fastapi.responses import Response
 from pydantic import BaseModel
@@ -41,9 +41,20 @@ class RequestLimits(BaseModel):
     max_sample_chars: int
 
 
+class Normalization(BaseModel):
+    """What ``normalize=`` can use on this server: ``modes`` (``"group"`` always; ``"stats"`` with statistics), and
+    ``stats``: the mean and sample std ``"stats"`` divides by, where they come from (``serve --calibration``, which
+    takes precedence, else the checkpoint config's OpenRLHF ``mean``/``std``), the model and preset they were
+    measured on, and the reward they describe (requests for another reward get a 422); ``None`` without any."""
+
+    modes: list[str]
+    stats: Optional[dict[str, Any]]
+
+
 class ModelCard(BaseModel):
     """The served model: ``id`` (the name clients see), its preset and kind (``"scalar"``/``"pairwise"``), device,
-    weights' dtype (``None`` when unknown), token limit per input, and the request limits."""
+    weights' dtype (``None`` when unknown), token limit per input, the request limits, and what reward
+    normalisation can use."""
 
     id: str
     object: str
@@ -53,6 +64,7 @@ class ModelCard(BaseModel):
     dtype: Optional[str]
     max_length: int
     limits: RequestLimits
+    normalization: Normalization
 
 
 class ModelList(BaseModel):

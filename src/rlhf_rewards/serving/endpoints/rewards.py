@@ -9,11 +9,12 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, Field, StrictBool, StrictInt, model_validator
 
 from ...backends.base import RewardModel
+from ...normalization import RewardScale
 from ...stats import RewardStats
 from ...trainers.reward_function import RewardFunction
 from ..engine import RewardEngine
 from ..routing import Route, Served
-from .fields import AggregateName, Objectives, StrictBody, TransformName, same_length
+from .fields import AggregateName, NormalizeName, Objectives, StrictBody, TransformName, same_length
 
 PATH = "/v1/rewards"
 
@@ -35,6 +36,7 @@ class RewardsRequest(StrictBody):
     parse_templates: StrictBool = True
     objectives: Objectives = None
     aggregate: AggregateName = None
+    normalize: NormalizeName = None
 
     @model_validator(mode="after")
     def _lengths(self) -> RewardsRequest:
@@ -52,13 +54,16 @@ class RewardsResponse(BaseModel):
     stats: RewardStats
 
 
-def call_reward_function(model: RewardModel, body: RewardsRequest) -> RewardsResponse:
+def call_reward_function(model: RewardModel, body: RewardsRequest, calibration: Optional[RewardScale] = None
+                         ) -> RewardsResponse:
     """What ``/v1/rewards`` answers, computed on ``model`` (a view, whose ``stats`` count this request only):
-    ``ValueError`` for options the batch does not fit (e.g. groups that do not split)."""
+    ``ValueError`` for options the batch does not fit (e.g. groups that do not split). ``calibration`` is the
+    server's (``serve --calibration``), for ``normalize="stats"``."""
     function = RewardFunction(model, baseline_column="baselines" if body.baselines is not None else None,
                               pairing=body.pairing, group_size=body.group_size, group_mode=body.group_mode,
                               transform=body.transform, parse_templates=body.parse_templates,
-                              objectives=body.objectives, aggregate=body.aggregate)
+                              objectives=body.objectives, aggregate=body.aggregate, normalize=body.normalize,
+                              calibration=calibration if body.normalize == "stats" else None)
     columns = {"baselines": body.baselines} if body.baselines is not None else {}
     values, errors = function.rewards_with_reasons(body.prompts, body.completions, **columns)
     return RewardsResponse(rewards=values, errors=errors, stats=dataclasses.replace(model.stats))
@@ -67,7 +72,7 @@ def call_reward_function(model: RewardModel, body: RewardsRequest) -> RewardsRes
 async def run(engine: RewardEngine, body: RewardsRequest, endpoint: str) -> RewardsResponse:
     """Answer ``body`` on ``engine``, counting its unscored samples under ``endpoint`` (the HTTP path, or the Ray
     deployment handle's label)."""
-    answer = await engine.run(lambda model: call_reward_function(model, body))
+    answer = await engine.run(lambda model: call_reward_function(model, body, engine.calibration))
     engine.metrics.unscored.labels(endpoint).inc(sum(r is None for r in answer.rewards))
     return answer
 
