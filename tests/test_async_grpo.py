@@ -226,7 +226,8 @@ def test_gpu_reward_function_fails_here_too_and_keeps_its_recipe(gpu_functions):
     """Unpickling loads nothing; the first call raises, in any process without the device, every time."""
     recipe, weights = gpu_functions
     assert "_model" not in vars(recipe) and "_model" not in vars(weights)
-    assert repr(recipe) == "RewardFunction(gpu_recipe, model='loaded at the first call', pairing=None)"
+    assert repr(recipe) == ("RewardFunction(gpu_recipe, model='loaded at the first call', pairing=None, "
+                            "normalize=none (raw rewards))")
     for fn in (recipe, weights):
         for _ in range(2):
             with pytest.raises(RuntimeError, match="cannot use cuda:0"):
