@@ -325,3 +325,19 @@ def test_counters_of_a_client_shared_by_threads_add_up():
     finally:
         sys.setswitchinterval(switch)
     assert (total.calls, total.samples) == (40000, 80000)
+
+
+def test_stats_normalisation_with_the_servers_calibration(models, tmp_path):
+    from test_normalization import write_calibration
+
+    model = models[SCALAR]
+    path = write_calibration(tmp_path / "stats.json", model, mean=-0.07, std=0.02)
+    expected = RewardFunction(model, normalize="stats", calibration=path)([_plain(p) for p in PROMPTS], RESPONSES)
+    raw = RewardFunction(model)([_plain(p) for p in PROMPTS], RESPONSES)
+    assert expected == pytest.approx([(r + 0.07) / 0.02 for r in raw], abs=1e-4)  # numbers, not the package's own
+    with ServerThread(build_app(RewardEngine(model, calibration=path), ServerSettings())) as url:
+        for name in ("async_compute_score", "compute_score"):
+            outputs, _, _ = verl_reward_loop(name, {"url": url, "normalize": "stats"}, rows())
+            assert_rewards([o["reward_score"] for o in outputs], expected)
+    with pytest.raises(ValueError, match="reward_kwargs.normalize: expected null or 'stats', got 'group'"):
+        verl_reward_loop("async_compute_score", {"url": "http://127.0.0.1:1", "normalize": "group"}, rows()[:1])

@@ -69,6 +69,10 @@ class VerlSettings:
             ``"probability"``).
         aggregate: how a process reward model's step rewards become the score (``None``: the model's own).
         objectives: objective name -> weight for a multi-objective model, as sorted pairs, or ``None``.
+        normalize: ``None`` (raw rewards) or ``"stats"``: ``(r - mean) / std`` with the statistics the server was
+            started with (``serve --calibration``, or the checkpoint config's OpenRLHF ``mean``/``std``), so that
+            the score mixes with rule-based rewards on a common scale. ``"group"`` is refused: verl asks for one
+            sample at a time, and its advantage estimator already normalises within groups.
         parse_templates: parse a prompt rendered with a chat template back into messages.
         step_rewards: also return a process reward model's step rewards (one more request per sample, one more
             pass of the model over it).
@@ -84,6 +88,7 @@ class VerlSettings:
     transform: str = "logodds"
     aggregate: Optional[str] = None
     objectives: Optional[tuple[tuple[str, float], ...]] = None
+    normalize: Optional[str] = None
     parse_templates: bool = True
     step_rewards: bool = False
     unscored_score: Optional[float] = 0.0
@@ -112,6 +117,10 @@ class VerlSettings:
                 raise ValueError(f"reward_kwargs.{name}: expected the name of an extra_info key, got {key!r}")
         if settings.aggregate is not None:
             check_aggregate(settings.aggregate)
+        if settings.normalize not in (None, "stats"):
+            raise ValueError(f"reward_kwargs.normalize: expected null or 'stats', got {settings.normalize!r} (verl "
+                             "scores one sample per call, so there is no group to normalise within; its advantage "
+                             "estimator normalises within groups)")
         score = settings.unscored_score
         if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))
                                   or not math.isfinite(score)):
@@ -137,6 +146,7 @@ def _client(cls: type[RemoteRewardFunction], settings: VerlSettings) -> RemoteRe
             if cls is RemoteRewardFunction:
                 options.update(name="verl_reward", transform=settings.transform, aggregate=settings.aggregate,
                                objectives=None if settings.objectives is None else dict(settings.objectives),
+                               normalize=settings.normalize,
                                baseline_column=_REFERENCE if settings.reference_key is not None else None)
             fn = _clients[(cls, settings)] = cls(list(settings.urls), **options)
         return fn
@@ -208,8 +218,8 @@ async def async_compute_score(data_source: Any = None, solution_str: Any = None,
                               api_key: Optional[str] = None, prompt_key: str = "prompt",
                               reference_key: Optional[str] = None, transform: str = "logodds",
                               aggregate: Optional[str] = None, objectives: Optional[Mapping[str, float]] = None,
-                              parse_templates: bool = True, step_rewards: bool = False,
-                              unscored_score: Optional[float] = 0.0, timeout: float = 120.0,
+                              normalize: Optional[str] = None, parse_templates: bool = True,
+                              step_rewards: bool = False, unscored_score: Optional[float] = 0.0, timeout: float = 120.0,
                               max_retries: int = 5, deadline: Optional[float] = None,
                               **kwargs: Any) -> dict[str, Any]:
     """verl's reward for one sample, scored by the server at ``url``; awaited by verl's reward loop, so a batch's
@@ -233,7 +243,7 @@ async def async_compute_score(data_source: Any = None, solution_str: Any = None,
     """
     settings = _settings_of(url, api_key, dict(
         prompt_key=prompt_key, reference_key=reference_key, transform=transform, aggregate=aggregate,
-        objectives=objectives, parse_templates=parse_templates, step_rewards=step_rewards,
+        objectives=objectives, normalize=normalize, parse_templates=parse_templates, step_rewards=step_rewards,
         unscored_score=unscored_score, timeout=timeout, max_retries=max_retries, deadline=deadline), kwargs)
     prompt, columns = _inputs(settings, extra_info)
     calls = [AsyncRemoteRewardFunction.__call__(_client(RemoteRewardFunction, settings), [prompt], [solution_str],
@@ -254,15 +264,16 @@ def compute_score(data_source: Any = None, solution_str: Any = None, ground_trut
                   reward_model_tokenizer: Any = None, *, url: Union[str, Sequence[str], None] = None,
                   api_key: Optional[str] = None, prompt_key: str = "prompt", reference_key: Optional[str] = None,
                   transform: str = "logodds", aggregate: Optional[str] = None,
-                  objectives: Optional[Mapping[str, float]] = None, parse_templates: bool = True,
-                  step_rewards: bool = False, unscored_score: Optional[float] = 0.0, timeout: float = 120.0,
-                  max_retries: int = 5, deadline: Optional[float] = None, **kwargs: Any) -> dict[str, Any]:
+                  objectives: Optional[Mapping[str, float]] = None, normalize: Optional[str] = None,
+                  parse_templates: bool = True, step_rewards: bool = False,
+                  unscored_score: Optional[float] = 0.0, timeout: float = 120.0, max_retries: int = 5,
+                  deadline: Optional[float] = None, **kwargs: Any) -> dict[str, Any]:
     """:func:`async_compute_score` as a plain function, for verl's reward managers that take no ``async def``
     (``reward_manager=remote``) and for verl's legacy batch-less managers: same arguments, result and errors. verl
     runs it in a thread pool, so fewer samples reach the server at once than with the async one."""
     settings = _settings_of(url, api_key, dict(
         prompt_key=prompt_key, reference_key=reference_key, transform=transform, aggregate=aggregate,
-        objectives=objectives, parse_templates=parse_templates, step_rewards=step_rewards,
+        objectives=objectives, normalize=normalize, parse_templates=parse_templates, step_rewards=step_rewards,
         unscored_score=unscored_score, timeout=timeout, max_retries=max_retries, deadline=deadline), kwargs)
     prompt, columns = _inputs(settings, extra_info)
     try:
