@@ -7,8 +7,8 @@ Per batch size (64, 128, 256, 512 samples):
 * ``computed/real`` of both plans at budgets of 4096 (the CPU default), 16384 and 65536 tokens (the CUDA range),
   from planning alone: ``rows x widest row`` per batch over the samples' tokens, as ``rm.stats`` counts them;
 * wall time of scoring the batch packed (``packing=True``, sdpa) on the benchmark's random Ray2333 model, both plans
-  alternating ``repeats`` times in this one process, best time each, and its ratio (new / today: below 1 is
-  faster), with the forward passes each plan ran;
+  alternating ``repeats`` times in this one process (each first every other time), best time each, and its ratio
+  (new / today: below 1 is faster), with the forward passes each plan ran;
 * the planning time of the current plan.
 """
 
@@ -93,8 +93,8 @@ def timing_rows(scale: Scale, sizes: Sequence[int], seed: int, repeats: int) -> 
             best = {"today": float("inf"), "new": float("inf")}
             counts: dict[str, tuple[int, int, int]] = {}
             scores: dict[str, list[float]] = {}
-            for _ in range(repeats):
-                for name in ("today", "new"):
+            for k in range(repeats):
+                for name in ("today", "new") if k % 2 == 0 else ("new", "today"):  # neither always runs warmer
                     rm.stats.reset()
                     start = time.perf_counter()
                     if name == "today":
