@@ -169,7 +169,7 @@ FLOORS = (
     # 1: text and inputs: parsing, rendering, tokenizing, batching, reward-function options
     ("chat_parsing", "policy_text", "rendering", "tokenization", "control_text", "batching", "reward_options"),
     # 2: the models
-    ("backends", "loading"),
+    ("backends", "packing_check", "loading"),
     # 3: built on any model through its per-sample protocol; tiny checkpoints
     ("pairwise", "testing"),
     # 4: TRL adapters

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from rlhf_rewards import load_reward_model
-from rlhf_rewards.batching import choose_packing, plan_batches, plan_packed
+from rlhf_rewards.batching import choose_packing, plan_batches, plan_packed, run_batched
 
 from cases import CONVERSATIONS
 
@@ -74,7 +74,7 @@ def test_choice_and_reason_are_visible(tiny_dir):
     assert rm.packing is False and "auto: sdpa" in rm.packing_reason  # CPU with sdpa: padded batches are faster
     assert f"packing=False ({rm.packing_reason})" in repr(rm)
     on = load_reward_model(tiny_dir("starling-rm-34b"), device="cpu", packing=True)
-    assert on.packing is True and "packing=True (packing=True)" in repr(on)
+    assert on.packing is True and "packing=True (packing=True; checked: packed and padded scores" in repr(on)
     with pytest.raises(ValueError, match="packing must be"):
         load_reward_model(tiny_dir("starling-rm-34b"), device="cpu", packing="yes")
 
@@ -124,3 +124,43 @@ def test_plan_batches_caps_padding_and_counts_cached_prefixes():
     assert len(plan_batches(lengths, max_batch_tokens=10_000, max_padding=None)) == 1
     # two rows of 10 new tokens on caches of 90: 200 > 150
     assert plan_batches([10, 10], max_batch_tokens=150, cached=[90, 90]) == [[0], [1]]
+
+
+def _computed(lengths, plan):
+    return sum(len(batch) * max(sum(lengths[i] for i in row) for row in batch) for batch in plan)
+
+
+@pytest.mark.parametrize("budget", [4096, 16384, 65536])
+def test_dense_packed_plan_of_a_grpo_sized_batch(budget):
+    """128 mixed-length samples (the benchmark's seeded lengths): computed / real tokens at most 1.01 at the CPU's
+    default budget and across the CUDA range (the old grouping under the padded batches' 10% cap gave 1.01-1.07 at
+    16k-64k); every sample in exactly one row, no row wider than the longest sample, every batch within budget."""
+    from benchmarks.dense_packing import mixed_lengths
+
+    lengths = mixed_lengths(128, seed=0)
+    plan = plan_packed(lengths, budget)
+    assert sorted(i for batch in plan for row in batch for i in row) == list(range(128))
+    for batch in plan:
+        fills = [sum(lengths[i] for i in row) for row in batch]
+        assert max(fills) <= max(lengths) or len(batch[0]) == 1
+        assert len(batch) * max(fills) <= budget or len(batch) == 1
+    assert _computed(lengths, plan) <= 1.01 * sum(lengths)
+
+
+def test_run_batched_gives_packed_results_back_in_the_callers_order():
+    from benchmarks.dense_packing import mixed_lengths
+    from rlhf_rewards.stats import RewardStats
+
+    lengths = mixed_lengths(64, seed=1)
+    items = [f"sample {i}" for i in range(len(lengths))]
+    seen = []
+
+    def forward(rows):
+        seen.append([len(row) for row in rows])
+        return [item.upper() for row in rows for item in row]
+
+    stats = RewardStats()
+    out = run_batched(items, lengths, forward, max_batch_tokens=16384, stats=stats, packed=True)
+    assert out == [item.upper() for item in items]
+    assert stats.real_tokens == sum(lengths) and stats.computed_tokens <= 1.01 * sum(lengths)
+    assert any(n > 1 for rows in seen for n in rows)  # rows held several samples

@@ -27,6 +27,12 @@ MAX_PADDING = 0.1
 """A padded batch closes before padding passes this share of its computed tokens. Length sorting alone leaves long
 tails of padding where lengths are spread; the cap halved the padding (9.1% -> 4.7%) and ran ~10% faster."""
 
+PACKED_MAX_PADDING = 0.01
+"""The padding cap of a batch of packed rows. Nearly every packed row is full, so what a batch wastes is the few
+part-filled rows that join it, padded to the widest: under :data:`MAX_PADDING` they cost 1.5-6.5% more computed
+tokens than real ones on 64-512 mixed samples with budgets of 16-64k tokens; under this cap they run with rows of
+their own fill, at most 0.9% (benchmarks/dense_packing.py), for a few more forward passes of similar rows."""
+
 
 def default_max_batch_tokens(device: torch.device) -> int:
     """The default token budget of one forward pass: :data:`CPU_MAX_BATCH_TOKENS` on the CPU; on CUDA, half the
@@ -79,8 +85,10 @@ def plan_packed(lengths: Sequence[int], max_batch_tokens: int, cached: Optional[
                 ) -> list[list[list[int]]]:
     """Batches of rows of sample indices for padding-free scoring: samples packed first-fit, longest first, into rows
     as wide as the longest sample (or the budget, if smaller), then rows grouped as :func:`plan_batches` groups
-    samples (under ``max_batch_tokens`` counting ``rows x widest row``, and the padding cap). First-fit leaves only
-    the last rows short, and those run with each other, so nearly every computed token is real.
+    samples (under ``max_batch_tokens`` counting ``rows x widest row``), with the tight
+    :data:`PACKED_MAX_PADDING` cap. First-fit leaves only the last rows short, and those run with each other, so
+    nearly every computed token is real (rows wider than the longest sample, or best-fit, gained nothing over this
+    on the benchmark's workload, and wider rows cost attention under a block mask).
     ``cached``: per sample, tokens it continues from a KV cache; a row holds its samples' caches too, so they count
     in its width."""
     if max_batch_tokens < 1:
@@ -100,7 +108,8 @@ def plan_packed(lengths: Sequence[int], max_batch_tokens: int, cached: Optional[
         rows[slot].append(i)
         fills[slot] += size[i]
     # rows of similar fill together: a short last row goes with its like, not padded to a full row's width
-    return [[rows[r] for r in batch] for batch in plan_batches(fills, max_batch_tokens)]
+    batches = plan_batches(fills, max_batch_tokens, max_padding=PACKED_MAX_PADDING)
+    return [[rows[r] for r in batch] for batch in batches]
 
 
 def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"

@@ -11,6 +11,7 @@ from .backends import LOADERS, SPLITTABLE
 from .backends.placement import DeviceList, MemoryBudget, resolve_split
 from .backends.base import RewardModel
 from .control_text import ControlTextMode, check_mode
+from .packing_check import verify_packing
 from .backends.weights import DeviceSpec, check_device, resolve_device, resolve_dtype
 from .presets import Preset, canonical_hub_id, check_directory_matches, resolve_preset
 from .sources import check_local, locate
@@ -79,7 +80,10 @@ def load_reward_model(
         packing: score decoder reward models padding-free, several samples packed into each row (``True``), padded
             to each batch's longest (``False``), or whichever the attention implementation runs faster (``"auto"``).
             The choice and its reason are ``rm.packing`` and ``rm.packing_reason`` (also in the repr); results are
-            the same either way, to float rounding.
+            the same either way, to float rounding. A model about to pack first scores a few synthetic samples both
+            ways (:func:`rlhf_rewards.packing_check.verify_packing`, milliseconds): if they differ by more than the
+            dtype's tolerance, ``"auto"`` pads (with a warning and the numbers in ``packing_reason``) and ``True``
+            raises ``ValueError``.
         control_text: ``"text"`` (default): a string inside a message (prompt content or completion) that spells a
             control token of the model's tokenizer (``<|im_end|>``, ``<unk>``, ``[SEP]``, Llama-3's headers, ...) is
             tokenized as ordinary text, so a completion cannot forge template turns; ``"tokens"``: it becomes that
@@ -162,4 +166,5 @@ def load_reward_model(
     for option, value in process.items():
         setattr(model, option, value)
     model.control_text = control_text  # "text" first checks the tokenizer reads control text exactly as text
+    verify_packing(model, packing, weights_dtype)  # last: the samples are read as every setting above says
     return model

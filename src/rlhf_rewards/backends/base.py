@@ -290,6 +290,17 @@ class RewardModel:
         view._forward_via = forward
         return view
 
+    def with_packing(self, packing: bool) -> RewardModel:
+        """A shallow copy of the model (same weights and tokenizer; its own lock and ``stats``, starting at zero) that
+        pads its batches (``False``) or packs them as this model does (``True``; ``ValueError`` for a model that
+        does not pack): the same samples scored both ways, as ``load_reward_model``'s packing check does."""
+        if packing and not self.packing:
+            raise ValueError(f"{self.preset.name} does not pack ({self.packing_reason}): no packed copy of it")
+        view = copy.copy(self)
+        view.stats = RewardStats()
+        view.packing = bool(packing)
+        return view
+
     objective_names: tuple[str, ...] = ()
     """The named objectives a multi-objective model scores besides its reward, in its card's order (empty for a
     model with one reward)."""
