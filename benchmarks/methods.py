@@ -70,7 +70,7 @@ def _card_ray2333(rm: Any, pairs: Sequence[tuple[list[Message], str]]) -> list[f
     rewards = []
     for prompt, completion in pairs:
         text = rm.tokenizer.apply_chat_template(fold_system(_conversation(prompt, completion)), tokenize=False)
-        tokens = rm.tokenizer(text, padding="max_length", truncation=True, return_tensors="pt")
+        tokens = rm.tokenizer(text, padding="max_length", truncation=True, return_tensors="pt").to(rm.device)
         rewards.append(rm.model(tokens["input_ids"], attention_mask=tokens["attention_mask"]).logits.reshape(-1)
                        .item())
     return rewards
@@ -84,7 +84,8 @@ def _card_starling(rm: Any, texts: Sequence[str]) -> list[float]:
     ``PAD_ID`` (Starling-RM-34B: 0; 7B-alpha: the first id of ``tokenizer(pad_token)``, BOS)."""
     tokenizer = copy.copy(rm.tokenizer)
     tokenizer.truncation_side = "left"
-    encodings = tokenizer(list(texts), truncation=True, max_length=2048, padding="max_length", return_tensors="pt")
+    encodings = tokenizer(list(texts), truncation=True, max_length=2048, padding="max_length",
+                          return_tensors="pt").to(rm.device)
     rewards = []
     for i in range(len(texts)):
         input_ids = encodings["input_ids"][i:i + 1]
@@ -242,7 +243,7 @@ def _card_pair_pm(rm: Any, items: Sequence[tuple[list[Message], str, str]]) -> l
                                           response_B=responses[1 - position])
             text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False)
             input_ids = tokenizer.encode(text.replace(tokenizer.bos_token, ""), return_tensors="pt",
-                                         add_special_tokens=False)
+                                         add_special_tokens=False).to(rm.device)
             logits = rm.model(input_ids).logits
             logit_a, logit_b = logits[0, -1, id_a].item(), logits[0, -1, id_b].item()
             z = np.exp(logit_a) + np.exp(logit_b)
@@ -318,7 +319,7 @@ def _llm_blender_compare(rm: Any, items: Sequence[tuple[list[Message], str, str]
             mask = torch.zeros((len(rows), width), dtype=torch.long)
             for i, r in enumerate(rows):
                 ids[i, :len(r)], mask[i, :len(r)] = r, 1
-            logits[first] = rm.model(ids, mask).tolist()
+            logits[first] = rm.model(ids.to(rm.device), mask.to(rm.device)).tolist()
         out += [_sigmoid((ab - ba) / 2) for ab, ba in zip(logits[0], logits[1])]
     return out
 
