@@ -60,13 +60,15 @@ def grpo_workload(scale: Scale, seed: int, prompts: int = 16, completions: int =
             for p in range(prompts) for c in [conversations[p % len(conversations)]] for k in range(completions)]
 
 
-def throughput(model: Model, device: torch.device, scale: Scale, seed: int) -> dict[str, Any]:
+def throughput(model: Model, device: torch.device, scale: Scale, seed: int, grpo: tuple[int, int] = (16, 8)
+               ) -> dict[str, Any]:
     """On ``model`` (a scalar preset with a card procedure) in the device's default dtype: every method of the
-    benchmark (:func:`~benchmarks.methods.scalar_methods`) on the GRPO-shaped workload and on the benchmark's, each
+    benchmark (:func:`~benchmarks.methods.scalar_methods`) on the GRPO-shaped workload (``grpo``: prompts x
+    completions) and on the benchmark's, each
     with its time as a ratio to ours; ours at the device's default token budget, half and twice it."""
     rm = load_reward_model(model.directory, preset=model.preset, device=device)
     writer = Writer(rm.tokenizer, corpus_words())
-    workloads = {"GRPO 16 prompts x 8 completions": grpo_workload(scale, seed),
+    workloads = {f"GRPO {grpo[0]} prompts x {grpo[1]} completions": grpo_workload(scale, seed, *grpo),
                  f"benchmark workload ({scale.conversations} conversations)": make_workload(scale, seed)[0]}
     out: dict[str, Any] = {"preset": model.preset, "dtype": str(rm.backbone.dtype).removeprefix("torch."),
                            "default_max_batch_tokens": rm.max_batch_tokens, "workloads": {}}

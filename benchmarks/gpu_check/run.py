@@ -31,6 +31,7 @@ SIZES = {
 }
 SAMPLES = {"full": 16, "smoke": 3}
 REQUESTS = {"full": 640, "smoke": 64}
+GRPO = {"full": (16, 8), "smoke": (4, 2)}  # prompts x completions
 
 
 def _version(module: str) -> str:
@@ -87,7 +88,7 @@ def run(out_dir: str, device: torch.device, scale: str, presets: Sequence[str], 
             if LEAK_PRESET in models:
                 checks += row_mate_leak(models[LEAK_PRESET], device, implementations)
         timed = models.get("ray2333-mistral-7b")
-        for part, job in (("throughput", lambda: throughput(timed, device, bench_scale, seed)),
+        for part, job in (("throughput", lambda: throughput(timed, device, bench_scale, seed, GRPO[scale])),
                           ("serving", lambda: serving(timed, device, REQUESTS[scale])),
                           ("quantization", lambda: quantization(timed, device))):
             if part in skip:
@@ -185,7 +186,8 @@ def main(argv: Optional[Sequence[str]] = None, inject: Callable[[list[float]], l
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    start = time.perf_counter()
     result = run(args.out, torch.device(args.device), args.scale, presets, skip, args.seed, inject,
-                 log=lambda s: print(s, file=sys.stderr, flush=True))
+                 log=lambda s: print(f"[{time.perf_counter() - start:5.0f} s] {s}", file=sys.stderr, flush=True))
     print(markdown(result))
     return 1 if result["failed"] else 0
