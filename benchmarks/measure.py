@@ -95,12 +95,14 @@ class Method:
 
     ``card_exact``: whether its input text is the card's, so its results must equal the card's; ``prepare`` runs
     before timing, in the measuring process, to set the model attributes the method needs (every method that
-    depends on one sets it: without isolation the setting outlives the method)."""
+    depends on one sets it: without isolation the setting outlives the method); ``probe``: what counts its forward
+    passes when they run through modules of its own (a card's own copy of the model; default: the section's)."""
 
     name: str
     run: Callable[[], list[float]]
     card_exact: bool = True
     prepare: Optional[Callable[[], None]] = None
+    probe: Optional["Probe"] = None
 
 
 @dataclass
@@ -285,11 +287,12 @@ class Runner:
             if self.only and method.name not in self.only:
                 continue
             self.log(f"  {method.name} ...")
+            counter = method.probe or probe
             if self.isolate:
-                m = run_isolated(method, rm, probe, warmup, threads=self.threads, memory_cap_gb=self.memory_cap_gb,
+                m = run_isolated(method, rm, counter, warmup, threads=self.threads, memory_cap_gb=self.memory_cap_gb,
                                  warm_heap_gb=self.warm_heap_gb, timeout=self.timeout)
             else:
-                m = measure(method, rm, Probe(probe.backbone, probe.heads), warmup)
+                m = measure(method, rm, Probe(counter.backbone, counter.heads), warmup)
             out.append(m)
             self.log(f"    {m.seconds:.2f} s" + (f" ({m.error})" if m.error else ""))
         return out
@@ -298,7 +301,7 @@ class Runner:
 def warmup_for(backbone: nn.Module) -> Callable[[], None]:
     @torch.inference_mode()
     def run() -> None:
-        backbone(input_ids=torch.ones(1, 8, dtype=torch.long))
+        backbone(input_ids=torch.ones(1, 8, dtype=torch.long, device=next(backbone.parameters()).device))
     return run
 
 

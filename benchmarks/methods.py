@@ -13,7 +13,7 @@ import torch
 from rlhf_rewards.conversation import Message
 from rlhf_rewards.rendering import fold_system
 
-from .measure import Method
+from .measure import Method, Probe
 from .workload import Conversation, Writer
 
 # -- methods: scalar models ----------------------------------------------------------------------------------------
@@ -70,7 +70,7 @@ def _card_ray2333(rm: Any, pairs: Sequence[tuple[list[Message], str]]) -> list[f
     rewards = []
     for prompt, completion in pairs:
         text = rm.tokenizer.apply_chat_template(fold_system(_conversation(prompt, completion)), tokenize=False)
-        tokens = rm.tokenizer(text, padding="max_length", truncation=True, return_tensors="pt")
+        tokens = rm.tokenizer(text, padding="max_length", truncation=True, return_tensors="pt").to(rm.device)
         rewards.append(rm.model(tokens["input_ids"], attention_mask=tokens["attention_mask"]).logits.reshape(-1)
                        .item())
     return rewards
@@ -84,7 +84,8 @@ def _card_starling(rm: Any, texts: Sequence[str]) -> list[float]:
     ``PAD_ID`` (Starling-RM-34B: 0; 7B-alpha: the first id of ``tokenizer(pad_token)``, BOS)."""
     tokenizer = copy.copy(rm.tokenizer)
     tokenizer.truncation_side = "left"
-    encodings = tokenizer(list(texts), truncation=True, max_length=2048, padding="max_length", return_tensors="pt")
+    encodings = tokenizer(list(texts), truncation=True, max_length=2048, padding="max_length",
+                          return_tensors="pt").to(rm.device)
     rewards = []
     for i in range(len(texts)):
         input_ids = encodings["input_ids"][i:i + 1]
@@ -113,9 +114,70 @@ def _trl_reward_model(rm: Any, pairs: Sequence[tuple[list[Message], str]]) -> li
         except TemplateError:
             texts.append(apply_chat_template({"messages": fold_system(_conversation(prompt, completion))},
                                              rm.tokenizer)["text"])
-    inputs = rm.tokenizer(text=texts, return_tensors="pt", padding=True, padding_side="right",
-                          add_special_tokens=False)
-    return rm.model(**inputs).logits[:, 0].tolist()
+    tokenizer, config = copy.copy(rm.tokenizer), rm.model.config.get_text_config()
+    if tokenizer.pad_token_id is None:  # TRL's trainer: the reward tokenizer pads with EOS, and the config says so
+        tokenizer.pad_token = tokenizer.eos_token
+    inputs = tokenizer(text=texts, return_tensors="pt", padding=True, padding_side="right",
+                       add_special_tokens=False).to(rm.device)
+    saved, config.pad_token_id = config.pad_token_id, tokenizer.pad_token_id
+    try:
+        return rm.model(**inputs).logits[:, 0].tolist()
+    finally:
+        config.pad_token_id = saved
+
+
+# -- methods: the families added after the seeds (cards in benchmarks.cards) ------------------------------------------
+
+
+def family_samples(rm: Any, writer: Writer, conversations: Sequence[Conversation]) -> list[tuple[list[Message], Any]]:
+    """``(prompt, completion)`` per conversation; a process model gets what its cards read: the first user turn
+    alone as the question, the response's lines as its steps."""
+    if rm.kind != "process":
+        return [messages(writer, c) for c in conversations]
+    return [([{"role": "user", "content": writer.text(c.turns[0])}], writer.text(c.response).split("\n"))
+            for c in conversations]
+
+
+def backbone_of(rm: Any) -> Any:
+    """The transformer whose forward passes count a method's tokens (ArmoRM's sits inside its model)."""
+    return getattr(rm, "backbone", None) or rm.model.model
+
+
+def family_methods(rm: Any, directory: str, samples: Sequence[tuple[list[Message], Any]]) -> list[Method]:
+    """The card's procedure (:func:`benchmarks.cards.card_scorer`, its own copy of the weights on ``rm``'s device and
+    in its dtype), TRL's path (sequence classifiers), ours (with the other packing choice where the model packs)
+    and the floor (ours with a one-token budget: each input alone at its exact length). A process model's results
+    are its step rewards, one after another."""
+    from .cards import card_scorer
+
+    prompts = [p for p, _ in samples]
+    completions = [c for _, c in samples]
+    card = card_scorer(rm.preset.name, directory, rm.device, backbone_of(rm).dtype)
+    steps = rm.kind == "process"
+
+    def flat(results: Sequence[Any]) -> list[float]:
+        return [x for r in results for x in r] if steps else list(results)
+
+    def ours() -> list[float]:
+        return flat(rm.score_steps(prompts, completions) if steps else rm.score(prompts, completions))
+
+    default, budget = rm.packing, rm.max_batch_tokens
+
+    def setting(packing: bool, tokens: int) -> Callable[[], None]:
+        def prepare() -> None:
+            rm.packing, rm.max_batch_tokens = packing, tokens
+        return prepare
+
+    methods = [Method("card", lambda: flat([card.score(p, c) for p, c in samples]),
+                      probe=Probe(card.backbone, card.heads))]
+    if rm.preset.backend == "sequence-classification":
+        # TRL reads the card's text, but pools where its own pad choice says: compared with the card in the notes
+        methods.append(Method("TRL", lambda: _trl_reward_model(rm, samples), card_exact=False))
+    methods.append(Method("ours", ours, prepare=setting(default, budget)))
+    if rm.packing_reason != type(rm).packing_reason:  # the backend packs (one that cannot keeps the class's reason)
+        methods.append(Method(f"ours, packing={not default}", ours, prepare=setting(not default, budget)))
+    methods.append(Method("floor", ours, prepare=setting(False, 1)))
+    return methods
 
 
 # -- methods: the RLHFlow pair-preference model ----------------------------------------------------------------------
@@ -181,7 +243,7 @@ def _card_pair_pm(rm: Any, items: Sequence[tuple[list[Message], str, str]]) -> l
                                           response_B=responses[1 - position])
             text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False)
             input_ids = tokenizer.encode(text.replace(tokenizer.bos_token, ""), return_tensors="pt",
-                                         add_special_tokens=False)
+                                         add_special_tokens=False).to(rm.device)
             logits = rm.model(input_ids).logits
             logit_a, logit_b = logits[0, -1, id_a].item(), logits[0, -1, id_b].item()
             z = np.exp(logit_a) + np.exp(logit_b)
@@ -257,7 +319,7 @@ def _llm_blender_compare(rm: Any, items: Sequence[tuple[list[Message], str, str]
             mask = torch.zeros((len(rows), width), dtype=torch.long)
             for i, r in enumerate(rows):
                 ids[i, :len(r)], mask[i, :len(r)] = r, 1
-            logits[first] = rm.model(ids, mask).tolist()
+            logits[first] = rm.model(ids.to(rm.device), mask.to(rm.device)).tolist()
         out += [_sigmoid((ab - ba) / 2) for ab, ba in zip(logits[0], logits[1])]
     return out
 

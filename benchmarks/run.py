@@ -16,11 +16,12 @@ import torch
 
 from . import __doc__ as DOC
 from .measure import Probe, Runner, warmup_for
-from .methods import messages, pair_pm_methods, pairrm_methods, scalar_methods
+from .methods import (backbone_of, family_methods, family_samples, messages, pair_pm_methods, pairrm_methods,
+                      scalar_methods)
 from .plain import PlainJob, run_plain
 from .report import Report, Section, machine
-from .workload import (FAMILIES, FULL, LLAMA3_8B, SCALAR_PRESETS, SMOKE, Conversation, Group, Scale, Writer,
-                       build_model, comparisons, corpus_words, lm_head_share, make_workload, short_groups)
+from .workload import (FAMILIES, FULL, LLAMA3_8B, NEW_FAMILIES, SCALAR_PRESETS, SMOKE, Conversation, Group, Scale,
+                       Writer, build_model, comparisons, corpus_words, lm_head_share, make_workload, short_groups)
 
 def _scalar_sections(scale: Scale, runner: Runner, root: str, seed: int, presets: Sequence[str],
                      conversations: Sequence[Conversation], words: Sequence[str]) -> list[Section]:
@@ -46,6 +47,25 @@ def _scalar_sections(scale: Scale, runner: Runner, root: str, seed: int, presets
             section.measurements.append(run_plain(job, runner.timeout))
             runner.log(f"    {section.measurements[-1].seconds:.2f} s")
         sections.append(section)
+    return sections
+
+
+def _family_sections(scale: Scale, runner: Runner, root: str, seed: int, presets: Sequence[str],
+                     conversations: Sequence[Conversation], words: Sequence[str]) -> list[Section]:
+    """The families added after the seeds, each against its card (:func:`~benchmarks.methods.family_methods`)."""
+    sections = []
+    for preset in presets:
+        runner.log(f"{preset}: building")
+        directory = os.path.join(root, preset)
+        rm: Any = build_model(preset, scale.sizes[preset], directory, seed)
+        count = scale.process_conversations if rm.kind == "process" else scale.family_conversations
+        samples = family_samples(rm, Writer(rm.tokenizer, words), conversations[:count])
+        methods = family_methods(rm, directory, samples)
+        real = sum(len(ids) for ids in rm.tokenize([rm.format(p, c) for p, c in samples]))
+        probe = Probe(backbone_of(rm))
+        what = "solutions" if rm.kind == "process" else "mixed"
+        sections.append(Section(preset, preset, what, real, len(samples),
+                                runner.run(rm, methods, probe, warmup_for(backbone_of(rm)))))
     return sections
 
 
@@ -113,6 +133,9 @@ def run(scale: Scale, *, scale_name: str = "custom", seed: int = 0, families: Se
         for family in ("pair-pm", "pairrm"):
             if family in families:
                 sections += _pairwise_sections(scale, runner, root, seed, family, groups, words, workloads)
+        chosen = [p for family, ps in NEW_FAMILIES.items() if family in families for p in ps]
+        if chosen:
+            sections += _family_sections(scale, runner, root, seed, chosen, conversations, words)
     notes = [f"{name}: hidden {size.hidden}, {size.layers} layers, {size.heads} heads ({size.kv_heads} key/value), "
              f"MLP {size.intermediate}, vocabulary {size.vocab}" for name, size in scale.sizes.items()
              if name in {s.preset for s in sections}]

@@ -3,6 +3,7 @@ lengths in each tokenizer's tokens, and randomly initialised models of each pres
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -16,6 +17,13 @@ from torch import nn
 
 from rlhf_rewards.backends.base import RewardModel
 from rlhf_rewards.conversation import Message
+from rlhf_rewards.testing.files import update_config
+
+NEW_FAMILIES = {"armorm": ("armorm-llama3-8b",), "nemotron": ("nemotron-reward",), "inf-orm": ("inf-orm-llama3.1-70b",),
+                "skywork": ("skywork-reward-v2",), "prm": ("qwen2.5-math-prm", "rlhflow-prm", "math-shepherd")}
+"""The families added after the seeds (a multi-objective head, a first-token score, INF-ORM's head, Skywork-V2's
+classifier, process models) and their presets; their cards are in :mod:`benchmarks.cards`."""
+FAMILY_PRESETS = tuple(p for presets in NEW_FAMILIES.values() for p in presets)
 
 # -- sizes and scales ----------------------------------------------------------------------------------------------
 
@@ -29,7 +37,7 @@ class ModelSize:
     heads: int
     kv_heads: int
     intermediate: int
-    vocab: int
+    vocab: Optional[int] = None  # None: the tiny checkpoint's own (its tokenizer's, which is the real one)
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,9 @@ class Scale:
             process, time in a plain one.
         warm_heap_gb: memory each measuring process faults in before timing (see :func:`_child_setup`).
         plain_presets: how many scalar presets (first ones) also run ours and the floor in a plain process.
+        family_conversations, process_conversations: how many of the conversations the families added after the
+            seeds score (process models: the first user turn and the response's lines as steps; their cards run one
+            forward per step, or per solution over the full vocabulary, so they get fewer).
     """
 
     conversations: int
@@ -66,6 +77,8 @@ class Scale:
     budgets: tuple[int, ...]
     warm_heap_gb: float
     plain_presets: int
+    family_conversations: int = 64
+    process_conversations: int = 16
 
 
 FULL = Scale(
@@ -83,6 +96,12 @@ FULL = Scale(
         "rlhflow-pair-pm-llama3-8b": ModelSize(16, 40, 2, 1, 14336, 128256),
         # DeBERTa-v3-large's head size (64) and MLP ratio (4x), its vocabulary (128100)
         "pairrm": ModelSize(128, 2, 2, 2, 512, 128100),
+        # the families added after the seeds: Llama-3/3.1-8B/70B's GQA (8 key/value heads of 64) and MLP ratio 3.5,
+        # Qwen2.5-Math-7B's (4 of 28, ratio 5.3), Mistral-7B's; the real vocabularies
+        **{preset: ModelSize(128, 2, 4, 1, 448) for preset in ("armorm-llama3-8b", "inf-orm-llama3.1-70b",
+                                                                "nemotron-reward", "skywork-reward-v2",
+                                                                "rlhflow-prm", "math-shepherd")},
+        "qwen2.5-math-prm": ModelSize(128, 2, 4, 1, 680),
     },
     budgets=(2048, 4096, 8192, 16384),
     warm_heap_gb=1.0,
@@ -100,15 +119,18 @@ SMOKE = Scale(
         "sequence-classifier": ModelSize(16, 1, 2, 1, 32, 32000),
         "rlhflow-pair-pm-llama3-8b": ModelSize(16, 1, 2, 1, 32, 128256),
         "pairrm": ModelSize(16, 1, 2, 2, 32, 128100),
+        **{preset: ModelSize(16, 1, 2, 1, 32) for preset in FAMILY_PRESETS},
     },
     budgets=(),
     warm_heap_gb=0.0,
     plain_presets=1,
+    family_conversations=4,
+    process_conversations=3,
 )
 """The smoke benchmark: every method on a few tiny inputs, seconds."""
 
 SCALAR_PRESETS = ("ray2333-mistral-7b", "starling-rm-34b", "starling-rm-7b-alpha", "sequence-classifier")
-FAMILIES = ("scalar", "pair-pm", "pairrm")
+FAMILIES = ("scalar", "pair-pm", "pairrm", *NEW_FAMILIES)
 LLAMA3_8B = ModelSize(4096, 32, 32, 8, 14336, 128256)
 
 
@@ -245,33 +267,58 @@ def comparisons(writer: Writer, groups: Sequence[Group], mode: str) -> list[tupl
 # -- models --------------------------------------------------------------------------------------------------------
 
 
-def build_model(preset: str, size: ModelSize, directory: str, seed: int) -> RewardModel:
-    """A randomly initialised model of ``preset``'s architecture at ``size``, saved in the preset's file layout
-    (tokenizer files from :func:`~rlhf_rewards.testing.make_tiny_checkpoint`) and loaded with
-    :func:`~rlhf_rewards.load_reward_model`, as users load the real one."""
+def _model_class(preset: str) -> type[nn.Module]:
+    """The module class of ``preset``'s real checkpoint (the tiny checkpoints' own builders know it for the rest)."""
+    from transformers import LlamaForCausalLM, MistralForCausalLM
+
+    from rlhf_rewards.backends.armorm import ArmoRMModel
+    from rlhf_rewards.backends.pairrm import DebertaV2PairRM
+    from rlhf_rewards.backends.qwen_prm import Qwen2ProcessRewardNetwork
+    from rlhf_rewards.testing import TINY_CHECKPOINTS
+
+    own = {"pairrm": DebertaV2PairRM, "armorm-llama3-8b": ArmoRMModel, "qwen2.5-math-prm": Qwen2ProcessRewardNetwork,
+           "rlhflow-prm": LlamaForCausalLM, "math-shepherd": MistralForCausalLM}
+    return own[preset] if preset in own else TINY_CHECKPOINTS[preset].model_class
+
+
+def write_model(preset: str, size: ModelSize, directory: str, seed: int) -> str:
+    """Write a randomly initialised model of ``preset``'s architecture at ``size`` into ``directory`` in the preset's
+    file layout (tokenizer files and config keys from :func:`~rlhf_rewards.testing.make_tiny_checkpoint`) and
+    return ``directory``."""
     from transformers import AutoConfig
 
-    from rlhf_rewards import load_reward_model
-    from rlhf_rewards.backends.pairrm import DebertaV2PairRM
-    from rlhf_rewards.testing import TINY_CHECKPOINTS, make_tiny_checkpoint
+    from rlhf_rewards.testing import make_tiny_checkpoint
 
     make_tiny_checkpoint(preset, directory, seed=seed)
     config = AutoConfig.from_pretrained(directory)
     dims = dict(hidden_size=size.hidden, num_hidden_layers=size.layers, num_attention_heads=size.heads,
-                intermediate_size=size.intermediate, vocab_size=size.vocab)
-    if preset == "pairrm":
-        model_class: type[nn.Module] = DebertaV2PairRM
-    else:
-        model_class = TINY_CHECKPOINTS[preset].model_class
+                intermediate_size=size.intermediate)
+    if size.vocab is not None:
+        dims["vocab_size"] = size.vocab
+    if preset != "pairrm":
         dims.update(num_key_value_heads=size.kv_heads, head_dim=size.hidden // size.heads)
+    if getattr(config, "layer_types", None):  # per-layer attention kinds (Gemma-2's alternation) at the new depth
+        dims["layer_types"] = [config.layer_types[k % len(config.layer_types)] for k in range(size.layers)]
     for key, value in dims.items():
         setattr(config, key, value)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = model_class(config).eval()
+        model = _model_class(preset)(config).eval()
     for name in os.listdir(directory):  # the tiny weights, in whichever layout the preset ships
         if name.endswith((".safetensors", ".bin")):
             os.remove(os.path.join(directory, name))
+    with open(os.path.join(directory, "config.json")) as f:
+        keys = {k: v for k, v in json.load(f).items() if k in ("architectures", "auto_map", "rlhf_rewards_preset")}
     model.save_pretrained(directory)
-    return load_reward_model(directory, preset=preset, device="cpu", dtype=torch.float32)
+    if keys:
+        update_config(directory, **keys)
+    return directory
 
+
+def build_model(preset: str, size: ModelSize, directory: str, seed: int) -> RewardModel:
+    """:func:`write_model`, then :func:`~rlhf_rewards.load_reward_model` on the CPU in float32, as users load the
+    real one."""
+    from rlhf_rewards import load_reward_model
+
+    write_model(preset, size, directory, seed)
+    return load_reward_model(directory, preset=preset, device="cpu", dtype=torch.float32)

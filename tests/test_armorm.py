@@ -1,6 +1,6 @@
-"""ArmoRM (``armorm-llama3-8b``) against its model card's procedure, written out here from the card and the hub
-repository's remote code (``modeling_custom.py``), one conversation per forward pass: the score, the 19 objective
-rewards, the gate; batch invariance; the multi-objective options through RewardFunction (a TRL GRPO step), the
+"""ArmoRM (``armorm-llama3-8b``) against its model card's procedure, written out in benchmarks/cards.py from the card
+and the hub repository's remote code (``modeling_custom.py``), one conversation per forward pass: the score, the 19
+objective rewards, the gate; batch invariance; the multi-objective options through RewardFunction (a TRL GRPO step), the
 server and the command line; inputs without the assistant header the gate reads."""
 
 from __future__ import annotations
@@ -11,10 +11,9 @@ import pickle
 
 import httpx
 import pytest
-import torch
-from safetensors.torch import load_file
-from transformers import AutoTokenizer, LlamaConfig, LlamaModel
+from transformers import AutoTokenizer
 
+from benchmarks.cards import CardArmoRM
 from rlhf_rewards import RemoteRewardFunction, RewardFunction, load_reward_model
 from rlhf_rewards.cli import main
 from rlhf_rewards.errors import SampleError
@@ -46,48 +45,6 @@ CONVERSATIONS = [
       {"role": "user", "content": "Une autre ?"}, {"role": "assistant", "content": "« Le café est chaud » ✓"},
       {"role": "user", "content": "Merci. Et en code ?"}], "    def f(x):\n        return x  # ok"),
 ]
-
-PATTERN = [128009, 128006, 78191, 128007, 271]  # <|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n
-
-
-class CardArmoRM:
-    """The card's procedure for ONE conversation, from its demo code and the remote code's forward, with its own
-    weights read from the checkpoint files (nothing from the package)."""
-
-    def __init__(self, directory: str):
-        self.tokenizer = AutoTokenizer.from_pretrained(directory)
-        with open(os.path.join(directory, "config.json")) as f:
-            self.config = json.load(f)
-        self.weights = load_file(os.path.join(directory, "model.safetensors"))
-        self.backbone = LlamaModel(LlamaConfig.from_pretrained(directory)).eval()
-        self.backbone.load_state_dict({k[len("model."):]: v for k, v in self.weights.items()
-                                       if k.startswith("model.")})
-
-    def input_ids(self, messages: list[dict]) -> torch.Tensor:
-        return self.tokenizer.apply_chat_template(messages, return_tensors="pt")["input_ids"]
-
-    @torch.inference_mode()
-    def __call__(self, messages: list[dict], gate_at: str = "pattern") -> tuple[float, list[float]]:
-        input_ids = self.input_ids(messages)
-        hidden = self.backbone(input_ids).last_hidden_state
-        # regression at the token before the first pad id (argmax - 1, modulo the length)
-        length = input_ids.shape[-1]
-        at = (torch.eq(input_ids, self.config["pad_token_id"]).int().argmax(-1) - 1) % length
-        rewards = hidden[torch.arange(1), at] @ self.weights["regression_layer.weight"].T
-        # the gate at the start of the last occurrence of the assistant-header pattern
-        ids = input_ids[0].tolist()
-        starts = [j for j in range(length - len(PATTERN), -1, -1) if ids[j:j + len(PATTERN)] == PATTERN]
-        x = hidden[:, starts[0] if gate_at == "pattern" else length - 1]
-        n_hidden = self.config.get("gating_n_hidden", 3)
-        for k in range(n_hidden + 1):
-            x = x @ self.weights[f"gating.layers.{k}.weight"].T + self.weights[f"gating.layers.{k}.bias"]
-            if k < n_hidden:
-                x = torch.relu(x)
-        gate = torch.softmax(x / self.config.get("gating_temperature", 10), dim=1)
-        gate = gate * self.weights["gating.logit_scale"][0]
-        score = torch.sum(gate * (rewards @ self.weights["reward_transform_matrix"]), dim=1)
-        return score.item(), rewards[0].tolist()
-
 
 def conversation(prompt, completion) -> list[dict]:
     return prompt + [{"role": "assistant", "content": completion}]

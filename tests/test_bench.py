@@ -24,7 +24,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def smoke():
-    return run(SMOKE, scale_name="smoke", isolate=False)
+    # the seeds' families; the later ones cost a minute more at smoke scale (Llama-3's and Qwen2.5's real
+    # vocabularies): a subset of them runs in test_later_families_against_their_cards
+    return run(SMOKE, scale_name="smoke", isolate=False, families=("scalar", "pair-pm", "pairrm"))
 
 
 def rows(report, title_start: str) -> dict[str, dict]:
@@ -68,6 +70,24 @@ def test_smoke_benchmark_counts_tokens(smoke):
     assert pm["floor"]["computed_per_real"] < 1  # the shared context ran once
     blender = rows(smoke, "pairrm, 2 group(s)")
     assert blender["llm-blender"]["calls"] == 2 * 2  # 6 comparisons: batches of 4 and 2, one forward per order
+
+
+def test_later_families_against_their_cards():
+    """Skywork-V2 (with TRL's path) and the three process models: every method of each runs, ours equals the card's
+    results (step rewards for the process models), the floor pads nothing."""
+    report = run(SMOKE, scale_name="smoke", isolate=False, families=("skywork", "prm"))
+    assert [s.preset for s in report.sections] == ["skywork-reward-v2", "qwen2.5-math-prm", "rlhflow-prm",
+                                                    "math-shepherd"]
+    parity = [(t, ok, v) for t, ok, v in targets(report.sections) if "within 1e-4" in t]
+    assert len(parity) == len(report.sections) and all(ok for _, ok, _ in parity), parity
+    for section in report.sections:
+        got = {r["method"]: r for r in section_rows(section)}
+        assert {"card", "ours", "ours, packing=True", "floor"} <= set(got), section.title
+        assert got["floor"]["computed_per_real"] == pytest.approx(1.0) and got["floor"]["padded"] == 0.0
+        assert got["ours"]["max_diff"] < 1e-4
+    assert "TRL" in rows(report, "skywork-reward-v2")
+    rlhflow = rows(report, "rlhflow-prm")
+    assert rlhflow["card"]["computed_per_real"] > 1  # one forward per step over the growing conversation
 
 
 def test_report_renders_and_serialises(smoke):

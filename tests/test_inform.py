@@ -1,5 +1,6 @@
-"""INF-ORM-Llama3.1-70B against an oracle that follows its card step by step (its own copy of the card's class and
-pooling, the card's tokenizer call, one conversation at a time), batch invariance, resolution and drift guards."""
+"""INF-ORM-Llama3.1-70B against an oracle that follows its card step by step (benchmarks/cards.py: its own copy of the
+card's class and pooling, the card's tokenizer call, one conversation at a time), batch invariance, resolution and
+drift guards."""
 
 from __future__ import annotations
 
@@ -8,11 +9,9 @@ import os
 import shutil
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
-from transformers import LlamaModel, LlamaPreTrainedModel, PreTrainedTokenizerFast
 
+from benchmarks.cards import InformCard
 from rlhf_rewards import load_reward_model
 from rlhf_rewards.tokenization import TokenizerDriftError
 from rlhf_rewards.presets import get_preset, resolve_preset
@@ -29,35 +28,9 @@ def messages_of(prompt, completion):
     return msgs + [{"role": "assistant", "content": text}]
 
 
-class CardORM(LlamaPreTrainedModel):
-    """The card's class as it describes it: LlamaModel + Linear-ReLU-Linear, pooled one before the first pad id
-    (modulo the length)."""
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.model = LlamaModel(config)
-        self.score = nn.Sequential(nn.Linear(config.hidden_size, config.hidden_size), nn.ReLU(),
-                                   nn.Linear(config.hidden_size, 1))
-        self.post_init()
-
-    def forward(self, input_ids):
-        logits = self.score(self.model(input_ids).last_hidden_state)
-        at = (torch.eq(input_ids, self.config.pad_token_id).int().argmax(-1) - 1) % input_ids.shape[-1]
-        return logits[torch.arange(input_ids.shape[0]), at]
-
-
 @pytest.fixture(scope="module")
 def card(tiny_dir):
-    path = tiny_dir(PRESET)
-    orm = CardORM.from_pretrained(path, dtype=torch.float32, num_labels=1).eval()
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
-
-    def reward(conversation) -> float:
-        ids = tokenizer.apply_chat_template(conversation, tokenize=True, return_tensors="pt", return_dict=False)
-        with torch.no_grad():
-            return orm(ids)[0][0].item()
-
-    return reward
+    return InformCard(tiny_dir(PRESET))
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import torch
 from datasets import Dataset
 from transformers import MistralForCausalLM
 
+from benchmarks.cards import MathShepherdCard, tagged
 from rlhf_rewards import ProcessRewardModel, RewardFunction, load_reward_model
 from rlhf_rewards.cli import main
 from rlhf_rewards.errors import SampleError, TooLongError
@@ -55,31 +56,10 @@ def card(path):
     """The model card's procedure for one question and its tagged output, step by step. Its tokenizer is
     Mistral-7B's sentencepiece model as transformers 4 ran it when the card was written: ``encode`` = BOS, then
     sentencepiece's ids of the text."""
-    sp = sentencepiece.SentencePieceProcessor(model_file=mistral_tokenizer_model())
-
-    def encode(text: str) -> list[int]:
-        return [sp.bos_id()] + sp.encode(text)
-
-    good_token, bad_token, step_tag = "+", "-", "ки"
-    candidate_tokens = encode(f"{good_token} {bad_token}")[1:]
-    step_tag_id = encode(f"{step_tag}")[-1]
+    oracle = MathShepherdCard(path)
+    candidate_tokens, step_tag_id = oracle.candidate_tokens, oracle.step_tag_id
     assert candidate_tokens == [648, 387] and step_tag_id == 12902  # the card's comments
-    model = MistralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-    @torch.no_grad()
-    def score(question: str, output: str) -> list[float]:
-        input_for_prm = f"{question} {output}"
-        input_id = torch.tensor([encode(input_for_prm)])
-        logits = model(input_id).logits[:, :, candidate_tokens]
-        scores = logits.softmax(dim=-1)[:, :, 0]
-        return scores[input_id == step_tag_id].tolist()
-
-    return score
-
-
-def tagged(steps: list[str]) -> str:
-    """The card's output for ``steps``: each followed by " ки", on consecutive lines."""
-    return "\n".join(f"{step} ки" for step in steps)
+    return oracle
 
 
 # -- the preset and the checkpoint ---------------------------------------------------------------------------------

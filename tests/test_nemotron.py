@@ -13,8 +13,8 @@ import shutil
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from benchmarks.cards import NemotronCard
 from rlhf_rewards import load_reward_model
 from rlhf_rewards.errors import NonFiniteRewardError
 from rlhf_rewards.presets import get_preset, resolve_preset
@@ -37,17 +37,12 @@ def messages_of(prompt, completion):
 @functools.lru_cache(maxsize=None)
 def card_rewards(path: str) -> tuple[list[float], list[torch.Tensor]]:
     """The card, sample by sample: the reward and the raw last-position logits (to choose cut-offs)."""
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    card = NemotronCard(path)
     rewards, raw = [], []
     for prompt, completion in SAMPLES:
-        tokenized = tokenizer.apply_chat_template(messages_of(prompt, completion), tokenize=True,
-                                                  add_generation_prompt=False, return_tensors="pt", return_dict=True)
-        with torch.no_grad():
-            out = model.generate(tokenized["input_ids"], attention_mask=tokenized["attention_mask"], max_new_tokens=1,
-                                 return_dict_in_generate=True, output_scores=True, output_logits=True)
-        rewards.append(out["scores"][0][0][0].item())
-        raw.append(out["logits"][0][0])
+        reward, logits = card(messages_of(prompt, completion))
+        rewards.append(reward)
+        raw.append(logits)
     return rewards, raw
 
 

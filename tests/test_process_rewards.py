@@ -10,12 +10,9 @@ import math
 
 import httpx
 import pytest
-import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
-from torch import nn
-from transformers import AutoTokenizer, Qwen2Config, Qwen2Model
 
+from benchmarks.cards import QWEN_MATH_SYSTEM, QwenPRMCard
 from rlhf_rewards import ProcessRewardModel, RemoteRewardFunction, RewardFunction, load_reward_model
 from rlhf_rewards.cli import main
 from rlhf_rewards.errors import SampleError, TooLongError
@@ -26,7 +23,7 @@ from serving_helpers import ServerThread
 
 PRESET = "qwen2.5-math-prm"
 TOL = 1e-4
-SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+SYSTEM = QWEN_MATH_SYSTEM
 QUESTION = "Sue has 6 white and 12 pink flamingos. How many more pink than white?"
 SOLUTIONS = [
     ["12 - 6 = 6."],  # one step
@@ -46,48 +43,13 @@ def prm(path):
     return load_reward_model(path, device="cpu")
 
 
-class CardPRM(nn.Module):
-    """``Qwen2ForProcessRewardModel`` as the card's remote code describes it: a Qwen2 backbone and a score head
-    Linear(H, H), ReLU, Linear(H, 2) applied at every position."""
-
-    def __init__(self, config: Qwen2Config):
-        super().__init__()
-        self.model = Qwen2Model(config)
-        h = config.hidden_size
-        self.score = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 2))
-
-    def forward(self, input_ids):
-        return (self.score(self.model(input_ids=input_ids).last_hidden_state),)
-
-
 @pytest.fixture(scope="module")
 def card(path):
     """The model card's procedure for one (question, steps), step by step."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = CardPRM(Qwen2Config.from_pretrained(path)).eval()
-    state = load_file(f"{path}/model.safetensors")
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    oracle = QwenPRMCard(path)
+    missing, unexpected = oracle.load_result
     assert not missing and not unexpected
-
-    def make_step_rewards(logits, token_masks):
-        probabilities = F.softmax(logits, dim=-1) * token_masks.unsqueeze(-1)
-        out = []
-        for i in range(probabilities.size(0)):
-            sample = probabilities[i]
-            out.append(sample[sample != 0].view(-1, 2)[:, 1].cpu().tolist())
-        return out
-
-    @torch.no_grad()
-    def score(question: str, steps: list[str], system: str = SYSTEM) -> list[float]:
-        messages = [{"role": "system", "content": system}, {"role": "user", "content": question},
-                    {"role": "assistant", "content": "<extra_0>".join(steps) + "<extra_0>"}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-        input_ids = tokenizer.encode(text, return_tensors="pt")
-        outputs = model(input_ids=input_ids)
-        step_sep_id = tokenizer.encode("<extra_0>")[0]
-        return make_step_rewards(outputs[0], input_ids == step_sep_id)[0]
-
-    return score
+    return oracle
 
 
 # -- the preset and the checkpoint ---------------------------------------------------------------------------------

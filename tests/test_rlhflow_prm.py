@@ -10,10 +10,9 @@ import math
 
 import httpx
 import pytest
-import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from benchmarks.cards import RLHFlowPRMCard
 from rlhf_rewards import RewardFunction, load_reward_model
 from rlhf_rewards.cli import main
 from rlhf_rewards.errors import SampleError, TooLongError
@@ -50,30 +49,7 @@ def prm(path):
 @pytest.fixture(scope="module")
 def card(path):
     """The card's procedure for one (question, answer), step by step (prm_evaluate.py's ``select_sample``)."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    plus_tag_id = tokenizer.encode("+")[-1]
-    minus_tag_id = tokenizer.encode("-")[-1]
-    candidate_tokens = [plus_tag_id, minus_tag_id]
-
-    @torch.no_grad()
-    def score(question: str, answer, separator: str = "\n\n", system=None) -> list[float]:
-        ans_list = answer.split(separator) if isinstance(answer, str) else list(answer)
-        ans_list = [j.strip() for j in ans_list]
-        conversation = [] if system is None else [{"role": "system", "content": system}]
-        single_step_score = []
-        for k in range(len(ans_list)):
-            text = question + " " + ans_list[0] if k == 0 else ans_list[k]
-            conversation.append({"content": text, "role": "user"})
-            conversation.append({"content": "+", "role": "assistant"})
-            # return_dict=False: transformers 5 returns a BatchEncoding by default, the card's transformers 4 ids
-            input_ids = tokenizer.apply_chat_template(conversation, return_tensors="pt", return_dict=False)
-            logits = model(input_ids).logits[:, -3, candidate_tokens]
-            scores = logits.softmax(dim=-1)[:, 0]
-            single_step_score.append(scores[0].item())
-        return single_step_score
-
-    return score
+    return RLHFlowPRMCard(path)
 
 
 # -- the preset and the checkpoint ---------------------------------------------------------------------------------

@@ -11,9 +11,9 @@ from datetime import datetime
 
 import httpx
 import pytest
-import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoTokenizer
 
+from benchmarks.cards import SkyworkCard
 from rlhf_rewards import RewardFunction, load_reward_model, rendering
 from rlhf_rewards.cli import main
 from rlhf_rewards.presets import get_preset, preset_for_hub_id, resolve_preset
@@ -57,35 +57,13 @@ def loaded(skywork_dir):
     return get
 
 
-class Card:
-    """The model card's procedure, step by step, one conversation at a time, in float32."""
-
-    def __init__(self, path: str, preset: str):
-        self.preset = preset
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
-        self.model.eval()
-
-    @torch.no_grad()
-    def __call__(self, conversation: list[dict]) -> float:
-        tok = self.tokenizer
-        if self.preset == V2:  # Skywork-Reward-V2's card
-            text = tok.apply_chat_template(conversation, tokenize=False)
-            if tok.bos_token is not None and text.startswith(tok.bos_token):
-                text = text[len(tok.bos_token):]
-            return self.model(**tok(text, return_tensors="pt")).logits[0][0].item()
-        # Skywork-Reward v0.x's card (transformers 5 needs return_dict=False for the tensor the card got)
-        ids = tok.apply_chat_template(conversation, tokenize=True, return_tensors="pt", return_dict=False)
-        return self.model(ids).logits[0][0].item()
-
-
 @pytest.fixture(scope="module")
 def card(skywork_dir):
     cards = {}
 
-    def get(preset: str, base: str) -> Card:
+    def get(preset: str, base: str) -> SkyworkCard:
         if (preset, base) not in cards:
-            cards[preset, base] = Card(skywork_dir(base), preset)
+            cards[preset, base] = SkyworkCard(skywork_dir(base), preset)
         return cards[preset, base]
 
     return get
@@ -255,7 +233,7 @@ def test_gemma2_packed_rows_keep_full_attention_layers_unwindowed(tmp_path):
     config = json.loads((tmp_path / "g" / "config.json").read_text())
     config["sliding_window"] = 6
     (tmp_path / "g" / "config.json").write_text(json.dumps(config))
-    oracle = Card(path, V01)
+    oracle = SkyworkCard(path, V01)
     packed = load_reward_model(path, device="cpu", packing=True)
     expected = [oracle(p + [{"role": "assistant", "content": c}]) for p, c in conversations(False)]
     assert packed.score(PROMPTS, COMPLETIONS) == pytest.approx(expected, abs=1e-4)
