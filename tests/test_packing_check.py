@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from rlhf_rewards import load_reward_model, packing_check
 from rlhf_rewards.backends.scalar import ScalarRewardModel
-from rlhf_rewards.packing_check import check_packing, packing_tolerance
+from rlhf_rewards.packing_check import PackingMismatchError, check_packing, dtype_tolerance
 
 VARLEN = "flash_varlen_reference"
 """A variable-length attention implementation registered for these tests: "flash" in its name makes the package
@@ -90,9 +90,9 @@ def perturbed_packed_forward(monkeypatch, by: float = 1e-2) -> None:
 
 
 def test_tolerances_follow_the_dtypes_precision():
-    assert packing_tolerance(torch.float32) == 1e-4
-    assert packing_tolerance(torch.bfloat16) == 8 * 2 ** -7
-    assert packing_tolerance(torch.float16) == 8 * 2 ** -10
+    assert dtype_tolerance(torch.float32) == 1e-4
+    assert dtype_tolerance(torch.bfloat16) == 8 * 2 ** -8
+    assert dtype_tolerance(torch.float16) == 8 * 2 ** -11
 
 
 @pytest.mark.parametrize("preset", ["ray2333-mistral-7b", "starling-rm-7b-alpha", "rlhflow-pair-pm-llama3-8b",
@@ -110,9 +110,11 @@ def test_packing_true_runs_the_check_and_honest_models_pass(tiny_dir, preset):
 
 def test_a_disagreement_on_sdpa_makes_packing_true_raise(tiny_dir, monkeypatch):
     perturbed_packed_forward(monkeypatch)
-    with pytest.raises(ValueError, match=r"packing=True failed its check: .*differ by up to 1\.0e-02.*float32 "
-                                         r"tolerance is 1\.0e-04.*packing=False"):
+    with pytest.raises(PackingMismatchError, match=r"packing=True failed its check: .*differ by up to 1\.0e-02.*"
+                                                   r"float32 tolerance is 1\.0e-04.*packing=False") as raised:
         load_reward_model(tiny_dir("ray2333-mistral-7b"), device="cpu", packing=True)
+    assert isinstance(raised.value, ValueError)  # what callers catching ValueError before still catch
+    assert not raised.value.check.passed and raised.value.check.difference == pytest.approx(1e-2, rel=0.2)
 
 
 def test_auto_with_variable_length_attention_checks_and_packs(varlen_dir):

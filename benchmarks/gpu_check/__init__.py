@@ -12,18 +12,16 @@ requests in the server, and int8 / nf4 quantization. Tolerances: :data:`FP32_TOL
 
 from __future__ import annotations
 
-FP32_TOL = 1e-4
-"""Largest difference from the card allowed in float32 (what the CPU test suite holds every preset to)."""
+import torch
 
-BF16_ULPS = 8
-"""bfloat16 keeps 8 significant bits, so one rounding of a value x is off by up to 2^-8 |x| (0.39%). Ours and the
-card round at every layer in a different order (other batch shapes, padding or packing, other kernels); their outputs
-differ by a few units in the last place of the output's magnitude. The check allows :data:`BF16_ULPS` of them."""
+from rlhf_rewards.packing_check import FLOAT32_TOLERANCE as FP32_TOL, ULPS, dtype_tolerance
+
+__all__ = ["FP32_TOL", "ULPS", "bf16_tolerance"]
 
 
 def bf16_tolerance(reference: list[float]) -> float:
-    """The bfloat16 tolerance for results like ``reference``: :data:`BF16_ULPS` units of 2^-8 at the results' scale,
-    the largest magnitude among them but at least 1 (a reward near 0 carries the absolute error of the hidden
+    """The bfloat16 tolerance for results like ``reference``: the package's :func:`dtype_tolerance` (:data:`ULPS`
+    units of bfloat16's rounding, 2^-8: ours and the card round at every layer in a different order) at the results'
+    scale, the largest magnitude among them but at least 1 (a reward near 0 carries the absolute error of the hidden
     states, of unit scale after the final norm; probabilities are at most 1). 8 x 2^-8 = 0.031 at scale 1."""
-    scale = max([1.0, *(abs(x) for x in reference)])
-    return BF16_ULPS * 2.0 ** -8 * scale
+    return dtype_tolerance(torch.bfloat16) * max([1.0, *(abs(x) for x in reference)])

@@ -13,6 +13,7 @@ from typing import Any, Optional
 import torch
 
 from rlhf_rewards import load_reward_model
+from rlhf_rewards.packing_check import PackingMismatchError
 from rlhf_rewards.presets import PRESETS
 from rlhf_rewards.testing.files import update_config
 
@@ -155,6 +156,11 @@ def packing(model: Model, device: torch.device, implementations: Sequence[str]) 
             try:
                 packed = load_reward_model(model.directory, preset=model.preset, device=device, dtype=dtype,
                                            packing=True)
+            except PackingMismatchError as err:  # its load-time check found packed and padded disagree: a failure
+                found = err.check
+                checks.append(Check("packing", model.preset, setting, found.compared, found.difference,
+                                    found.tolerance, detail=f"packing=True refused at load: {err}"))
+                continue
             except ValueError as err:  # a model that cannot pack here says why
                 checks.append(Check("packing", model.preset, setting, skipped=str(err)))
                 continue

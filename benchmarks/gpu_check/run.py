@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 
 from ..workload import FULL, SMOKE, ModelSize
-from . import BF16_ULPS, FP32_TOL
+from . import FP32_TOL, ULPS
 from .checks import LEAK_PRESET, PACKING_PRESETS, Check, attention_implementations, build, every_preset, exactness, \
     packing, row_mate_leak
 from .perf import quantization, ratio_line, serving, throughput
@@ -68,7 +68,7 @@ def run(out_dir: str, device: torch.device, scale: str, presets: Sequence[str], 
     start = time.perf_counter()
     bench_scale = FULL if scale == "full" else SMOKE
     result: dict[str, Any] = dict(machine=machine(device), scale=scale, seed=seed, checks=[], skipped=[],
-                                  tolerances=dict(float32=FP32_TOL, bfloat16=f"{BF16_ULPS} x 2^-8 x max(1, |results|)"),
+                                  tolerances=dict(float32=FP32_TOL, bfloat16=f"{ULPS} x 2^-8 x max(1, |results|)"),
                                   model_size=vars(SIZES[scale]))
     checks: list[Check] = []
     with tempfile.TemporaryDirectory(prefix="rlhf-rewards-gpu-check-") as root:

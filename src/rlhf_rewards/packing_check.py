@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Union
 
@@ -36,11 +35,21 @@ unless the two paths compute different things (a row-mate seen, a position wrong
 size)."""
 
 
-def packing_tolerance(dtype: torch.dtype) -> float:
-    """The largest ``|packed - padded| / max(1, |padded|)`` accepted in ``dtype``: :data:`ULPS` times the dtype's
-    machine epsilon, at least :data:`FLOAT32_TOLERANCE`: bfloat16 (8 significant bits, eps 2^-7) 2^-4 = 0.0625,
-    float16 (11 bits, eps 2^-10) 2^-7 = 0.0078, float32 1e-4."""
-    return max(FLOAT32_TOLERANCE, ULPS * torch.finfo(dtype).eps)
+def dtype_tolerance(dtype: torch.dtype) -> float:
+    """The largest difference between two ways of computing the same rewards in ``dtype``, relative to
+    ``max(1, |reward|)``: :data:`ULPS` times the dtype's unit roundoff (half its machine epsilon: one rounding of x is
+    off by up to that times |x|), at least :data:`FLOAT32_TOLERANCE`: bfloat16 (8 significant bits) 8 x 2^-8 = 0.031,
+    float16 (11 bits) 8 x 2^-11 = 0.0039, float32 1e-4. The packing check holds packed against padded scores to it,
+    and ``benchmarks.gpu_check`` ours against the card's on the device."""
+    return max(FLOAT32_TOLERANCE, ULPS * torch.finfo(dtype).eps / 2)
+
+
+class PackingMismatchError(ValueError):
+    """``packing=True`` was asked for, and packed and padded scores of the synthetic samples disagree (``check``)."""
+
+    def __init__(self, message: str, check: "PackingCheck"):
+        super().__init__(message)
+        self.check = check
 
 
 _USER = ("Hi!", "What is the capital of France?",
@@ -136,12 +145,12 @@ def check_packing(model: RewardModel, dtype: torch.dtype) -> PackingCheck:
     for a, b in zip(packed, padded):
         n, diff = _difference(a, b)
         compared, worst = compared + n, max(worst, diff)
-    return PackingCheck(len(packed), compared, worst, packing_tolerance(dtype), dtype, time.perf_counter() - start)
+    return PackingCheck(len(packed), compared, worst, dtype_tolerance(dtype), dtype, time.perf_counter() - start)
 
 
 def verify_packing(model: RewardModel, requested: Union[bool, str], dtype: torch.dtype) -> None:
     """Run :func:`check_packing` on a model that packs. Agreement: ``model.packing_reason`` says so. Disagreement:
-    ``packing=True`` raises ``ValueError``; ``"auto"`` makes the model pad, ``packing_reason`` saying why, with a
+    ``packing=True`` raises :class:`PackingMismatchError` (a ``ValueError``); ``"auto"`` makes the model pad, ``packing_reason`` saying why, with a
     warning. A model that pads is left alone (no cost)."""
     if not model.packing:
         return
@@ -152,9 +161,9 @@ def verify_packing(model: RewardModel, requested: Union[bool, str], dtype: torch
     found = check.describe() if check.compared else "no synthetic sample could be scored both ways"
     where = f"{model.preset.name} with attention implementation {getattr(model, 'attn_implementation', None)!r}"
     if requested is True:
-        raise ValueError(f"packing=True failed its check: {found}, so {where} gives other rewards packed than "
-                         "padded; load it with packing=False (or 'auto', which then pads), or another attention "
-                         "implementation")
+        raise PackingMismatchError(
+            f"packing=True failed its check: {found}, so {where} gives other rewards packed than padded; load it "
+            "with packing=False (or 'auto', which then pads), or another attention implementation", check)
     model.packing = False
     model.packing_reason = f"auto: padded, because {found}"
     logger.warning("%s: packing turned off: %s; packed rows would give other rewards than padded batches with this "
