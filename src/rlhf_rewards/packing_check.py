@@ -150,8 +150,8 @@ def check_packing(model: RewardModel, dtype: torch.dtype) -> PackingCheck:
 
 def verify_packing(model: RewardModel, requested: Union[bool, str], dtype: torch.dtype) -> None:
     """Run :func:`check_packing` on a model that packs. Agreement: ``model.packing_reason`` says so. Disagreement:
-    ``packing=True`` raises :class:`PackingMismatchError` (a ``ValueError``); ``"auto"`` makes the model pad, ``packing_reason`` saying why, with a
-    warning. A model that pads is left alone (no cost)."""
+    ``packing=True`` raises :class:`PackingMismatchError` (a ``ValueError``); ``"auto"`` makes the model pad,
+    ``packing_reason`` saying why, with a warning. A model that pads is left alone (no cost)."""
     if not model.packing:
         return
     check = check_packing(model, dtype)
