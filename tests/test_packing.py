@@ -93,7 +93,7 @@ def test_flash_attention_packs_except_where_the_card_pad_cannot_be_hidden():
     with pytest.raises(ValueError, match="appended pad"):
         choose_packing(True, "flash_attention_2", blocker)
     assert choose_packing("auto", "sdpa")[0] is False  # a dense block mask: padded batches on the causal kernel
-    assert choose_packing(True, "eager") == (True, "packing=True")
+    assert choose_packing(True, "eager") == (True, "packing=True (eager: a block mask)")
     with pytest.raises(ValueError, match="neither packed position ids nor a block mask"):
         choose_packing(True, "flex_attention")
 
