@@ -146,8 +146,8 @@ def quantization_config(quantization: Optional[str], dtype: torch.dtype, skip_mo
 def check_attn_implementation(value: Optional[str], devices: Sequence[torch.device]) -> None:
     """Refuse, before any weights load, an ``attn_implementation`` transformers does not know here (its own names
     and any registered with ``AttentionInterface``), or one of transformers' flash-attention kernels when its package
-    does not import or a device is not CUDA (transformers would fall back to downloading a hub kernel, or fail after
-    building the model)."""
+    does not import or one of ``devices`` (where the model will run; empty when not known yet) is not CUDA
+    (transformers would fall back to downloading a hub kernel, or fail after building the model)."""
     if value is None:
         return
     from transformers import utils
