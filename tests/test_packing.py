@@ -74,7 +74,8 @@ def test_choice_and_reason_are_visible(tiny_dir):
     assert rm.packing is False and "auto: sdpa" in rm.packing_reason  # CPU with sdpa: padded batches are faster
     assert f"packing=False ({rm.packing_reason})" in repr(rm)
     on = load_reward_model(tiny_dir("starling-rm-34b"), device="cpu", packing=True)
-    assert on.packing is True and "packing=True (packing=True; checked: packed and padded scores" in repr(on)
+    assert on.packing is True
+    assert "packing=True (packing=True (sdpa: a block mask); checked: packed and padded scores" in repr(on)
     with pytest.raises(ValueError, match="packing must be"):
         load_reward_model(tiny_dir("starling-rm-34b"), device="cpu", packing="yes")
 
@@ -93,7 +94,7 @@ def test_flash_attention_packs_except_where_the_card_pad_cannot_be_hidden():
     with pytest.raises(ValueError, match="appended pad"):
         choose_packing(True, "flash_attention_2", blocker)
     assert choose_packing("auto", "sdpa")[0] is False  # a dense block mask: padded batches on the causal kernel
-    assert choose_packing(True, "eager") == (True, "packing=True")
+    assert choose_packing(True, "eager") == (True, "packing=True (eager: a block mask)")
     with pytest.raises(ValueError, match="neither packed position ids nor a block mask"):
         choose_packing(True, "flex_attention")
 

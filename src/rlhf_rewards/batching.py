@@ -264,7 +264,8 @@ def choose_packing(requested: "bool | str", implementation: Optional[str],
             raise ValueError(f"packing=True is not possible: {blocker}")
         return False, f"auto: {blocker}"
     if requested is True:
-        return True, "packing=True"
+        how = "variable-length kernels" if varlen else "a block mask"
+        return True, f"packing=True ({implementation}: {how})"
     if varlen:
         return True, f"auto: {implementation} runs packed rows in variable-length kernels (no padding, no mask)"
     # a dense block mask turns off the fused causal kernel: every row pays its full width squared in attention,

@@ -12,7 +12,7 @@ from .backends.placement import DeviceList, MemoryBudget, resolve_split
 from .backends.base import RewardModel
 from .control_text import ControlTextMode, check_mode
 from .packing_check import verify_packing
-from .backends.weights import DeviceSpec, check_device, resolve_device, resolve_dtype
+from .backends.weights import DeviceSpec, check_attn_implementation, check_device, resolve_device, resolve_dtype
 from .presets import Preset, canonical_hub_id, check_directory_matches, resolve_preset
 from .sources import check_local, locate
 
@@ -50,6 +50,7 @@ def load_reward_model(
     step_separator: Optional[str] = None,
     device_map: Optional[DeviceList] = None,
     max_memory: Optional[MemoryBudget] = None,
+    attn_implementation: Optional[str] = None,
 ) -> RewardModel:
     """Load a reward model exactly as its model card does, on its own device.
 
@@ -100,6 +101,13 @@ def load_reward_model(
             per local rank). Not with ``adapter``. See ``docs/multi-gpu.md``.
         max_memory: with ``device_map``, the bytes (or sizes such as ``"40GiB"``) each listed device may hold, every
             device but ``"disk"`` named; default: the devices' free memory, balanced over the GPUs.
+        attn_implementation: the attention implementation transformers runs the model with: ``"sdpa"``,
+            ``"eager"``, ``"flash_attention_2"`` (needs the ``flash_attn`` package and a CUDA device; the one
+            ``packing="auto"`` packs with), or any name registered with transformers' ``AttentionInterface``.
+            Default ``None``: transformers' choice, the checkpoint config's ``attn_implementation`` if it sets one,
+            else sdpa where the model supports it. An unknown value, or flash-attention without its package or
+            CUDA, is a ``ValueError`` before anything loads; PairRM (DeBERTa-v2) takes only ``"eager"``. The
+            implementation in use is ``rm.attn_implementation`` (also in the repr and in ``packing_reason``).
 
     Returns:
         A :class:`~rlhf_rewards.backends.base.RewardModel`: ``kind == "scalar"`` models have ``score``;
@@ -147,6 +155,9 @@ def load_reward_model(
         dev = resolve_device(device)
         check_device(dev, device)
     weights_dtype = resolve_dtype(dtype, chosen, dev)
+    # a split's offloaded layers run on its accelerators, so those are the devices the kernels must suit
+    check_attn_implementation(attn_implementation, [dev] if split is None else
+                              [torch.device(d) for d in split.devices if d not in ("cpu", "disk")] or [dev])
     try:
         loader = LOADERS[chosen.backend]
     except KeyError:
@@ -160,7 +171,8 @@ def load_reward_model(
         adapter = locate(adapter, "adapter")
     model = loader(source, preset=chosen, tokenizer=tokenizer, device=dev, dtype=weights_dtype,
                    max_length=max_length, max_batch_tokens=max_batch_tokens, quantization=quantization,
-                   adapter=adapter, packing=packing, **({"device_map": split} if split is not None else {}))
+                   adapter=adapter, packing=packing, attn_implementation=attn_implementation,
+                   **({"device_map": split} if split is not None else {}))
     model.parse_templates = parse_templates
     model.name_or_path = model_identity(local or name_or_path)
     for option, value in process.items():

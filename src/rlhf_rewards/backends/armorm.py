@@ -142,6 +142,7 @@ class ArmoRMRewardModel(ScalarModelBase):
                  **kwargs: Any):
         super().__init__(**kwargs)
         self.model = model
+        self.attn_implementation = getattr(model.config, "_attn_implementation", None)
         self.objective_names = tuple(objective_names)
         self.config_pad_id = config_pad_id
         self.gating_pattern: tuple[int, ...] = tuple(self.preset.extra["gating_pattern"])
@@ -253,7 +254,7 @@ class ArmoRMRewardModel(ScalarModelBase):
 
 
 def load_armorm(name_or_path: str, *, preset, tokenizer, device, dtype, max_length, max_batch_tokens, quantization,
-                adapter, packing="auto") -> ArmoRMRewardModel:
+                adapter, packing="auto", attn_implementation=None) -> ArmoRMRewardModel:
     """The ``"armorm"`` backend's loader: the repository's Llama-3 tokenizer (checked against the preset's golden
     ids), its config and weights in :class:`ArmoRMModel` (a missing weight is an error), an optional PEFT adapter.
     ArmoRM reads two positions per sample from right-padded batches: ``packing=True`` is refused."""
@@ -265,7 +266,8 @@ def load_armorm(name_or_path: str, *, preset, tokenizer, device, dtype, max_leng
                          "padded batches")
     tokenizer = load_tokenizer(preset, name_or_path, tokenizer)
     model = from_pretrained_checked(ArmoRMModel, name_or_path, dtype=dtype, device=device, quantization=quantization,
-                                    skip_modules=("regression_layer", "gating"))
+                                    skip_modules=("regression_layer", "gating"),
+                                    attn_implementation=attn_implementation)
     model = apply_adapter(model, adapter, quantized=quantization is not None)
     names = tuple(preset.extra["objective_names"])
     if model.num_objectives != len(names):

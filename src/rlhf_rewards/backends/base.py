@@ -65,6 +65,9 @@ class RewardModel:
         max_batch_tokens: the token budget of one forward pass (batch size x padded length, or rows x row width when
             packed); the default depends on the device (see :func:`rlhf_rewards.batching.default_max_batch_tokens`).
         packing: whether samples are packed into rows without padding; ``packing_reason`` says why (both in the repr).
+        attn_implementation: the attention implementation the model runs (``"sdpa"``, ``"eager"``,
+            ``"flash_attention_2"``...): as asked of :func:`~rlhf_rewards.load_reward_model`, else transformers'
+            choice; it decides whether ``packing="auto"`` packs. ``None`` for a backend that does not say.
         parse_templates: a text prompt already rendered in a chat template (``<|im_start|>``, ``[INST]``,
             Llama-3 headers, ...; see :mod:`rlhf_rewards.chat_parsing`) is parsed back into its messages before
             the model renders it in its own format, and the policy's end-of-turn markers are stripped from the end
@@ -89,6 +92,7 @@ class RewardModel:
     name_or_path: Optional[str] = None
     packing: bool = False
     packing_reason: str = "this backend pads its batches"
+    attn_implementation: Optional[str] = None
     control_markers: ClassVar[tuple[str, ...]] = ()
     """Non-special added tokens the backend's input format uses as markers, guarded like special tokens."""
     _control_probe: ClassVar[dict[str, str]] = {}
@@ -125,7 +129,8 @@ class RewardModel:
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(preset={self.preset.name!r}, device={str(self.device)!r}, "
-                f"max_batch_tokens={self.max_batch_tokens}, packing={self.packing!r} ({self.packing_reason}))")
+                f"max_batch_tokens={self.max_batch_tokens}, attn_implementation={self.attn_implementation!r}, "
+                f"packing={self.packing!r} ({self.packing_reason}))")
 
     @property
     def devices(self) -> tuple[str, ...]:

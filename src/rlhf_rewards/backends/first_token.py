@@ -192,7 +192,8 @@ class FirstTokenRewardModel(ScalarRewardModel):
 
 
 def load_first_token_model(name_or_path: str, *, preset, tokenizer, device, dtype, max_length, max_batch_tokens,
-                           quantization, adapter, packing="auto", device_map=None) -> FirstTokenRewardModel:
+                           quantization, adapter, packing="auto", device_map=None, attn_implementation=None
+                           ) -> FirstTokenRewardModel:
     """A causal LM scored as its card's ``generate(max_new_tokens=1, output_scores=True)`` reads ``scores[0][0][
     token_id]`` (``preset.extra["token_id"]``, default 0), its generation config as loaded with the model."""
     from transformers import AutoModelForCausalLM
@@ -202,7 +203,8 @@ def load_first_token_model(name_or_path: str, *, preset, tokenizer, device, dtyp
 
     tokenizer = load_tokenizer(preset, name_or_path, tokenizer)
     model = from_pretrained_checked(AutoModelForCausalLM, name_or_path, dtype=dtype, device=device,
-                                    quantization=quantization, skip_modules=("lm_head",), split=device_map)
+                                    quantization=quantization, skip_modules=("lm_head",), split=device_map,
+                                    attn_implementation=attn_implementation)
     model = apply_adapter(model, adapter, quantized=quantization is not None)
     head = model.get_output_embeddings()
     if not isinstance(head, nn.Linear) or getattr(model.config, "final_logit_softcapping", None):

@@ -31,14 +31,15 @@ class INFORMRewardModel(LlamaPreTrainedModel):
 
 
 def load_inform(name_or_path: str, *, preset, tokenizer, device, dtype, max_length, max_batch_tokens, quantization,
-                adapter, packing="auto", device_map=None) -> ScalarRewardModel:
+                adapter, packing="auto", device_map=None, attn_implementation=None) -> ScalarRewardModel:
     """INF-ORM from its repository's files (``device_map``: a :class:`~rlhf_rewards.backends.placement.Split`)."""
     from ..tokenization import load_tokenizer
     from .weights import apply_adapter, from_pretrained_checked
 
     tokenizer = load_tokenizer(preset, name_or_path, tokenizer)
     model = from_pretrained_checked(INFORMRewardModel, name_or_path, dtype=dtype, device=device,
-                                    quantization=quantization, skip_modules=("score",), split=device_map)
+                                    quantization=quantization, skip_modules=("score",), split=device_map,
+                                    attn_implementation=attn_implementation)
     model = apply_adapter(model, adapter, quantized=quantization is not None)
     return ScalarRewardModel(model=model, backbone=model.model, head=model.score,
                              config_pad_id=model.config.pad_token_id, preset=preset, tokenizer=tokenizer,

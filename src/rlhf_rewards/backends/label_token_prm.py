@@ -58,8 +58,8 @@ class LabelTokenProcessRewardModel(BackboneProcessRewardModel):
 
 
 def load_label_token_prm(cls: type[LabelTokenProcessRewardModel], name_or_path: str, *, preset, tokenizer, device,
-                         dtype, max_length, max_batch_tokens, quantization, adapter, packing="auto"
-                         ) -> LabelTokenProcessRewardModel:
+                         dtype, max_length, max_batch_tokens, quantization, adapter, packing="auto",
+                         attn_implementation=None) -> LabelTokenProcessRewardModel:
     """Load ``cls`` as the cards load their model: ``AutoModelForCausalLM`` (a missing weight is an error; the LM head
     kept out of quantization), the repository's own tokenizer (checked against the preset's golden ids, and against
     sentencepiece where the preset says so), an optional PEFT adapter."""
@@ -70,7 +70,8 @@ def load_label_token_prm(cls: type[LabelTokenProcessRewardModel], name_or_path: 
 
     tokenizer = load_tokenizer(preset, name_or_path, tokenizer)
     model = from_pretrained_checked(AutoModelForCausalLM, name_or_path, dtype=dtype, device=device,
-                                    quantization=quantization, skip_modules=("lm_head",))
+                                    quantization=quantization, skip_modules=("lm_head",),
+                                    attn_implementation=attn_implementation)
     model = apply_adapter(model, adapter, quantized=quantization is not None)
     limit = max_length or preset.max_length or getattr(model.config, "max_position_embeddings", None)
     return cls(model=model, packing=packing, preset=preset, tokenizer=tokenizer, device=device, max_length=limit,

@@ -395,7 +395,8 @@ class PairPMRewardModel(PairwiseRewardModel):
 
 
 def load_pair_pm(name_or_path: str, *, preset, tokenizer, device, dtype, max_length, max_batch_tokens,
-                 quantization, adapter, temperature: float = 1.0, packing="auto") -> PairPMRewardModel:
+                 quantization, adapter, temperature: float = 1.0, packing="auto", attn_implementation=None
+                 ) -> PairPMRewardModel:
     """Loading as RLHFlow's model card does: ``AutoModelForCausalLM`` (bf16 on GPU), the repository's own tokenizer."""
     from transformers import AutoModelForCausalLM
 
@@ -404,7 +405,8 @@ def load_pair_pm(name_or_path: str, *, preset, tokenizer, device, dtype, max_len
 
     tokenizer = load_tokenizer(preset, name_or_path, tokenizer)
     model = from_pretrained_checked(AutoModelForCausalLM, name_or_path, dtype=dtype, device=device,
-                                    quantization=quantization, skip_modules=("lm_head",))
+                                    quantization=quantization, skip_modules=("lm_head",),
+                                    attn_implementation=attn_implementation)
     model = apply_adapter(model, adapter, quantized=quantization is not None)
     limit = max_length or preset.max_length or getattr(model.config, "max_position_embeddings", None)
     return PairPMRewardModel(model=model, temperature=temperature, preset=preset, tokenizer=tokenizer,

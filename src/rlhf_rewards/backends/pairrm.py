@@ -228,6 +228,7 @@ class PairRMRewardModel(PairwiseRewardModel):
         super().__init__(preset=preset, tokenizer=tokenizer, device=device, max_length=total,
                          max_batch_tokens=max_batch_tokens)
         self.model = model
+        self.attn_implementation = getattr(config, "_attn_implementation", None)
         self.source_max_length = source_budget
         self.cand2_id = config.cand2_prefix_id
         check_pairrm_tokenizer(tokenizer, config)

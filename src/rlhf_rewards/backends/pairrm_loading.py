@@ -156,7 +156,7 @@ def pairrm_config(directory: str, tokenizer: Any) -> DebertaV2Config:
 
 
 def load_pairrm(name_or_path: str, tokenizer: Any, *, device: torch.device, dtype: torch.dtype,
-                quantization: Optional[str] = None) -> DebertaV2PairRM:
+                quantization: Optional[str] = None, attn_implementation: Optional[str] = None) -> DebertaV2PairRM:
     """Load PairRM's weights (either layout, ``model.safetensors`` or ``pytorch_model.bin``) in ``dtype`` on
     ``device``, quantized (``"8bit"`` / ``"4bit"``) if asked, the head left in full precision. A weight missing from
     the checkpoint is an error, never a random initialisation."""
@@ -166,7 +166,8 @@ def load_pairrm(name_or_path: str, tokenizer: Any, *, device: torch.device, dtyp
         directory = _local_dir(name_or_path, ("*.json", "spm.model", _WEIGHT_FILES[1]))
     config = pairrm_config(directory, tokenizer)
     return from_pretrained_checked(DebertaV2PairRM, directory, dtype=dtype, device=device,
-                                   quantization=quantization, skip_modules=("head_layer",), config=config)
+                                   quantization=quantization, skip_modules=("head_layer",), config=config,
+                                   attn_implementation=attn_implementation)
 
 
 def _faithful_tokenizer(tokenizer: Any, name_or_path: str) -> Any:
@@ -188,16 +189,23 @@ def _faithful_tokenizer(tokenizer: Any, name_or_path: str) -> Any:
 
 def load_pairrm_reward_model(name_or_path: str, *, preset, tokenizer: Any, device: torch.device,
                              dtype: torch.dtype, max_length: Optional[int], max_batch_tokens: Optional[int],
-                             quantization: Optional[str], adapter: Optional[str], packing: Any = "auto"
-                             ) -> PairRMRewardModel:
+                             quantization: Optional[str], adapter: Optional[str], packing: Any = "auto",
+                             attn_implementation: Optional[str] = None) -> PairRMRewardModel:
     """The ``"pairrm"`` backend's loader: PairRM's tokenizer (see :func:`_faithful_tokenizer`), the model
     (:func:`load_pairrm`), an optional PEFT adapter, and the :class:`PairRMRewardModel` around them. PairRM's
-    encoder reads marker positions of one padded row per comparison: ``packing=True`` is refused."""
+    encoder reads marker positions of one padded row per comparison: ``packing=True`` is refused. DeBERTa-v2 has
+    one attention, its own disentangled one (transformers' ``"eager"``): any other ``attn_implementation`` is
+    refused."""
     if packing is True:
         raise ValueError("packing=True is not possible: PairRM's encoder pads its rows (packing applies to decoder "
                          "reward models)")
+    if attn_implementation not in (None, "eager"):
+        raise ValueError(f"attn_implementation={attn_implementation!r} is not possible for PairRM: its DeBERTa-v2 "
+                         "encoder runs only its own disentangled attention ('eager'; transformers has no sdpa or "
+                         "flash-attention for it); leave attn_implementation unset or use 'eager'")
     tokenizer = _faithful_tokenizer(tokenizer, name_or_path)
-    model = load_pairrm(name_or_path, tokenizer, device=device, dtype=dtype, quantization=quantization)
+    model = load_pairrm(name_or_path, tokenizer, device=device, dtype=dtype, quantization=quantization,
+                        attn_implementation=attn_implementation)
     model = apply_adapter(model, adapter, quantized=quantization is not None)
     return PairRMRewardModel(model, preset=preset, tokenizer=tokenizer, device=device, max_length=max_length,
                              max_batch_tokens=max_batch_tokens)

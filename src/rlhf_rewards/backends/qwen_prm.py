@@ -65,7 +65,7 @@ class QwenProcessRewardModel(BackboneProcessRewardModel):
 
 
 def load_qwen2_prm(name_or_path: str, *, preset, tokenizer, device, dtype, max_length, max_batch_tokens,
-                   quantization, adapter, packing="auto") -> QwenProcessRewardModel:
+                   quantization, adapter, packing="auto", attn_implementation=None) -> QwenProcessRewardModel:
     """The ``"qwen2-prm"`` backend's loader: the repository's tokenizer (checked against the preset's golden ids),
     its config and weights in :class:`Qwen2ProcessRewardNetwork` (a missing weight is an error), an optional PEFT
     adapter. Batches are right-padded, or packed (``packing``) as the scalar models' are."""
@@ -74,7 +74,8 @@ def load_qwen2_prm(name_or_path: str, *, preset, tokenizer, device, dtype, max_l
 
     tokenizer = load_tokenizer(preset, name_or_path, tokenizer)
     model = from_pretrained_checked(Qwen2ProcessRewardNetwork, name_or_path, dtype=dtype, device=device,
-                                    quantization=quantization, skip_modules=("score",))
+                                    quantization=quantization, skip_modules=("score",),
+                                    attn_implementation=attn_implementation)
     model = apply_adapter(model, adapter, quantized=quantization is not None)
     limit = max_length or preset.max_length or getattr(model.config, "max_position_embeddings", None)
     return QwenProcessRewardModel(model=model, preset=preset, tokenizer=tokenizer, device=device, max_length=limit,

@@ -172,7 +172,8 @@ def _max_length(requested: Optional[int], preset_limit: Optional[int], config) -
 
 
 def load_sequence_classifier(name_or_path: str, *, preset, tokenizer, device, dtype, max_length, max_batch_tokens,
-                             quantization, adapter, packing="auto", device_map=None) -> ScalarRewardModel:
+                             quantization, adapter, packing="auto", device_map=None, attn_implementation=None
+                             ) -> ScalarRewardModel:
     """A transformers ``AutoModelForSequenceClassification`` reward model with one label (loaded as Ray2333's model card does)."""
     from transformers import AutoModelForSequenceClassification
 
@@ -182,7 +183,7 @@ def load_sequence_classifier(name_or_path: str, *, preset, tokenizer, device, dt
     tokenizer = load_tokenizer(preset, name_or_path, tokenizer)
     model = from_pretrained_checked(AutoModelForSequenceClassification, name_or_path, dtype=dtype, device=device,
                                     quantization=quantization, skip_modules=("score", "classifier"),
-                                    split=device_map, num_labels=1)
+                                    split=device_map, attn_implementation=attn_implementation, num_labels=1)
     model = apply_adapter(model, adapter, quantized=quantization is not None)
     backbone = getattr(model, model.base_model_prefix, None)
     head = getattr(model, "score", None)
@@ -194,7 +195,8 @@ def load_sequence_classifier(name_or_path: str, *, preset, tokenizer, device, dt
 
 
 def load_value_head(name_or_path: str, *, preset, tokenizer, device, dtype, max_length, max_batch_tokens,
-                    quantization, adapter, packing="auto", device_map=None) -> ScalarRewardModel:
+                    quantization, adapter, packing="auto", device_map=None, attn_implementation=None
+                    ) -> ScalarRewardModel:
     """A Starling value-head model: ``from_pretrained`` files (Starling-RM-34B), or a plain state dict over a
     Llama config (Starling-RM-7B-alpha, whose config comes from its base model when its repository has none)."""
     from transformers import AutoConfig
@@ -207,7 +209,8 @@ def load_value_head(name_or_path: str, *, preset, tokenizer, device, dtype, max_
     state_file = find_state_dict_file(name_or_path)
     if state_file is None:
         model = from_pretrained_checked(ValueHeadRewardModel, name_or_path, dtype=dtype, device=device,
-                                        quantization=quantization, skip_modules=("v_head",), split=device_map)
+                                        quantization=quantization, skip_modules=("v_head",), split=device_map,
+                                        attn_implementation=attn_implementation)
     else:
         if device_map is not None:
             raise ValueError(f"{name_or_path}: device_map needs safetensors/from_pretrained weights; this "
@@ -218,6 +221,9 @@ def load_value_head(name_or_path: str, *, preset, tokenizer, device, dtype, max_
         config_source = name_or_path if os.path.isfile(os.path.join(name_or_path, "config.json")) \
             else (tokenizer.name_or_path or preset.tokenizer_source)
         config = AutoConfig.from_pretrained(config_source)
+        if attn_implementation is not None:
+            # the model's constructor checks it against the class, as from_pretrained does
+            config._attn_implementation = attn_implementation
         model = ValueHeadRewardModel(config)
         load_value_head_state_dict(model, state_file)
         model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)

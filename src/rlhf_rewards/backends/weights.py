@@ -143,6 +143,35 @@ def quantization_config(quantization: Optional[str], dtype: torch.dtype, skip_mo
                               llm_int8_skip_modules=list(skip_modules))
 
 
+def check_attn_implementation(value: Optional[str], devices: Sequence[torch.device]) -> None:
+    """Refuse, before any weights load, an ``attn_implementation`` transformers does not know here (its own names
+    and any registered with ``AttentionInterface``), or one of transformers' flash-attention kernels when its package
+    does not import or one of ``devices`` (where the model will run; empty when not known yet) is not CUDA
+    (transformers would fall back to downloading a hub kernel, or fail after building the model)."""
+    if value is None:
+        return
+    from transformers import utils
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    # paged attention reads a generation cache that scoring never builds
+    known = ["eager"] + [k for k in ALL_ATTENTION_FUNCTIONS.valid_keys() if not k.startswith("paged|")]
+    if not isinstance(value, str) or value not in known:
+        raise ValueError(f"attn_implementation={value!r} is not an attention implementation transformers knows here; "
+                         f"choose one of {', '.join(known)} (or None for transformers' default)")
+    flash = re.fullmatch(r"flash_attention_(\d)", value)
+    if flash is None:
+        return
+    available = getattr(utils, f"is_flash_attn_{flash.group(1)}_available", None)
+    package = "flash_attn" if flash.group(1) == "2" else f"flash-attention {flash.group(1)}"
+    if available is None or not available():
+        raise ValueError(f"attn_implementation={value!r} needs the {package} package, which does not import here "
+                         "(pip install flash-attn on a CUDA machine); leave attn_implementation unset or use 'sdpa'")
+    not_cuda = [str(d) for d in devices if d.type != "cuda"]
+    if not_cuda:
+        raise ValueError(f"attn_implementation={value!r} runs on CUDA devices only, not {', '.join(not_cuda)}; "
+                         "put the model on a GPU or use 'sdpa'")
+
+
 def check_loading_info(name_or_path: str, info: dict) -> None:
     """Refuse a checkpoint that leaves weights randomly initialised: its rewards would look plausible and mean
     nothing."""
@@ -154,11 +183,13 @@ def check_loading_info(name_or_path: str, info: dict) -> None:
 
 def from_pretrained_checked(cls, name_or_path: str, *, dtype: torch.dtype, device: torch.device,
                             quantization: Optional[str], skip_modules: Sequence[str], split=None,
-                            **kwargs) -> nn.Module:
+                            attn_implementation: Optional[str] = None, **kwargs) -> nn.Module:
     """``cls.from_pretrained`` in ``dtype`` on ``device`` (quantized if asked), failing on missing weights.
 
     ``split`` (a :class:`~rlhf_rewards.backends.placement.Split`) spreads the layers over several devices instead,
-    the reward head (``skip_modules``, also kept out of quantization) on the last one."""
+    the reward head (``skip_modules``, also kept out of quantization) on the last one. ``attn_implementation``
+    (checked by :func:`check_attn_implementation`) is passed on only when given: ``None`` keeps transformers' choice
+    (the checkpoint config's, else sdpa where the model supports it)."""
     qconfig = quantization_config(quantization, dtype, skip_modules)
     placed = {}
     if split is not None:
@@ -169,7 +200,16 @@ def from_pretrained_checked(cls, name_or_path: str, *, dtype: torch.dtype, devic
         placed = {"device_map": {"": str(device)}}
     if qconfig is not None:
         kwargs.update(quantization_config=qconfig)
-    model, info = cls.from_pretrained(name_or_path, dtype=dtype, output_loading_info=True, **placed, **kwargs)
+    if attn_implementation is not None:
+        kwargs.update(attn_implementation=attn_implementation)
+    try:
+        model, info = cls.from_pretrained(name_or_path, dtype=dtype, output_loading_info=True, **placed, **kwargs)
+    except (ValueError, ImportError) as err:
+        # transformers names its own class and argument; say which option of ours to change, and how
+        if attn_implementation is None or "attention" not in str(err).lower():
+            raise
+        raise ValueError(f"attn_implementation={attn_implementation!r}: {name_or_path} ({cls.__name__}) cannot run "
+                         f"it: {err} Leave attn_implementation unset for the model's default.") from err
     check_loading_info(name_or_path, info)
     if split is not None:
         from .placement import remove_with

@@ -117,6 +117,18 @@ def dtype_arg(text: str) -> str:
     return text
 
 
+def attn_implementation_arg(text: str) -> str:
+    """An attention implementation transformers knows here (flash-attention only with its package installed);
+    whether it suits the device is checked when the model loads."""
+    from ..backends.weights import check_attn_implementation
+
+    try:
+        check_attn_implementation(text, devices=[])
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def require(module: str) -> Any:
     """Import an optional dependency of the dataset commands, naming the extra that installs it."""
     try:
@@ -142,6 +154,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, several: bool = Fals
     parser.add_argument("--max-length", type=positive_int, help="token limit per input (default: the card's)")
     parser.add_argument("--max-batch-tokens", type=positive_int,
                         help="token budget per forward pass (bounds peak memory)")
+    parser.add_argument("--attn-implementation", type=attn_implementation_arg, metavar="NAME",
+                        help="attention implementation: sdpa, eager, flash_attention_2 (CUDA with flash_attn "
+                             "installed; packs samples padding-free) ... (default: transformers' choice)")
 
 
 def model_specs(args: argparse.Namespace) -> list[tuple[str, Optional[str], Optional[str]]]:
@@ -172,8 +187,14 @@ def load_model(args: argparse.Namespace, model: str, preset: Optional[str], toke
     from ..loading import load_reward_model
 
     hf_logging.disable_progress_bar()  # stderr carries this command's own progress bar
-    return load_reward_model(model, preset=preset, device=args.device, dtype=args.dtype, tokenizer=tokenizer,
-                             max_length=args.max_length, max_batch_tokens=args.max_batch_tokens)
+    try:
+        return load_reward_model(model, preset=preset, device=args.device, dtype=args.dtype, tokenizer=tokenizer,
+                                 max_length=args.max_length, max_batch_tokens=args.max_batch_tokens,
+                                 attn_implementation=args.attn_implementation)
+    except ValueError as err:
+        if args.attn_implementation is None or "attn_implementation" not in str(err):
+            raise
+        raise UsageError(f"--attn-implementation: {err}") from None
 
 
 class Progress:

@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
     if args.json:
         print(json.dumps({"model": args.model, "preset": model.preset.name, "kind": model.kind,
-                          "truncated": model.stats.truncated, "inputs": shown}, ensure_ascii=False))
+                          "attn_implementation": model.attn_implementation, "truncated": model.stats.truncated,
+                          "inputs": shown}, ensure_ascii=False))
         return 0
     for item in shown:
         order = f", order {item['order']}" if item["order"] else ""

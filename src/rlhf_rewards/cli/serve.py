@@ -7,7 +7,7 @@ import argparse
 import logging
 import os
 from . import serve_ray
-from .common import UsageError, check_preset, reports_usage_errors
+from .common import UsageError, attn_implementation_arg, check_preset, reports_usage_errors
 from .options import bounded
 
 HELP = "serve a reward model over HTTP for RL trainers (needs the 'serve' extra; see docs/serving.md)"
@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=positive, help="token limit per input (default: the card's)")
     parser.add_argument("--quantization", choices=("8bit", "4bit"), help="bitsandbytes quantization of the backbone")
     parser.add_argument("--adapter", help="a PEFT adapter to put on the reward model")
+    parser.add_argument("--attn-implementation", type=attn_implementation_arg, metavar="NAME",
+                        help="attention implementation: sdpa, eager, flash_attention_2 (CUDA with flash_attn "
+                             "installed; packs samples padding-free) ... (default: transformers' choice)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1; any other address needs an API key)")
     parser.add_argument("--port", type=bounded(int, 0, 65535), default=8000)
@@ -75,7 +78,7 @@ def _api_key(args: argparse.Namespace) -> str | None:
 
 def _check_before_loading(args: argparse.Namespace) -> None:
     """What would otherwise fail only once the model loads, behind a server already listening."""
-    from ..backends.weights import check_device, resolve_device, resolve_dtype
+    from ..backends.weights import check_attn_implementation, check_device, resolve_device, resolve_dtype
 
     if args.max_request_items is not None and args.max_request_items > args.max_queue:
         raise UsageError(f"--max-request-items {args.max_request_items} is more than --max-queue "
@@ -85,6 +88,7 @@ def _check_before_loading(args: argparse.Namespace) -> None:
         device = resolve_device(args.device)
         check_device(device, args.device)
         resolve_dtype(args.dtype, preset, device)
+        check_attn_implementation(args.attn_implementation, [device])
     except ValueError as err:
         raise UsageError(str(err)) from None
     if args.calibration is not None:
@@ -128,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     load_kwargs = {"preset": args.preset, "tokenizer": args.tokenizer, "device": args.device, "dtype": args.dtype,
                    "max_length": args.max_length, "max_batch_tokens": args.max_batch_tokens,
-                   "quantization": args.quantization, "adapter": args.adapter}
+                   "quantization": args.quantization, "adapter": args.adapter,
+                   "attn_implementation": args.attn_implementation}
 
     engine_kwargs = {"model_id": args.served_model_name, "max_wait_ms": args.max_wait_ms,
                      "max_queue": args.max_queue, "max_request_items": args.max_request_items,

@@ -119,12 +119,13 @@ class RewardEngine:
         return self.batcher.max_request_items
 
     def describe(self) -> dict[str, Any]:
-        """The ``/v1/models`` entry: id, preset, kind, device, dtype, the per-input token limit, and the reward
-        statistics ``normalize="stats"`` uses (``None``: none, such requests get a 422)."""
+        """The ``/v1/models`` entry: id, preset, kind, device, dtype, attention implementation, the per-input token
+        limit, and the reward statistics ``normalize="stats"`` uses (``None``: none, such requests get a 422)."""
         dtype = getattr(getattr(self.model, "model", None), "dtype", None)
         return {"id": self.model_id, "object": "model", "preset": self.model.preset.name, "kind": self.kind,
                 "device": str(self.model.device), "dtype": str(dtype).removeprefix("torch.") if dtype else None,
-                "max_length": self.model.max_length, "normalization": self.normalization()}
+                "attn_implementation": self.model.attn_implementation, "max_length": self.model.max_length,
+                "normalization": self.normalization()}
 
     def normalization(self) -> dict[str, Any]:
         """What ``normalize=`` can use here: the modes, and the statistics of ``"stats"`` (the calibration, which
