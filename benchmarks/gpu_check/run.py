@@ -75,10 +75,11 @@ def run(out_dir: str, device: torch.device, scale: str, presets: Sequence[str], 
         models = {}
         for preset in presets:
             log(f"{preset}: building")
-            models[preset] = build(preset, SIZES[scale], root, bench_scale, SAMPLES[scale], seed)
+            models[preset], float32 = build(preset, SIZES[scale], root, bench_scale, SAMPLES[scale], seed, device)
             if "exactness" not in skip:
                 log(f"{preset}: exactness")
-                checks += exactness(models[preset], device, inject)
+                checks += exactness(models[preset], float32, inject)
+            del float32
         implementations, skipped = attention_implementations(device)
         if "packing" not in skip:
             result["skipped"] += skipped
