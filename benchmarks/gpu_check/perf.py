@@ -92,17 +92,28 @@ def throughput(model: Model, device: torch.device, scale: Scale, seed: int, grpo
     return out
 
 
-def serving(model: Model, device: torch.device, requests: int, senders: int = 64) -> dict[str, Any]:
-    """``senders`` concurrent one-sample clients against ``rlhf-rewards serve`` with batching across requests
-    (``--max-wait-ms 5``) and without (``0``: one forward per request), by :mod:`benchmarks.serving`. Both servers
-    start together (their start-ups overlap) and are measured one after the other: the idle one takes no compute."""
+SERVER_WAITS = (5.0, 0.0)
+"""``--max-wait-ms`` of the two servers compared: batching across requests, and one forward per request."""
+
+
+def start_servers(model: Model, device: torch.device, stack: contextlib.ExitStack) -> dict[float, Any]:
+    """``rlhf-rewards serve`` on ``model`` per :data:`SERVER_WAITS`, started now and stopped when ``stack`` closes:
+    they load while the caller checks other models (on otherwise idle cores), and take no compute once idle, so
+    they wait for :func:`serving` without disturbing what runs meanwhile."""
+    from .. import serving as bench
+
+    return {wait: stack.push(bench.Server(model.directory, model.preset, str(device), wait, None))
+            for wait in SERVER_WAITS}
+
+
+def serving(servers: dict[float, Any], requests: int, senders: int = 64) -> dict[str, Any]:
+    """``senders`` concurrent one-sample clients against the :func:`start_servers` ones, with batching across
+    requests (``--max-wait-ms 5``) and without (``0``: one forward per request), one server after the other, by
+    :mod:`benchmarks.serving`."""
     from .. import serving as bench
 
     queries = [bench.chatml_query(q, a) for q, a in bench.workload(requests, 0)]
-    with contextlib.ExitStack() as stack:
-        servers = {wait: stack.push(bench.Server(model.directory, model.preset, str(device), wait, None))
-                   for wait in (5.0, 0.0)}
-        on, off = [bench.measure_server(servers[wait].ready(), queries, senders, wait) for wait in (5.0, 0.0)]
+    on, off = [bench.measure_server(servers[wait].ready(), queries, senders, wait) for wait in SERVER_WAITS]
     return dict(senders=senders, requests=requests, batching=on, no_batching=off,
                 speedup=on["requests_per_s"] / off["requests_per_s"])
 
