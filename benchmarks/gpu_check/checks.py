@@ -74,6 +74,7 @@ class Model:
     directory: str
     samples: list[tuple]
     tokenizer: Any = None
+    card_tokenizer: Any = None  # the card's own, as its first card procedure loaded it (:func:`card`)
 
     def load(self, device: torch.device, dtype: Optional[torch.dtype] = None, **options: Any) -> Any:
         """:func:`~rlhf_rewards.load_reward_model` on this model's directory with its preset (``dtype`` ``None``:
@@ -122,7 +123,8 @@ def card(rm: Any, model: Model, dtype: torch.dtype) -> list[float]:
         return _card_pair_pm(rm, samples)
     if preset == "pairrm":
         return _llm_blender_compare(rm, samples)
-    scorer = card_scorer(preset, model.directory, rm.device, dtype)
+    scorer = card_scorer(preset, model.directory, rm.device, dtype, model.card_tokenizer)
+    model.card_tokenizer = scorer.tokenizer
     return flat([scorer.score(p, c) for p, c in samples])
 
 
