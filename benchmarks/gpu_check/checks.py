@@ -4,9 +4,12 @@ Each check is a :class:`Check`; a failed one makes the run's exit code non-zero.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import multiprocessing
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
@@ -83,12 +86,28 @@ class Model:
                                  tokenizer=self.tokenizer, **options)
 
 
-def build(preset: str, size: ModelSize, root: str, scale: Scale, samples: int, seed: int, device: torch.device
+def written_models(presets: Sequence[str], size: ModelSize, root: str, seed: int, stack: contextlib.ExitStack
+                   ) -> Iterator[tuple[str, str]]:
+    """``(preset, directory)`` of each preset's random model at ``size``, written in ``root/preset``, in the order
+    of ``presets``: the first by this process, the rest one after another by a second one (spawned: a forked child
+    of a process whose torch threads ran can hang), which writes while this process checks the models before
+    (writing is CPU work for one core; this process mostly parses tokenizers on another). The second process stops
+    when ``stack`` closes, its unstarted writes cancelled."""
+    rest = []
+    if len(presets) > 1:
+        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        stack.callback(pool.shutdown, cancel_futures=True)
+        rest = [pool.submit(write_model, p, size, os.path.join(root, p), seed) for p in presets[1:]]
+    yield presets[0], write_model(presets[0], size, os.path.join(root, presets[0]), seed)
+    for preset, written in zip(presets[1:], rest):
+        yield preset, written.result()
+
+
+def build(preset: str, directory: str, scale: Scale, samples: int, seed: int, device: torch.device
           ) -> tuple[Model, Any]:
-    """``preset``'s random model at ``size`` in ``root/preset`` and ``samples`` samples of the benchmark's workload
-    written for its tokenizer (comparisons against a baseline for a pairwise model); with the model loaded on
-    ``device`` in float32 (tokenizer from the directory, as users load it), for :func:`exactness` to use."""
-    directory = write_model(preset, size, os.path.join(root, preset), seed)
+    """``preset``'s model written in ``directory`` and ``samples`` samples of the benchmark's workload written for
+    its tokenizer (comparisons against a baseline for a pairwise model); with the model loaded on ``device`` in
+    float32 (tokenizer from the directory, as users load it), for :func:`exactness` to use."""
     rm = load_reward_model(directory, preset=preset, device=device, dtype=torch.float32)
     writer = Writer(rm.tokenizer, corpus_words())
     conversations, groups = make_workload(scale, seed)

@@ -20,7 +20,7 @@ import torch
 from ..workload import FULL, SMOKE, ModelSize
 from . import FP32_TOL, ULPS
 from .checks import LEAK_PRESET, PACKING_PRESETS, Check, attention_implementations, build, every_preset, exactness, \
-    packing, row_mate_leak
+    packing, row_mate_leak, written_models
 from .perf import quantization, ratio_line, serving, start_servers, throughput
 
 TIMED = "ray2333-mistral-7b"
@@ -77,9 +77,10 @@ def run(out_dir: str, device: torch.device, scale: str, presets: Sequence[str], 
     servers: dict[float, Any] = {}
     with tempfile.TemporaryDirectory(prefix="rlhf-rewards-gpu-check-") as root, contextlib.ExitStack() as stack:
         models = {}
-        for preset in sorted(presets, key=lambda p: p != TIMED):  # the timed one first: its servers start early
-            log(f"{preset}: building")
-            models[preset], float32 = build(preset, SIZES[scale], root, bench_scale, SAMPLES[scale], seed, device)
+        order = sorted(presets, key=lambda p: p != TIMED)  # the timed one first: its servers start early
+        for preset, directory in written_models(order, SIZES[scale], root, seed, stack):
+            log(f"{preset}: loading")
+            models[preset], float32 = build(preset, directory, bench_scale, SAMPLES[scale], seed, device)
             if preset == TIMED and "serving" not in skip:
                 servers = start_servers(models[preset], device, stack)
             if "exactness" not in skip:
