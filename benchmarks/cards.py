@@ -38,8 +38,9 @@ class CardArmoRM:
     """ArmoRM's card for ONE conversation, from its demo code and the remote code's forward
     (``LlamaForRewardModelWithGating``), its head weights read from ``model.safetensors``."""
 
-    def __init__(self, directory: str, device: torch.device = CPU, dtype: torch.dtype = torch.float32):
-        self.tokenizer = AutoTokenizer.from_pretrained(directory)
+    def __init__(self, directory: str, device: torch.device = CPU, dtype: torch.dtype = torch.float32,
+                 tokenizer: Any = None):
+        self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(directory)
         with open(os.path.join(directory, "config.json")) as f:
             self.config = json.load(f)
         self.device = device
@@ -103,9 +104,10 @@ class InformCard:
     """INF-ORM's card: ``apply_chat_template(conversation, tokenize=True, return_tensors="pt")``, one forward,
     ``[0][0]``."""
 
-    def __init__(self, directory: str, device: torch.device = CPU, dtype: torch.dtype = torch.float32):
+    def __init__(self, directory: str, device: torch.device = CPU, dtype: torch.dtype = torch.float32,
+                 tokenizer: Any = None):
         self.orm = CardORM.from_pretrained(directory, dtype=dtype, num_labels=1).eval().to(device)
-        self.tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
+        self.tokenizer = tokenizer if tokenizer is not None else PreTrainedTokenizerFast.from_pretrained(directory)
         self.device = device
 
     def __call__(self, messages: Messages) -> float:
@@ -122,9 +124,10 @@ class NemotronCard:
     return_tensors="pt", return_dict=True)``, ``generate(max_new_tokens=1, return_dict_in_generate=True,
     output_scores=True)`` with the repository's generation config, the reward ``scores[0][0][0]``."""
 
-    def __init__(self, directory: str, device: torch.device = CPU, dtype: torch.dtype = torch.float32):
+    def __init__(self, directory: str, device: torch.device = CPU, dtype: torch.dtype = torch.float32,
+                 tokenizer: Any = None):
         self.model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval().to(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(directory)
+        self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(directory)
         self.device = device
 
     def __call__(self, messages: Messages) -> tuple[float, torch.Tensor]:
@@ -145,9 +148,10 @@ class SkyworkCard:
     """Skywork's cards, one conversation at a time: V2 (``preset="skywork-reward-v2"``) renders the template as text,
     strips a leading BOS string, then tokenizes; v0.x tokenizes in the template call. Both read ``logits[0][0]``."""
 
-    def __init__(self, path: str, preset: str, device: torch.device = CPU, dtype: torch.dtype = torch.float32):
+    def __init__(self, path: str, preset: str, device: torch.device = CPU, dtype: torch.dtype = torch.float32,
+                 tokenizer: Any = None):
         self.preset = preset
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype).to(device)
         self.model.eval()
         self.device = device
@@ -189,8 +193,9 @@ class QwenPRMCard:
     and ``make_step_rewards`` (softmax, masked at the ``<extra_0>`` positions, label 1's probability).
     ``load_result``: the weights the checkpoint lacked and those it had beyond the module (both empty when whole)."""
 
-    def __init__(self, directory: str, device: torch.device = CPU, dtype: torch.dtype = torch.float32):
-        self.tokenizer = AutoTokenizer.from_pretrained(directory)
+    def __init__(self, directory: str, device: torch.device = CPU, dtype: torch.dtype = torch.float32,
+                 tokenizer: Any = None):
+        self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(directory)
         self.model = CardPRM(Qwen2Config.from_pretrained(directory)).eval()
         self.load_result = self.model.load_state_dict(load_file(f"{directory}/model.safetensors"), strict=False)
         self.model.to(device, dtype)
@@ -224,8 +229,9 @@ class RLHFlowPRMCard:
     the growing conversation of user steps each answered "+", ``apply_chat_template``, a full-vocabulary forward,
     ``logits[:, -3, candidate_tokens]``, softmax, P("+")."""
 
-    def __init__(self, directory: str, device: torch.device = CPU, dtype: torch.dtype = torch.float32):
-        self.tokenizer = AutoTokenizer.from_pretrained(directory)
+    def __init__(self, directory: str, device: torch.device = CPU, dtype: torch.dtype = torch.float32,
+                 tokenizer: Any = None):
+        self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(directory)
         self.model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval().to(device)
         self.device = device
 
@@ -308,45 +314,50 @@ def _question(prompt: Messages) -> tuple[Optional[str], str]:
 class CardScorer:
     """A card's procedure ready to score: ``score(prompt messages, completion)`` gives the card's reward (a scalar
     model) or step rewards (a process model, ``completion`` a list of steps); ``backbone`` and ``heads``: the
-    card's own modules, for counting what it runs."""
+    card's own modules, for counting what it runs; ``tokenizer``: the one the card loaded (``None``: the card reads
+    no transformers tokenizer), which a card on the same checkpoint in another dtype can take as ``tokenizer=``
+    instead of parsing the same files again."""
 
     score: Callable[[Messages, Any], Union[float, list[float]]]
     backbone: nn.Module
     heads: list[nn.Module]
+    tokenizer: Any = None
 
 
-def card_scorer(preset: str, directory: str, device: torch.device = CPU, dtype: torch.dtype = torch.float32
-                ) -> CardScorer:
-    """``preset``'s card procedure on the checkpoint in ``directory``, loaded on ``device`` in ``dtype``."""
+def card_scorer(preset: str, directory: str, device: torch.device = CPU, dtype: torch.dtype = torch.float32,
+                tokenizer: Any = None) -> CardScorer:
+    """``preset``'s card procedure on the checkpoint in ``directory``, loaded on ``device`` in ``dtype``;
+    ``tokenizer``: a previous card scorer's on the same checkpoint (default: loaded from ``directory``)."""
     if preset == "armorm-llama3-8b":
-        armorm = CardArmoRM(directory, device, dtype)
-        return CardScorer(lambda prompt, completion: armorm(conversation(prompt, completion))[0], armorm.backbone, [])
+        armorm = CardArmoRM(directory, device, dtype, tokenizer)
+        return CardScorer(lambda prompt, completion: armorm(conversation(prompt, completion))[0], armorm.backbone, [],
+                          armorm.tokenizer)
     if preset == "inf-orm-llama3.1-70b":
-        inform = InformCard(directory, device, dtype)
+        inform = InformCard(directory, device, dtype, tokenizer)
         return CardScorer(lambda prompt, completion: inform(conversation(prompt, completion)), inform.orm.model,
-                          [inform.orm.score])
+                          [inform.orm.score], inform.tokenizer)
     if preset == "nemotron-reward":
-        nemotron = NemotronCard(directory, device, dtype)
+        nemotron = NemotronCard(directory, device, dtype, tokenizer)
         return CardScorer(lambda prompt, completion: nemotron(conversation(prompt, completion))[0],
-                          nemotron.model.model, [nemotron.model.lm_head])
+                          nemotron.model.model, [nemotron.model.lm_head], nemotron.tokenizer)
     if preset in ("skywork-reward-v2", "skywork-reward"):
-        skywork = SkyworkCard(directory, preset, device, dtype)
+        skywork = SkyworkCard(directory, preset, device, dtype, tokenizer)
         return CardScorer(lambda prompt, completion: skywork(conversation(prompt, completion)), skywork.model.model,
-                          [skywork.model.score])
+                          [skywork.model.score], skywork.tokenizer)
     if preset == "qwen2.5-math-prm":
-        qwen = QwenPRMCard(directory, device, dtype)
+        qwen = QwenPRMCard(directory, device, dtype, tokenizer)
 
         def qwen_steps(prompt: Messages, steps: Sequence[str]) -> list[float]:
             system, question = _question(prompt)
             return qwen(question, steps, QWEN_MATH_SYSTEM if system is None else system)
-        return CardScorer(qwen_steps, qwen.model.model, [qwen.model.score])
+        return CardScorer(qwen_steps, qwen.model.model, [qwen.model.score], qwen.tokenizer)
     if preset == "rlhflow-prm":
-        rlhflow = RLHFlowPRMCard(directory, device, dtype)
+        rlhflow = RLHFlowPRMCard(directory, device, dtype, tokenizer)
 
         def rlhflow_steps(prompt: Messages, steps: Sequence[str]) -> list[float]:
             system, question = _question(prompt)
             return rlhflow(question, steps, system=system)
-        return CardScorer(rlhflow_steps, rlhflow.model.model, [rlhflow.model.lm_head])
+        return CardScorer(rlhflow_steps, rlhflow.model.model, [rlhflow.model.lm_head], rlhflow.tokenizer)
     if preset == "math-shepherd":
         shepherd = MathShepherdCard(directory, device, dtype)
 

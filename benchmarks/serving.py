@@ -71,6 +71,10 @@ class Server:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 
     def __enter__(self) -> "Server":
+        return self.ready()
+
+    def ready(self) -> "Server":
+        """Wait (bounded) until the server answers ``/health``; it started loading when constructed."""
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -121,10 +125,16 @@ def percentile(values: list[float], q: float) -> float:
 
 def measure_senders(args, model: str, queries: list[str], max_wait_ms: float) -> dict:
     with Server(model, args.preset, args.device, max_wait_ms, args.threads) as server:
-        asyncio.run(senders(server.url, queries[: args.senders * 2], args.senders))  # warm-up
-        before = server.batches()
-        seconds, latencies = asyncio.run(senders(server.url, queries, args.senders))
-        batches = server.batches() - before
+        return measure_server(server, queries, args.senders, max_wait_ms)
+
+
+def measure_server(server: Server, queries: list[str], count: int, max_wait_ms: float) -> dict:
+    """``count`` concurrent senders against the ready ``server`` (started with ``max_wait_ms``): a warm-up of
+    ``2 x count`` queries, then ``queries`` timed."""
+    asyncio.run(senders(server.url, queries[: count * 2], count))  # warm-up
+    before = server.batches()
+    seconds, latencies = asyncio.run(senders(server.url, queries, count))
+    batches = server.batches() - before
     return {"max_wait_ms": max_wait_ms, "requests": len(queries), "seconds": seconds,
             "requests_per_s": len(queries) / seconds, "p50_ms": 1000 * statistics.median(latencies),
             "p99_ms": 1000 * percentile(latencies, 0.99), "forward_batches": batches}

@@ -62,6 +62,10 @@ def test_the_report_holds_the_machine_and_every_measurement(report):
     serving = data["serving"]
     assert serving["senders"] == 64 and serving["speedup"] > 0
     assert serving["batching"]["p99_ms"] >= serving["batching"]["p50_ms"] > 0
+    # each server measured with its own setting (both start early, side by side): without batching one forward per
+    # one-sample request, with it never more
+    assert serving["no_batching"]["forward_batches"] == serving["requests"] == 64
+    assert 0 < serving["batching"]["forward_batches"] <= serving["requests"]
     assert data["quantization"] == {"skipped": "bitsandbytes quantization needs CUDA, not cpu"}
     for part in ("## Exactness", "## Throughput", "## Serving", "## Skipped (not failures)"):
         assert part in text

@@ -4,9 +4,12 @@ Each check is a :class:`Check`; a failed one makes the run's exit code non-zero.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import multiprocessing
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
@@ -66,25 +69,53 @@ def flat(results: Sequence[Any]) -> list[float]:
 
 @dataclass
 class Model:
-    """A preset's random model on disk and the samples it is checked on."""
+    """A preset's random model on disk, the samples it is checked on, and its tokenizer as the package loaded it
+    from the directory the first time (later loads get it as ``tokenizer=``, which the package uses as it is: parsing
+    a 128k-152k vocabulary again costs about a second a load and checks nothing new)."""
 
     preset: str
     directory: str
     samples: list[tuple]
+    tokenizer: Any = None
+    card_tokenizer: Any = None  # the card's own, as its first card procedure loaded it (:func:`card`)
+
+    def load(self, device: torch.device, dtype: Optional[torch.dtype] = None, **options: Any) -> Any:
+        """:func:`~rlhf_rewards.load_reward_model` on this model's directory with its preset (``dtype`` ``None``:
+        the device's default)."""
+        return load_reward_model(self.directory, preset=self.preset, device=device, dtype=dtype,
+                                 tokenizer=self.tokenizer, **options)
 
 
-def build(preset: str, size: ModelSize, root: str, scale: Scale, samples: int, seed: int) -> Model:
-    """``preset``'s random model at ``size`` in ``root/preset`` and ``samples`` samples of the benchmark's workload
-    written for its tokenizer (comparisons against a baseline for a pairwise model)."""
-    directory = write_model(preset, size, os.path.join(root, preset), seed)
-    rm = load_reward_model(directory, preset=preset, device="cpu")
+def written_models(presets: Sequence[str], size: ModelSize, root: str, seed: int, stack: contextlib.ExitStack
+                   ) -> Iterator[tuple[str, str]]:
+    """``(preset, directory)`` of each preset's random model at ``size``, written in ``root/preset``, in the order
+    of ``presets``: the first by this process, the rest one after another by a second one (spawned: a forked child
+    of a process whose torch threads ran can hang), which writes while this process checks the models before
+    (writing is CPU work for one core; this process mostly parses tokenizers on another). The second process stops
+    when ``stack`` closes, its unstarted writes cancelled."""
+    rest = []
+    if len(presets) > 1:
+        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        stack.callback(pool.shutdown, cancel_futures=True)
+        rest = [pool.submit(write_model, p, size, os.path.join(root, p), seed) for p in presets[1:]]
+    yield presets[0], write_model(presets[0], size, os.path.join(root, presets[0]), seed)
+    for preset, written in zip(presets[1:], rest):
+        yield preset, written.result()
+
+
+def build(preset: str, directory: str, scale: Scale, samples: int, seed: int, device: torch.device
+          ) -> tuple[Model, Any]:
+    """``preset``'s model written in ``directory`` and ``samples`` samples of the benchmark's workload written for
+    its tokenizer (comparisons against a baseline for a pairwise model); with the model loaded on ``device`` in
+    float32 (tokenizer from the directory, as users load it), for :func:`exactness` to use."""
+    rm = load_reward_model(directory, preset=preset, device=device, dtype=torch.float32)
     writer = Writer(rm.tokenizer, corpus_words())
     conversations, groups = make_workload(scale, seed)
     if rm.kind == "pairwise":
         chosen = comparisons(writer, groups[:1], "baseline")[:samples]
     else:
         chosen = family_samples(rm, writer, conversations[:samples])
-    return Model(preset, directory, chosen)
+    return Model(preset, directory, chosen, rm.tokenizer), rm
 
 
 def ours(rm: Any, samples: Sequence[tuple]) -> list[float]:
@@ -111,17 +142,18 @@ def card(rm: Any, model: Model, dtype: torch.dtype) -> list[float]:
         return _card_pair_pm(rm, samples)
     if preset == "pairrm":
         return _llm_blender_compare(rm, samples)
-    scorer = card_scorer(preset, model.directory, rm.device, dtype)
+    scorer = card_scorer(preset, model.directory, rm.device, dtype, model.card_tokenizer)
+    model.card_tokenizer = scorer.tokenizer
     return flat([scorer.score(p, c) for p, c in samples])
 
 
-def exactness(model: Model, device: torch.device, inject: Callable[[list[float]], list[float]] = list
-              ) -> list[Check]:
-    """Ours against the card in float32 and bfloat16, and ours batched against each sample alone in bfloat16.
-    ``inject``: applied to our results before comparing (tests give it a wrong reward to see the check fail)."""
+def exactness(model: Model, float32: Any, inject: Callable[[list[float]], list[float]] = list) -> list[Check]:
+    """Ours against the card in float32 (on ``float32``, the model :func:`build` loaded) and bfloat16 (loaded here
+    on the same device), and ours batched against each sample alone in bfloat16. ``inject``: applied to our results
+    before comparing (tests give it a wrong reward to see the check fail)."""
     checks = []
     for name, dtype in DTYPES.items():
-        rm = load_reward_model(model.directory, preset=model.preset, device=device, dtype=dtype)
+        rm = float32 if dtype == torch.float32 else model.load(float32.device, dtype)
         reference = card(rm, model, dtype)
         got = inject(ours(rm, model.samples))
         tol = FP32_TOL if dtype == torch.float32 else bf16_tolerance(reference)
@@ -151,11 +183,9 @@ def packing(model: Model, device: torch.device, implementations: Sequence[str]) 
         update_config(model.directory, attn_implementation=implementation)
         for name, dtype in DTYPES.items():
             setting = f"{implementation}, {name}"
-            padded = load_reward_model(model.directory, preset=model.preset, device=device, dtype=dtype,
-                                       packing=False)
+            padded = model.load(device, dtype, packing=False)
             try:
-                packed = load_reward_model(model.directory, preset=model.preset, device=device, dtype=dtype,
-                                           packing=True)
+                packed = model.load(device, dtype, packing=True)
             except PackingMismatchError as err:  # its load-time check found packed and padded disagree: a failure
                 found = err.check
                 checks.append(Check("packing", model.preset, setting, found.compared, found.difference,
@@ -181,8 +211,7 @@ def row_mate_leak(model: Model, device: torch.device, implementations: Sequence[
     long_answer = "A much longer answer that sets the width of every row, " * 8
     for implementation in implementations:
         update_config(model.directory, attn_implementation=implementation)
-        rm = load_reward_model(model.directory, preset=model.preset, device=device, dtype=torch.float32,
-                               packing=True, max_batch_tokens=4096)
+        rm = model.load(device, torch.float32, packing=True, max_batch_tokens=4096)
         rows: list[int] = []
         handle = rm.backbone.register_forward_pre_hook(lambda m, a, k: rows.append(k["input_ids"].shape[0]),
                                                        with_kwargs=True)

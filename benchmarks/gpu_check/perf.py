@@ -4,15 +4,14 @@ requests in the server; int8 and nf4 quantization against bfloat16."""
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import importlib.util
+import shutil
 import time
 from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
-
-from rlhf_rewards import load_reward_model
 
 from ..measure import Probe, warmup_for
 from ..methods import scalar_methods
@@ -66,7 +65,7 @@ def throughput(model: Model, device: torch.device, scale: Scale, seed: int, grpo
     benchmark (:func:`~benchmarks.methods.scalar_methods`) on the GRPO-shaped workload (``grpo``: prompts x
     completions) and on the benchmark's, each
     with its time as a ratio to ours; ours at the device's default token budget, half and twice it."""
-    rm = load_reward_model(model.directory, preset=model.preset, device=device)
+    rm = model.load(device)
     writer = Writer(rm.tokenizer, corpus_words())
     workloads = {f"GRPO {grpo[0]} prompts x {grpo[1]} completions": grpo_workload(scale, seed, *grpo),
                  f"benchmark workload ({scale.conversations} conversations)": make_workload(scale, seed)[0]}
@@ -94,15 +93,29 @@ def throughput(model: Model, device: torch.device, scale: Scale, seed: int, grpo
     return out
 
 
-def serving(model: Model, device: torch.device, requests: int, senders: int = 64) -> dict[str, Any]:
-    """``senders`` concurrent one-sample clients against ``rlhf-rewards serve`` with batching across requests
-    (``--max-wait-ms 5``) and without (``0``: one forward per request), by :mod:`benchmarks.serving`."""
+SERVER_WAITS = (5.0, 0.0)
+"""``--max-wait-ms`` of the two servers compared: batching across requests, and one forward per request."""
+
+
+def start_servers(model: Model, device: torch.device, copy: str, stack: contextlib.ExitStack) -> dict[float, Any]:
+    """``rlhf-rewards serve`` on ``model`` per :data:`SERVER_WAITS`, started now and stopped when ``stack`` closes:
+    they load while the caller checks other models (on otherwise idle cores), and take no compute once idle, so
+    they wait for :func:`serving` without disturbing what runs meanwhile. They serve a copy of the model's directory
+    made in ``copy``: the packing check rewrites the original's ``config.json`` while they may still be loading."""
     from .. import serving as bench
 
-    args = argparse.Namespace(preset=model.preset, device=str(device), threads=None, senders=senders)
+    served = shutil.copytree(model.directory, copy)
+    return {wait: stack.push(bench.Server(served, model.preset, str(device), wait, None)) for wait in SERVER_WAITS}
+
+
+def serving(servers: dict[float, Any], requests: int, senders: int = 64) -> dict[str, Any]:
+    """``senders`` concurrent one-sample clients against the :func:`start_servers` ones, with batching across
+    requests (``--max-wait-ms 5``) and without (``0``: one forward per request), one server after the other, by
+    :mod:`benchmarks.serving`."""
+    from .. import serving as bench
+
     queries = [bench.chatml_query(q, a) for q, a in bench.workload(requests, 0)]
-    on = bench.measure_senders(args, model.directory, queries, 5.0)
-    off = bench.measure_senders(args, model.directory, queries, 0)
+    on, off = [bench.measure_server(servers[wait].ready(), queries, senders, wait) for wait in SERVER_WAITS]
     return dict(senders=senders, requests=requests, batching=on, no_batching=off,
                 speedup=on["requests_per_s"] / off["requests_per_s"])
 
@@ -114,12 +127,10 @@ def quantization(model: Model, device: torch.device) -> dict[str, Any]:
         return {"skipped": f"bitsandbytes quantization needs CUDA, not {device.type}"}
     if importlib.util.find_spec("bitsandbytes") is None:
         return {"skipped": "bitsandbytes not installed"}
-    reference = ours(load_reward_model(model.directory, preset=model.preset, device=device, dtype=torch.bfloat16),
-                     model.samples)
+    reference = ours(model.load(device, torch.bfloat16), model.samples)
     out: dict[str, Any] = {"bf16_spread": max(reference) - min(reference)}
     for name, setting in (("int8", "8bit"), ("nf4", "4bit")):
-        rm = load_reward_model(model.directory, preset=model.preset, device=device, dtype=torch.bfloat16,
-                               quantization=setting)
+        rm = model.load(device, torch.bfloat16, quantization=setting)
         got = ours(rm, model.samples)
         out[name] = {"max_diff_from_bf16": max(abs(a - b) for a, b in zip(got, reference)),
                      "peak_mb": torch.cuda.max_memory_allocated(device) / 2 ** 20}

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -19,9 +20,11 @@ import torch
 from ..workload import FULL, SMOKE, ModelSize
 from . import FP32_TOL, ULPS
 from .checks import LEAK_PRESET, PACKING_PRESETS, Check, attention_implementations, build, every_preset, exactness, \
-    packing, row_mate_leak
-from .perf import quantization, ratio_line, serving, throughput
+    packing, row_mate_leak, written_models
+from .perf import quantization, ratio_line, serving, start_servers, throughput
 
+TIMED = "ray2333-mistral-7b"
+"""The model throughput, serving and quantization run on (a scalar preset with a card procedure)."""
 PARTS = ("exactness", "packing", "throughput", "serving", "quantization")
 SIZES = {
     # Llama-3-8B's shape scaled to a quarter of its width and depth: ~100-250M weights a model (mostly the real
@@ -71,14 +74,19 @@ def run(out_dir: str, device: torch.device, scale: str, presets: Sequence[str], 
                                   tolerances=dict(float32=FP32_TOL, bfloat16=f"{ULPS} x 2^-8 x max(1, |results|)"),
                                   model_size=vars(SIZES[scale]))
     checks: list[Check] = []
-    with tempfile.TemporaryDirectory(prefix="rlhf-rewards-gpu-check-") as root:
+    servers: dict[float, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="rlhf-rewards-gpu-check-") as root, contextlib.ExitStack() as stack:
         models = {}
-        for preset in presets:
-            log(f"{preset}: building")
-            models[preset] = build(preset, SIZES[scale], root, bench_scale, SAMPLES[scale], seed)
+        order = sorted(presets, key=lambda p: p != TIMED)  # the timed one first: its servers start early
+        for preset, directory in written_models(order, SIZES[scale], root, seed, stack):
+            log(f"{preset}: loading")
+            models[preset], float32 = build(preset, directory, bench_scale, SAMPLES[scale], seed, device)
+            if preset == TIMED and "serving" not in skip:
+                servers = start_servers(models[preset], device, os.path.join(root, "served"), stack)
             if "exactness" not in skip:
                 log(f"{preset}: exactness")
-                checks += exactness(models[preset], device, inject)
+                checks += exactness(models[preset], float32, inject)
+            del float32
         implementations, skipped = attention_implementations(device)
         if "packing" not in skip:
             result["skipped"] += skipped
@@ -87,14 +95,14 @@ def run(out_dir: str, device: torch.device, scale: str, presets: Sequence[str], 
                 checks += packing(models[preset], device, implementations)
             if LEAK_PRESET in models:
                 checks += row_mate_leak(models[LEAK_PRESET], device, implementations)
-        timed = models.get("ray2333-mistral-7b")
+        timed = models.get(TIMED)
         for part, job in (("throughput", lambda: throughput(timed, device, bench_scale, seed, GRPO[scale])),
-                          ("serving", lambda: serving(timed, device, REQUESTS[scale])),
+                          ("serving", lambda: serving(servers, REQUESTS[scale])),
                           ("quantization", lambda: quantization(timed, device))):
             if part in skip:
                 result["skipped"].append(f"{part}: skipped: --skip")
             elif timed is None:
-                result["skipped"].append(f"{part}: skipped: runs on ray2333-mistral-7b, not among --presets")
+                result["skipped"].append(f"{part}: skipped: runs on {TIMED}, not among --presets")
             else:
                 log(part)
                 result[part] = job()

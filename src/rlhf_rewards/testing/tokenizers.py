@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib import resources
 from typing import Optional
 
@@ -286,6 +287,17 @@ def write_chatml_bpe_tokenizer(path: str, vocab_size: int = 400) -> PreTrainedTo
     return tok
 
 
+@lru_cache(maxsize=4)
+def _converted_llama3(special_tokens: tuple[str, ...]) -> str:
+    """Meta's ``tokenizer.model`` converted by transformers' ``TikTokenConverter`` with ``special_tokens``, as the
+    backend's JSON: the conversion takes seconds and every Llama-3 family preset's checkpoint repeats it; a string
+    (immutable) so each caller builds its own backend from it."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    return TikTokenConverter(vocab_file=llama3_tokenizer_model(), pattern=_LLAMA3_PATTERN,
+                             extra_special_tokens=list(special_tokens)).converted().to_str()
+
+
 def write_llama3_tokenizer(path: str, *, special_tokens: Optional[list[str]] = None,
                            chat_template: str = LLAMA3_CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
     """Meta-Llama-3-8B-Instruct's tokenizer as RLHFlow's preference model ships it: Meta's ``tokenizer.model``
@@ -293,10 +305,7 @@ def write_llama3_tokenizer(path: str, *, special_tokens: Optional[list[str]] = N
     with Llama-3.0's 256 special tokens, BOS ``<|begin_of_text|>`` (added by the tokenizer), EOS ``<|eot_id|>``, no
     pad token, the Llama-3 chat template. Later Llama-3 releases share the vocabulary and differ in
     ``special_tokens`` (ids 128000 to 128255, in id order) and ``chat_template``."""
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    backend = TikTokenConverter(vocab_file=llama3_tokenizer_model(), pattern=_LLAMA3_PATTERN,
-                                extra_special_tokens=special_tokens or llama3_special_tokens()).converted()
+    backend = Tokenizer.from_str(_converted_llama3(tuple(special_tokens or llama3_special_tokens())))
     bos = "<|begin_of_text|>"
     backend.post_processor = processors.Sequence([
         processors.ByteLevel(trim_offsets=False),
