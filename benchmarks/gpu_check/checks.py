@@ -18,7 +18,6 @@ import torch
 from rlhf_rewards import load_reward_model
 from rlhf_rewards.packing_check import PackingMismatchError
 from rlhf_rewards.presets import PRESETS
-from rlhf_rewards.testing.files import update_config
 
 from ..cards import card_scorer
 from ..methods import _card_pair_pm, _card_ray2333, _card_starling, _llm_blender_compare, _trl_reward_model, \
@@ -180,12 +179,11 @@ def packing(model: Model, device: torch.device, implementations: Sequence[str]) 
     real tokens (``rm.stats``)."""
     checks = []
     for implementation in implementations:
-        update_config(model.directory, attn_implementation=implementation)
         for name, dtype in DTYPES.items():
             setting = f"{implementation}, {name}"
-            padded = model.load(device, dtype, packing=False)
+            padded = model.load(device, dtype, packing=False, attn_implementation=implementation)
             try:
-                packed = model.load(device, dtype, packing=True)
+                packed = model.load(device, dtype, packing=True, attn_implementation=implementation)
             except PackingMismatchError as err:  # its load-time check found packed and padded disagree: a failure
                 found = err.check
                 checks.append(Check("packing", model.preset, setting, found.compared, found.difference,
@@ -200,7 +198,6 @@ def packing(model: Model, device: torch.device, implementations: Sequence[str]) 
                                for what, m in (("padded", padded), ("packed", packed)))
             checks.append(Check("packing", model.preset, setting, len(got), max_diff(got, expected), tol,
                                 detail=f"computed / real tokens: {ratios}"))
-    update_config(model.directory, attn_implementation="sdpa")
     return checks
 
 
@@ -210,8 +207,7 @@ def row_mate_leak(model: Model, device: torch.device, implementations: Sequence[
     checks = []
     long_answer = "A much longer answer that sets the width of every row, " * 8
     for implementation in implementations:
-        update_config(model.directory, attn_implementation=implementation)
-        rm = model.load(device, torch.float32, packing=True, max_batch_tokens=4096)
+        rm = model.load(device, torch.float32, packing=True, max_batch_tokens=4096, attn_implementation=implementation)
         rows: list[int] = []
         handle = rm.backbone.register_forward_pre_hook(lambda m, a, k: rows.append(k["input_ids"].shape[0]),
                                                        with_kwargs=True)
@@ -225,7 +221,6 @@ def row_mate_leak(model: Model, device: torch.device, implementations: Sequence[
         checks.append(Check("row-mate leak", model.preset, f"{implementation}, float32", 3,
                             max(abs(scores[0] - scores[1]), abs(scores[0] - alone)), FP32_TOL,
                             detail=f"3 samples x 2 row-mates in {sum(rows)} rows"))
-    update_config(model.directory, attn_implementation="sdpa")
     return checks
 
 

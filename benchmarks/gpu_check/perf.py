@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import shutil
 import time
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -97,15 +96,14 @@ SERVER_WAITS = (5.0, 0.0)
 """``--max-wait-ms`` of the two servers compared: batching across requests, and one forward per request."""
 
 
-def start_servers(model: Model, device: torch.device, copy: str, stack: contextlib.ExitStack) -> dict[float, Any]:
+def start_servers(model: Model, device: torch.device, stack: contextlib.ExitStack) -> dict[float, Any]:
     """``rlhf-rewards serve`` on ``model`` per :data:`SERVER_WAITS`, started now and stopped when ``stack`` closes:
     they load while the caller checks other models (on otherwise idle cores), and take no compute once idle, so
-    they wait for :func:`serving` without disturbing what runs meanwhile. They serve a copy of the model's directory
-    made in ``copy``: the packing check rewrites the original's ``config.json`` while they may still be loading."""
+    they wait for :func:`serving` without disturbing what runs meanwhile."""
     from .. import serving as bench
 
-    served = shutil.copytree(model.directory, copy)
-    return {wait: stack.push(bench.Server(served, model.preset, str(device), wait, None)) for wait in SERVER_WAITS}
+    return {wait: stack.push(bench.Server(model.directory, model.preset, str(device), wait, None))
+            for wait in SERVER_WAITS}
 
 
 def serving(servers: dict[float, Any], requests: int, senders: int = 64) -> dict[str, Any]:

@@ -82,7 +82,7 @@ def run(out_dir: str, device: torch.device, scale: str, presets: Sequence[str], 
             log(f"{preset}: loading")
             models[preset], float32 = build(preset, directory, bench_scale, SAMPLES[scale], seed, device)
             if preset == TIMED and "serving" not in skip:
-                servers = start_servers(models[preset], device, os.path.join(root, "served"), stack)
+                servers = start_servers(models[preset], device, stack)
             if "exactness" not in skip:
                 log(f"{preset}: exactness")
                 checks += exactness(models[preset], float32, inject)
