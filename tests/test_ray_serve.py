@@ -39,13 +39,22 @@ TOL = dict(rel=1e-5, abs=1e-5)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+_BEFORE_RAY: set[int] = set()
+
+
+def _started_since() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)} - _BEFORE_RAY
+
+
 @pytest.fixture(scope="module")
 def cluster():
-    """A local Ray on 127.0.0.1 with 2 CPUs; yields ``(address, temp_dir, pids of its processes)``."""
+    """A local Ray on 127.0.0.1 with 2 CPUs; yields ``(address, temp_dir, pids of its processes)``. Processes this
+    one started before (e.g. multiprocessing's resource tracker, left by an earlier test's spawned child) are not
+    Ray's, and are left out of the pids now and when the test collects the replicas."""
     temp = tempfile.mkdtemp(prefix="rr", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
+    _BEFORE_RAY.update(p.pid for p in psutil.Process().children(recursive=True))
     address = start_local_ray(num_cpus=2, temp_dir=temp, log_to_driver=False)
-    pids = {p.pid for p in psutil.Process().children(recursive=True)}
-    yield address, temp, pids
+    yield address, temp, _started_since()
     shutdown()
     shutil.rmtree(temp, ignore_errors=True)
 
@@ -316,7 +325,7 @@ def test_autoscaling_and_placement_options_reach_ray_serve(cluster, tiny_dir, mo
 def test_shutdown_leaves_no_ray_processes(cluster):
     _, temp, pids = cluster
     assert pids  # the fixture saw Ray's processes (GCS, raylet, workers) start under this one
-    pids |= {p.pid for p in psutil.Process().children(recursive=True)}  # and the replicas started since
+    pids |= _started_since()  # and the replicas started since
     shutdown()
     assert not ray.is_initialized()
     deadline = time.monotonic() + 30
