@@ -29,3 +29,17 @@ def tiny_dir(tmp_path_factory):
         return built[preset]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def path(tiny_dir, request):
+    """The tiny checkpoint of the requesting test module's ``PRESET``."""
+    return tiny_dir(request.module.PRESET)
+
+
+@pytest.fixture(scope="module")
+def prm(path):
+    """The requesting test module's ``PRESET`` (a process reward model) loaded on the CPU."""
+    from rlhf_rewards import load_reward_model
+
+    return load_reward_model(path, device="cpu")

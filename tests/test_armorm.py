@@ -51,11 +51,6 @@ def conversation(prompt, completion) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def path(tiny_dir):
-    return tiny_dir(PRESET)
-
-
-@pytest.fixture(scope="module")
 def rm(path):
     return load_reward_model(path, device="cpu")
 

@@ -42,16 +42,6 @@ SOLUTIONS = [
 
 
 @pytest.fixture(scope="module")
-def path(tiny_dir):
-    return tiny_dir(PRESET)
-
-
-@pytest.fixture(scope="module")
-def prm(path):
-    return load_reward_model(path, device="cpu")
-
-
-@pytest.fixture(scope="module")
 def card(path):
     """The model card's procedure for one question and its tagged output, step by step. Its tokenizer is
     Mistral-7B's sentencepiece model as transformers 4 ran it when the card was written: ``encode`` = BOS, then

@@ -71,11 +71,6 @@ BASELINE = "A plain reference answer about the sea and the wind, written once. "
 
 
 @pytest.fixture(scope="module")
-def path(tiny_dir) -> str:
-    return tiny_dir(PRESET)
-
-
-@pytest.fixture(scope="module")
 def oracle(path) -> CardOracle:
     return CardOracle(path)
 

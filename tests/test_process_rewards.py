@@ -34,16 +34,6 @@ SOLUTIONS = [
 
 
 @pytest.fixture(scope="module")
-def path(tiny_dir):
-    return tiny_dir(PRESET)
-
-
-@pytest.fixture(scope="module")
-def prm(path):
-    return load_reward_model(path, device="cpu")
-
-
-@pytest.fixture(scope="module")
 def card(path):
     """The model card's procedure for one (question, steps), step by step."""
     oracle = QwenPRMCard(path)
