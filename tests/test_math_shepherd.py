@@ -16,7 +16,7 @@ from datasets import Dataset
 from transformers import MistralForCausalLM
 
 from benchmarks.cards import MathShepherdCard, tagged
-from rlhf_rewards import ProcessRewardModel, RewardFunction, load_reward_model
+from rlhf_rewards import ProcessRewardModel, load_reward_model
 from rlhf_rewards.cli import main
 from rlhf_rewards.errors import SampleError, TooLongError
 from rlhf_rewards.presets import get_preset, resolve_preset
@@ -209,20 +209,11 @@ def test_too_long_is_refused_not_cut(path):
 # -- TRL, server, command line, ProcessBench ---------------------------------------------------------------------
 
 def test_grpo_step(prm, tmp_path):
-    from rlhf_rewards.testing.policy import make_tiny_policy
-    from test_trl_integration import Spy, train_one_step
+    from test_trl_integration import check_process_grpo_step
 
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": "What is 2 + 3?"}],
                                             [{"role": "user", "content": "What is 7 - 4?"}]]})
-    policy = make_tiny_policy(str(tmp_path / "policy"))
-    spy = Spy(RewardFunction(prm, name="shepherd"))
-    trainer = train_one_step("grpo", policy, spy, dataset, tmp_path / "out")
-    call = spy.calls[0]
-    direct = prm.score(call["prompts"], call["completions"])
-    assert call["rewards"] == pytest.approx(direct, abs=1e-6)
-    log = trainer.state.log_history[0]
-    assert log["rewards/shepherd/mean"] == pytest.approx(sum(direct) / len(direct), abs=1e-5)
-    assert log["shepherd/steps_per_completion"] >= 1 and 0 <= log["shepherd/mean_step_reward"] <= 1
+    check_process_grpo_step(prm, "shepherd", dataset, tmp_path)
 
 
 def test_server_score_steps(prm):

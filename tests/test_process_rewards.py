@@ -177,18 +177,9 @@ def test_reward_function_aggregates_and_logs_step_metrics(prm):
 
 
 def test_grpo_step(prm, tmp_path):
-    from rlhf_rewards.testing.policy import make_tiny_policy
-    from test_trl_integration import CHAT_DATASET, Spy, train_one_step
+    from test_trl_integration import CHAT_DATASET, check_process_grpo_step
 
-    policy = make_tiny_policy(str(tmp_path / "policy"))
-    spy = Spy(RewardFunction(prm, name="prm"))
-    trainer = train_one_step("grpo", policy, spy, CHAT_DATASET, tmp_path / "out")
-    call = spy.calls[0]
-    direct = prm.score(call["prompts"], call["completions"])
-    assert call["rewards"] == pytest.approx(direct, abs=1e-6)
-    log = trainer.state.log_history[0]
-    assert log["rewards/prm/mean"] == pytest.approx(sum(direct) / len(direct), abs=1e-5)
-    assert log["prm/steps_per_completion"] >= 1 and 0 <= log["prm/mean_step_reward"] <= 1
+    check_process_grpo_step(prm, "prm", CHAT_DATASET, tmp_path)
 
 
 # -- server and command line ---------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 from datasets import Dataset
 
 from benchmarks.cards import RLHFlowPRMCard
-from rlhf_rewards import RewardFunction, load_reward_model
+from rlhf_rewards import load_reward_model
 from rlhf_rewards.cli import main
 from rlhf_rewards.errors import SampleError, TooLongError
 from rlhf_rewards.presets import get_preset, resolve_preset
@@ -159,21 +159,12 @@ def test_aggregates(prm):
 # -- TRL, server, command line -----------------------------------------------------------------------------------
 
 def test_grpo_step(prm, tmp_path):
-    from rlhf_rewards.testing.policy import make_tiny_policy
-    from test_trl_integration import Spy, train_one_step
+    from test_trl_integration import check_process_grpo_step
 
     dataset = Dataset.from_dict({"prompt": [
         [{"role": "system", "content": "Reason step by step."}, {"role": "user", "content": "What is 2 + 3?"}],
         [{"role": "user", "content": QUESTION}]]})
-    policy = make_tiny_policy(str(tmp_path / "policy"))
-    spy = Spy(RewardFunction(prm, name="prm", aggregate="mean"))
-    trainer = train_one_step("grpo", policy, spy, dataset, tmp_path / "out")
-    call = spy.calls[0]
-    direct = prm.score(call["prompts"], call["completions"], aggregate="mean")
-    assert call["rewards"] == pytest.approx(direct, abs=1e-6) and None not in call["rewards"]
-    log = trainer.state.log_history[0]
-    assert log["rewards/prm/mean"] == pytest.approx(sum(direct) / len(direct), abs=1e-5)
-    assert log["prm/steps_per_completion"] >= 1 and 0 <= log["prm/mean_step_reward"] <= 1
+    check_process_grpo_step(prm, "prm", dataset, tmp_path, aggregate="mean")
 
 
 def test_server_score_steps(prm):

@@ -324,6 +324,22 @@ def train_one_step(kind: str, policy: str, reward_fn, dataset: Dataset, output_d
     return trainer
 
 
+def check_process_grpo_step(prm, name: str, dataset: Dataset, tmp_path, aggregate=None) -> None:
+    """One real GRPO step with a process reward model: TRL got the model's own aggregated rewards for the completions
+    it generated, logged their mean, and the step metrics the function reports."""
+    from rlhf_rewards.testing.policy import make_tiny_policy
+
+    policy = make_tiny_policy(str(tmp_path / "policy"))
+    spy = Spy(RewardFunction(prm, name=name, aggregate=aggregate))
+    trainer = train_one_step("grpo", policy, spy, dataset, tmp_path / "out")
+    call = spy.calls[0]
+    direct = prm.score(call["prompts"], call["completions"], aggregate=aggregate)
+    assert call["rewards"] == pytest.approx(direct, abs=1e-6) and None not in call["rewards"]
+    log = trainer.state.log_history[0]
+    assert log[f"rewards/{name}/mean"] == pytest.approx(sum(direct) / len(direct), abs=1e-5)
+    assert log[f"{name}/steps_per_completion"] >= 1 and 0 <= log[f"{name}/mean_step_reward"] <= 1
+
+
 def snapshot(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.model.state_dict().items()}
 
